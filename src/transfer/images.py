@@ -198,7 +198,7 @@ def _open_decoded(
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(path, f"refused as a decompression bomb ({exc}).") from exc
+        raise ImageTooLargeError(path, f"refused as a decompression bomb ({exc}); resize the image or remove it.") from exc
     except UnidentifiedImageError as exc:
         raise NotAnImageError(
             path, "not a recognised image format (wrong extension, or not an image); delete or rename it."
