@@ -1,0 +1,302 @@
+"""Diagnostics produce the right numbers and real, decodable, non-blank PNGs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib import colormaps
+from PIL import Image, ImageDraw
+from sklearn.metrics import accuracy_score, confusion_matrix
+
+from transfer import diagnostics as diag
+
+CLASSES = ["cat", "dog", "fox", "owl", "yak", "emu"]
+
+
+class TinyBackbone(torch.nn.Module):
+    """The lead's backbone contract in miniature: ordered groups, pooled output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.groups = torch.nn.ModuleDict(
+            {
+                "stem": torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU()),
+                "stage1": torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU()),
+                "stage2": torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU()),
+            }
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for group in self.groups.values():
+            x = group(x)
+        return x.mean(dim=(2, 3))
+
+
+class TinyModel(torch.nn.Module):
+    def __init__(self, n_classes: int = len(CLASSES)) -> None:
+        super().__init__()
+        self.backbone = TinyBackbone()
+        self.head = torch.nn.Linear(16, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+@pytest.fixture(scope="module")
+def predictions() -> tuple[np.ndarray, np.ndarray]:
+    """A reproducible mostly-right classifier output over 6 classes."""
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, len(CLASSES), size=120).astype(np.int64)
+    logits = rng.normal(size=(120, len(CLASSES))).astype(np.float32)
+    logits[np.arange(120), y_true] += 2.0
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return y_true, probs.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory) -> list[Path]:
+    """Real JPEG files on disk, each a coloured shape on a background."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(1)
+    paths = []
+    for index in range(20):
+        image = Image.new("RGB", (96, 80), tuple(int(v) for v in rng.integers(0, 255, 3)))
+        ImageDraw.Draw(image).ellipse((10, 10, 70, 60), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        path = folder / f"img_{index:02d}.jpg"
+        image.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def decode_png(path: Path) -> np.ndarray:
+    """Decode a PNG with PIL and check it is a real, non-blank picture."""
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert pixels.var() > 0, "blank image"
+    return pixels
+
+
+def history_frame(fine_tune: bool = True) -> pd.DataFrame:
+    """A two-phase history as the training loop writes it."""
+    rows = []
+    for epoch in range(1, 7):
+        phase = "head" if epoch <= 3 else "finetune"
+        row = {
+            "epoch": epoch, "phase": phase,
+            "train_loss": 2.0 / epoch, "train_acc": 0.5 + 0.07 * epoch,
+            "val_loss": 2.2 / epoch + 0.05, "val_acc": 0.45 + 0.06 * epoch,
+            "lr": 1e-3 if phase == "head" else 1e-4,
+        }
+        if fine_tune:
+            row["grad_norm/stem"] = 0.0 if phase == "head" else 0.1 / epoch
+            row["grad_norm/stage1"] = 0.0 if phase == "head" else 0.3 / epoch
+            row["grad_norm/head"] = 1.0 / epoch
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def test_fit_diagnosis_verdicts() -> None:
+    thresholds = {"overfit_gap": 0.05, "underfit_acc": 0.6}
+    over = diag.fit_diagnosis(0.99, 0.80, 0.78, 0.05, 0.7, thresholds)
+    assert over["verdict"] == "overfitting" and over["overfitting"] == 1 and over["underfitting"] == 0
+    assert over["train_val_gap"] == pytest.approx(0.19)
+    assert over["val_test_gap"] == pytest.approx(0.02)
+    assert over["val_train_loss_gap"] == pytest.approx(0.65)
+
+    under = diag.fit_diagnosis(0.40, 0.38, 0.37, 1.6, 1.7, thresholds)
+    assert (under["verdict"], under["underfitting"], under["overfitting"]) == ("underfitting", 1, 0)
+
+    good = diag.fit_diagnosis(0.90, 0.88, 0.87, 0.3, 0.35, thresholds)
+    assert (good["verdict"], good["overfitting"], good["underfitting"]) == ("good fit", 0, 0)
+    # everything but the verdict is a plain number, so it sorts in dvc exp show
+    assert all(isinstance(v, (int, float)) for k, v in good.items() if k != "verdict")
+    # a stricter gap threshold flips the same numbers to overfitting
+    assert diag.fit_diagnosis(0.90, 0.88, 0.87, 0.3, 0.35, {"overfit_gap": 0.01})["verdict"] == "overfitting"
+
+
+def test_per_class_table_matches_definitions(predictions) -> None:
+    y_true, probs = predictions
+    y_pred = probs.argmax(axis=1)
+    table = diag.per_class_table(y_true, y_pred, CLASSES)
+    assert list(table.columns) == ["class", "precision", "recall", "f1", "support", "accuracy"]
+    assert list(table["class"]) == CLASSES
+    cm = confusion_matrix(y_true, y_pred, labels=range(len(CLASSES)))
+    for index, row in table.iterrows():
+        tp = cm[index, index]
+        assert row["support"] == cm[index].sum()
+        assert row["recall"] == pytest.approx(tp / cm[index].sum())
+        assert row["precision"] == pytest.approx(tp / cm[:, index].sum())
+        tn = cm.sum() - cm[index].sum() - cm[:, index].sum() + tp
+        assert row["accuracy"] == pytest.approx((tp + tn) / cm.sum())
+    # a class absent from the test set still has its row, with zeros
+    absent = diag.per_class_table(np.array([0, 1, 1]), np.array([0, 1, 0]), ["a", "b", "c"])
+    assert absent.loc[2, ["precision", "recall", "f1", "support"]].tolist() == [0, 0, 0, 0]
+
+
+def test_top_k_accuracies(predictions) -> None:
+    y_true, probs = predictions
+    result = diag.top_k_accuracies(y_true, probs)
+    assert set(result) == {"top1_accuracy", "top3_accuracy", "top5_accuracy"}
+    assert result["top1_accuracy"] == pytest.approx(accuracy_score(y_true, probs.argmax(1)))
+    top3 = np.argsort(-probs, axis=1)[:, :3]
+    assert result["top3_accuracy"] == pytest.approx(np.mean([t in row for t, row in zip(y_true, top3)]))
+    assert result["top1_accuracy"] <= result["top3_accuracy"] <= result["top5_accuracy"] < 1.0
+    # k must be below the number of classes: 3 classes keep only top-1
+    assert set(diag.top_k_accuracies(y_true % 3, probs[:, :3])) == {"top1_accuracy"}
+    binary = diag.top_k_accuracies(np.array([0, 1, 1]), np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]]))
+    assert binary == {"top1_accuracy": pytest.approx(2 / 3)}
+
+
+def test_most_confident_mistakes() -> None:
+    y_true = np.array([0, 1, 2, 0, 1])
+    probs = np.array(
+        [[0.9, 0.05, 0.05],   # right
+         [0.6, 0.3, 0.1],     # wrong, 0.6
+         [0.05, 0.9, 0.05],   # wrong, 0.9
+         [0.2, 0.7, 0.1],     # wrong, 0.7
+         [0.1, 0.8, 0.1]],    # right
+    )
+    assert diag.most_confident_mistakes(y_true, probs, n=16).tolist() == [2, 3, 1]
+    assert diag.most_confident_mistakes(y_true, probs, n=2).tolist() == [2, 3]
+    assert diag.most_confident_mistakes(y_true[:1], probs[:1], n=4).tolist() == []
+
+
+def test_relative_weight_change_and_grad_norms() -> None:
+    torch.manual_seed(0)
+    model = TinyModel()
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert diag.relative_weight_change(initial, model) == {
+        "stem": 0.0, "stage1": 0.0, "stage2": 0.0, "head": 0.0}
+
+    # freeze the stem, take a real optimisation step
+    for param in model.backbone.groups["stem"].parameters():
+        param.requires_grad_(False)
+    optimiser = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    x = torch.randn(4, 3, 32, 32)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    norms = diag.group_grad_norms(model)
+    assert list(norms) == ["stem", "stage1", "stage2", "head"]
+    assert norms["stem"] == 0.0 and norms["stage1"] > 0 and norms["head"] > 0
+    expected = torch.sqrt(sum((p.grad**2).sum() for p in model.head.parameters()))
+    assert norms["head"] == pytest.approx(float(expected), rel=1e-5)
+    optimiser.step()
+
+    change = diag.relative_weight_change(initial, model)
+    assert change["stem"] == 0.0 and change["stage2"] > 0
+    weight, bias = model.head.weight.detach(), model.head.bias.detach()
+    w0, b0 = initial["head.weight"], initial["head.bias"]
+    manual = torch.sqrt(((weight - w0) ** 2).sum() + ((bias - b0) ** 2).sum()) / torch.sqrt((w0**2).sum() + (b0**2).sum())
+    assert change["head"] == pytest.approx(float(manual), rel=1e-5)
+
+
+# ---------------------------------------------------------------- pictures
+
+
+def test_confusion_plot_draws_sklearn_matrix(tmp_path, predictions) -> None:
+    y_true, probs = predictions
+    y_pred = probs.argmax(axis=1)
+    cm = diag.confusion(y_true, y_pred, len(CLASSES))
+    np.testing.assert_array_equal(cm, confusion_matrix(y_true, y_pred))
+    path = tmp_path / "confusion.png"
+    figure = diag.plot_confusion_matrix(cm, CLASSES, path)
+    pixels = decode_png(path)
+
+    # each cell's colour in the decoded PNG is the colormap of its row rate
+    ax = figure.axes[0]
+    height = pixels.shape[0]
+    rates = cm / cm.sum(axis=1, keepdims=True)
+    cmap = colormaps[diag.CONFUSION_CMAP]
+    for i in range(len(CLASSES)):
+        for j in range(len(CLASSES)):
+            # a point in the cell's corner, clear of the count text
+            x, y = ax.transData.transform((j - 0.38, i - 0.38))
+            drawn = pixels[int(round(height - y)), int(round(x))]
+            expected = np.array(cmap(rates[i, j])[:3]) * 255
+            assert np.abs(drawn - expected).max() <= 3, (i, j, drawn, expected)
+
+
+def test_learning_curves_png(tmp_path) -> None:
+    path = tmp_path / "learning_curves.png"
+    figure = diag.plot_learning_curves(history_frame(), path)
+    decode_png(path)
+    loss_ax = figure.axes[0]
+    assert [line.get_label() for line in loss_ax.get_lines()][:2] == ["train_loss", "val_loss"]
+    np.testing.assert_allclose(loss_ax.get_lines()[0].get_ydata(), history_frame()["train_loss"])
+    assert len(figure.axes) == 3  # loss, accuracy, learning rate
+
+
+def test_layer_movement_png(tmp_path) -> None:
+    history = history_frame()
+    grads = diag.grad_norm_frame(history)
+    assert list(grads.columns) == ["stem", "stage1", "head"]
+    path = tmp_path / "layer_movement.png"
+    figure = diag.plot_layer_movement({"stem": 0.001, "stage1": 0.01, "head": 0.5}, grads, path)
+    decode_png(path)
+    bars = figure.axes[0].patches
+    assert [b.get_height() for b in bars] == pytest.approx([0.001, 0.01, 0.5])
+    # feature-extraction runs have no movement to show, the picture says so
+    empty = tmp_path / "empty_movement.png"
+    diag.plot_layer_movement(None, None, empty)
+    decode_png(empty)
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne"])
+def test_feature_projection_png(tmp_path, predictions, method) -> None:
+    y_true, _ = predictions
+    rng = np.random.default_rng(2)
+    centres = rng.normal(scale=5, size=(len(CLASSES), 32))
+    features = torch.tensor(centres[y_true] + rng.normal(size=(len(y_true), 32)), dtype=torch.float32)
+    coords = diag.project_features(features, method)
+    assert coords.shape == (len(y_true), 2)
+    path = tmp_path / f"features_{method}.png"
+    figure = diag.plot_feature_projection(features, y_true, CLASSES, path, method=method)
+    decode_png(path)
+    assert len(figure.axes[0].collections) == len(np.unique(y_true))
+
+
+def test_activation_histograms_png(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = TinyModel().train()
+    batch = torch.randn(4, 3, 32, 32)
+    activations = diag.collect_group_activations(model, batch)
+    assert list(activations) == ["stem", "stage1", "stage2"]
+    assert activations["stem"].size == 4 * 8 * 16 * 16
+    assert (activations["stem"] >= 0).all()  # after the ReLU
+    assert model.training  # mode restored
+    assert not any(module._forward_hooks for module in model.modules())  # hooks removed
+    path = tmp_path / "activations.png"
+    figure = diag.plot_activation_histograms(model, batch, path)
+    decode_png(path)
+    titled = [ax for ax in figure.axes if ax.get_title()]
+    assert [ax.get_title().split("\n")[0] for ax in titled] == ["stem", "stage1", "stage2"]
+
+
+def test_mistakes_grid_png(tmp_path, image_files, predictions) -> None:
+    y_true, probs = predictions
+    y_true, probs = y_true[: len(image_files)], probs[: len(image_files)]
+    order = diag.most_confident_mistakes(y_true, probs, n=16)
+    assert 0 < len(order) <= 16
+    images = [Image.open(image_files[i]).convert("RGB") for i in order]
+    y_pred = probs.argmax(axis=1)
+    path = tmp_path / "mistakes.png"
+    figure = diag.plot_mistakes(images, y_true[order], y_pred[order], probs[order, y_pred[order]], CLASSES, path)
+    decode_png(path)
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
+    assert len(titles) == len(order)
+    first = order[0]
+    assert titles[0] == (f"true: {CLASSES[y_true[first]]}\n"
+                         f"pred: {CLASSES[y_pred[first]]} ({probs[first, y_pred[first]]:.2f})")
+    none = tmp_path / "no_mistakes.png"
+    diag.plot_mistakes([], [], [], [], CLASSES, none)
+    decode_png(none)
