@@ -1,0 +1,37 @@
+"""Test metrics: accuracy, macro-F1, per-class accuracy and the confusion matrix (scikit-learn)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, dataset, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Logits of `model` (eval mode) over a dataset of (image, label), in order, on the CPU."""
+    model.eval().to(device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    return torch.cat([model(images.to(device)).float().cpu() for images, _ in tqdm(loader, desc="predict",
+                                                                                    unit="batch")])
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, macro-F1 and per-class accuracy (recall), keyed for DVC metrics and MLflow."""
+    labels = list(range(len(classes)))
+    matrix = confusion_matrix(y_true, y_pred, labels=labels)
+    per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "per_class_accuracy": {name: float(value) for name, value in zip(classes, per_class)},
+    }
+
+
+def confusion_pairs(paths: list[str], y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """One row per test image (actual, predicted class names): the input of DVC's confusion template."""
+    return pd.DataFrame({"path": paths, "actual": [classes[i] for i in y_true],
+                         "predicted": [classes[i] for i in y_pred]})

@@ -1,0 +1,12 @@
+"""Where each stage reads and writes, relative to the repository root (dvc.yaml declares the same paths)."""
+
+from pathlib import Path
+
+RAW_DIR = Path("data/raw")  # download: the images and index.csv
+INDEX_FILE = RAW_DIR / "index.csv"
+SPLIT_DIR = Path("data/split")  # split: train/val/test.csv, classes.json, summary.json
+FEATURES_DIR = Path("data/features")  # features: train/val/test.pt
+MODEL_DIR = Path("data/model")  # train: model.pt, run.json (the MLflow run id)
+MODEL_FILE = MODEL_DIR / "model.pt"
+RUN_FILE = MODEL_DIR / "run.json"
+REPORTS_DIR = Path("reports")  # metrics (JSON) and plots (CSV), small files kept in git

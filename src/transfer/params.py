@@ -1,0 +1,167 @@
+"""The params.yaml schema: every knob of the pipeline, its type, its range and its default.
+
+This is the one place a param is declared. Stages call `load_params()` first, so a typo, a wrong type
+or an out-of-range value fails before any work starts, with a message naming the key, what was given
+and what is allowed. Each section is a model of its own; a stage reads only the sections it depends
+on (the same ones dvc.yaml lists under its `params:`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    # extra="forbid" turns a misspelt key into an error instead of a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    """Where the images come from (the download stage)."""
+
+    source: Literal["archive"] = Field("archive", description="kind of source")
+    url: str = Field("assets/fashion-mnist-mini.tar.gz",
+                     description="archive path (relative to the repository) or http(s)/file URL; .zip or .tar.gz")
+    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$", description="expected sha256 of the archive")
+
+
+class SplitParams(Section):
+    """Stratified train/val/test split (the split stage)."""
+
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> "SplitParams":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction + test_fraction must be below 1 (got {self.val_fraction} + {self.test_fraction})")
+        return self
+
+
+class BackboneParams(Section):
+    """The pretrained network (features and train stages)."""
+
+    name: str = Field("efficientnet_lite0", description="a key of transfer.backbones.BACKBONES")
+    weights: str = Field("imagenet", description="'imagenet', 'none' (random init) or a path to a .pth state_dict")
+    image_size: int | None = Field(None, ge=16, le=1024,
+                                   description="input side in pixels; null uses the backbone's pretrained config")
+
+    @model_validator(mode="after")
+    def _known_backbone(self) -> "BackboneParams":
+        from .backbones import BACKBONES  # late import: the registry pulls in torch
+
+        if self.name not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.name!r}; choose one of {sorted(BACKBONES)}")
+        return self
+
+
+class FeatureParams(Section):
+    """Feature extraction (features stage). Only runtime knobs: none of them changes the features."""
+
+    batch_size: int = Field(128, ge=1)
+
+
+class HeadParams(Section):
+    """The linear probe: a linear classifier fitted on the cached features."""
+
+    lr: float = Field(0.01, gt=0, le=10)
+    epochs: int = Field(40, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=1)
+    weight_decay: float = Field(1e-4, ge=0)
+
+
+class FinetuneParams(Section):
+    """Fine-tuning on images with the first `freeze_layers` layer groups frozen."""
+
+    epochs: int = Field(3, ge=1, le=10_000)
+    lr: float = Field(0.01, gt=0, le=10, description="base learning rate of the unfrozen backbone groups")
+    head_lr_mult: float = Field(10.0, gt=0, description="the head learns at head_lr_mult x lr")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = in the main process)")
+
+
+class TrackingParams(Section):
+    """MLflow: where runs are recorded."""
+
+    experiment: str = Field("transfer", min_length=1)
+
+
+class Params(Section):
+    data: DataParams
+    split: SplitParams = SplitParams()
+    samples_per_class: int | None = Field(
+        None, ge=1, description="keep at most this many training images per class (few-shot); null keeps all")
+    backbone: BackboneParams = BackboneParams()
+    features: FeatureParams = FeatureParams()
+    freeze_layers: Union[Literal["all"], int] = Field(
+        "all", description="'all': linear probe on cached features; k: fine-tune with the first k groups frozen")
+    head: HeadParams = HeadParams()
+    finetune: FinetuneParams = FinetuneParams()
+    seed: int = Field(0, description="seed of model initialisation and training order")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tracking: TrackingParams = TrackingParams()
+
+    @model_validator(mode="after")
+    def _freeze_layers_non_negative(self) -> "Params":
+        if isinstance(self.freeze_layers, int) and self.freeze_layers < 0:
+            raise ValueError(f"freeze_layers must be 'all' or an integer >= 0 (got {self.freeze_layers})")
+        return self
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or does not match the schema."""
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    given = error.get("input")
+    if error["type"] == "extra_forbidden":
+        return f"  {key}: unknown key (given {given!r}); check the spelling against the README's params reference"
+    if error["type"] == "missing":
+        return f"  {key}: required key is missing"
+    return f"  {key}: {error['msg']} (given {given!r})"
+
+
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise ParamsError listing every bad key."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(error) for error in exc.errors()]
+        raise ParamsError(f"{source} is invalid:\n" + "\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found: run the stage from the repository root, where params.yaml lives")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, source=str(path))
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """Dotted keys (`head.lr`), the names `dvc exp run -S` and the MLflow UI use."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            flat[prefix] = value
+
+    walk("", params.model_dump())
+    return flat

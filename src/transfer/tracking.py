@@ -1,0 +1,160 @@
+"""Everything MLflow: the one module that imports it.
+
+The store is a SQLite database plus an artifact folder under `mlruns/` at the repository root. DVC runs
+queued and `--temp` experiments in a temporary copy of the repository and sets `DVC_ROOT` to the real
+one, so the root is taken from `DVC_ROOT` first: every run lands in the same store, whichever copy ran
+it. Several queue workers write to that SQLite file at once; a file lock serialises the one-time schema
+creation and a generous SQLite busy timeout makes concurrent writers wait instead of failing.
+
+A pipeline run is one MLflow run: the train stage opens it (params, tags, per-epoch metrics, model) and
+records its id next to the model; the evaluate stage reopens that run to add the test metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+# Seconds a writer waits for SQLite's lock before giving up; queue workers only hold it for milliseconds.
+SQLITE_BUSY_TIMEOUT = 120
+
+
+def repository_root() -> Path:
+    """The real repository root: DVC_ROOT inside DVC stages (also in temporary copies), else the git top."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
+        return Path(top.stdout.strip())
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return Path.cwd()
+
+
+def store_dir(root: Path | None = None) -> Path:
+    return (root or repository_root()) / "mlruns"
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI wins (a team server); otherwise the repository's SQLite store."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{store_dir(root) / 'mlflow.db'}?timeout={SQLITE_BUSY_TIMEOUT}"
+
+
+@contextlib.contextmanager
+def _store_lock(root: Path | None) -> Iterator[None]:
+    directory = store_dir(root)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def use_experiment(name: str, root: Path | None = None) -> str:
+    """Point MLflow at the repository store and make sure the experiment exists; returns its id."""
+    mlflow.set_tracking_uri(tracking_uri(root))
+    # Creating the schema (first use) and the experiment must not race between queue workers.
+    with _store_lock(root):
+        client = MlflowClient()
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            artifacts = (store_dir(root) / "artifacts").resolve().as_uri()
+            experiment_id = client.create_experiment(name, artifact_location=artifacts)
+        else:
+            experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown"
+
+
+def run_tags(backbone: str, data_hash: str) -> dict[str, str]:
+    tags = {"git_commit": git_commit(), "backbone": backbone, "data_hash": data_hash}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
+@contextlib.contextmanager
+def training_run(experiment: str, params: dict[str, Any], tags: dict[str, str],
+                 run_id: str | None = None) -> Iterator[str]:
+    """Open (or, given run_id, reopen) the pipeline's MLflow run; yields its id."""
+    use_experiment(experiment)
+    name = os.environ.get("DVC_EXP_NAME")  # None lets MLflow pick a name outside `dvc exp run`
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else name, tags=tags) as run:
+        if run_id is None:
+            mlflow.log_params(params)
+        yield run.info.run_id
+
+
+@contextlib.contextmanager
+def reopen_run(run_id: str, experiment: str) -> Iterator[str]:
+    use_experiment(experiment)
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run.info.run_id
+
+
+def log_epoch(row: dict[str, Any]) -> None:
+    """Per-epoch metrics with the epoch as step, so the MLflow UI draws curves."""
+    metrics = {key: float(value) for key, value in row.items()
+               if key not in ("epoch", "phase") and isinstance(value, (int, float))}
+    mlflow.log_metrics(metrics, step=int(row["epoch"]))
+
+
+def log_metrics(metrics: dict[str, Any], prefix: str = "") -> None:
+    """Log a (possibly nested) metrics dict under dotted keys; non-numbers are skipped."""
+    flat: dict[str, float] = {}
+
+    def walk(key: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for inner_key, inner in value.items():
+                walk(f"{key}.{inner_key}" if key else str(inner_key), inner)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[key] = float(value)
+
+    walk(prefix, metrics)
+    # MLflow metric keys allow only alphanumerics and _-. /; class names may have others.
+    mlflow.log_metrics({"".join(c if c.isalnum() or c in "_-./ " else "_" for c in k): v for k, v in flat.items()})
+
+
+def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
+    for path in paths:
+        if Path(path).exists():
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_model(model, input_example: np.ndarray) -> None:
+    """The whole classifier (backbone + head), loadable with mlflow.pytorch.load_model."""
+    import timm
+    import torch
+    import torchvision
+
+    package_dir = Path(__file__).resolve().parent
+    # Explicit requirements: MLflow's own inference would import the model in a subprocess (seconds).
+    requirements = [f"torch=={torch.__version__.split('+')[0]}",
+                    f"torchvision=={torchvision.__version__.split('+')[0]}", f"timm=={timm.__version__}"]
+    mlflow.pytorch.log_model(model.cpu().eval(), name="model", input_example=input_example,
+                             pip_requirements=requirements, code_paths=[str(package_dir)])
+
+
+def find_runs(experiment: str, root: Path | None = None):
+    """All runs of an experiment as a pandas DataFrame (for tests and notebooks)."""
+    use_experiment(experiment, root)
+    return mlflow.search_runs(experiment_names=[experiment])

@@ -1,0 +1,34 @@
+"""Stage features: pooled features of the frozen pretrained backbone, one cached tensor file per split.
+
+Depends only on what changes features (the split and `backbone:`), so head and training params never
+re-run it.
+"""
+
+from pathlib import Path
+
+import torch
+
+from transfer.backbones import load_backbone
+from transfer.data import SPLITS, load_split_dataset
+from transfer.features import FeatureCache, extract_features, save_feature_cache
+from transfer.layout import FEATURES_DIR, SPLIT_DIR
+from transfer.params import load_params
+from transfer.training import resolve_device
+from transfer.transforms import eval_transform
+
+
+def main() -> None:
+    params = load_params()
+    loaded = load_backbone(params.backbone.name, params.backbone.weights, params.backbone.image_size)
+    device = resolve_device(params.device)
+    for split in SPLITS:
+        dataset = load_split_dataset(SPLIT_DIR, split, Path.cwd(), eval_transform(loaded.data_config))
+        features = extract_features(loaded.backbone, dataset, params.features.batch_size, device,
+                                    desc=f"features {split}")
+        labels = torch.tensor(dataset.labels, dtype=torch.int64)
+        save_feature_cache(FEATURES_DIR / f"{split}.pt", FeatureCache(features, labels, dataset.paths))
+        print(f"features: {split} {tuple(features.shape)} -> {FEATURES_DIR / (split + '.pt')}")
+
+
+if __name__ == "__main__":
+    main()
