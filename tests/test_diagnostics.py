@@ -300,3 +300,91 @@ def test_mistakes_grid_png(tmp_path, image_files, predictions) -> None:
     none = tmp_path / "no_mistakes.png"
     diag.plot_mistakes([], [], [], [], CLASSES, none)
     decode_png(none)
+
+
+# ---------------------------------------------------------------- the evaluate stage's call
+
+
+def test_selected_epoch_row() -> None:
+    history = history_frame()
+    history.loc[1, "val_acc"] = 0.99  # best overall, but in the probe phase
+    assert diag.selected_epoch_row(history)["epoch"] == 6  # best of the last phase
+    assert diag.selected_epoch_row(history, best_epoch=2)["epoch"] == 2
+
+
+def test_write_run_diagnostics(tmp_path, image_files, predictions) -> None:
+    from html.parser import HTMLParser
+
+    y_true, probs = predictions
+    y_true, probs = y_true[: len(image_files)], probs[: len(image_files)]
+    torch.manual_seed(0)
+    model = TinyModel()
+    loaded: list[str] = []
+
+    def load_image(path: str) -> Image.Image:
+        loaded.append(path)
+        return Image.open(path).convert("RGB")
+
+    out = tmp_path / "diagnostics"
+    metrics, files = diag.write_run_diagnostics(
+        out, class_names=CLASSES, y_true=y_true, probs=probs, history=history_frame(),
+        image_paths=[str(p) for p in image_files], load_image=load_image,
+        features=torch.randn(len(y_true), 16), model=model, batch=torch.randn(4, 3, 32, 32),
+        weight_change={"stem": 0.0, "stage1": 0.02, "stage2": 0.05, "head": 0.4},
+        thresholds={"overfit_gap": 0.05, "underfit_acc": 0.6}, summary={"macro_f1": 0.5},
+    )
+    test_acc = float(np.mean(probs.argmax(1) == y_true))
+    assert metrics["fit"] == diag.fit_diagnosis(0.92, 0.81, test_acc, 2 / 6, 2.2 / 6 + 0.05)
+    assert metrics["fit"]["verdict"] == "overfitting"
+    assert set(metrics["topk"]) == {"top1_accuracy", "top3_accuracy", "top5_accuracy"}
+    assert metrics["weight_change"]["head"] == 0.4
+    # only the mistakes drawn were decoded
+    assert len(loaded) == len(diag.most_confident_mistakes(y_true, probs, 16))
+
+    names = sorted(p.name for p in files)
+    assert names == sorted([diag.LEARNING_CURVES_PNG, diag.CONFUSION_PNG, diag.PER_CLASS_CSV, diag.MISTAKES_PNG,
+                            diag.FEATURES_PNG, diag.ACTIVATIONS_PNG, diag.LAYER_MOVEMENT_PNG,
+                            diag.LAYER_MOVEMENT_CSV, diag.REPORT_HTML])
+    for path in files:
+        if path.suffix == ".png":
+            decode_png(path)
+    per_class = pd.read_csv(out / diag.PER_CLASS_CSV)
+    assert list(per_class["class"]) == CLASSES and per_class["support"].sum() == len(y_true)
+    movement = pd.read_csv(out / diag.LAYER_MOVEMENT_CSV)
+    assert movement["group"].tolist() == ["stem", "stage1", "stage2", "head"]
+
+    class ImgCounter(HTMLParser):
+        sources: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.sources.append(dict(attrs)["src"])
+
+    counter = ImgCounter()
+    counter.feed((out / diag.REPORT_HTML).read_text(encoding="utf-8"))
+    assert len(counter.sources) == 6 and all(s.startswith("data:image/png;base64,") for s in counter.sources)
+
+    # the real report opens in a browser from disk: the DOM keeps all six images, pixels are drawn
+    from test_report import CHROMIUM, chromium_run
+
+    if CHROMIUM is None:
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    report = (out / diag.REPORT_HTML).as_uri()
+    chromium_run(tmp_path, report, f"--screenshot={tmp_path / 'shot.png'}", "--window-size=1200,2000")
+    with Image.open(tmp_path / "shot.png") as shot:
+        assert np.asarray(shot.convert("L")).var() > 0
+    dom = chromium_run(tmp_path, report, "--dump-dom").stdout
+    assert dom.count("<img ") == 6
+
+
+def test_feature_extraction_run_has_no_layer_movement(tmp_path, image_files, predictions) -> None:
+    y_true, probs = predictions
+    y_true, probs = y_true[: len(image_files)], probs[: len(image_files)]
+    metrics, files = diag.write_run_diagnostics(
+        tmp_path, class_names=CLASSES, y_true=y_true, probs=probs, history=history_frame(fine_tune=False),
+        image_paths=[str(p) for p in image_files], load_image=lambda p: Image.open(p).convert("RGB"),
+        features=torch.randn(len(y_true), 16), model=TinyModel(), batch=torch.randn(2, 3, 32, 32),
+    )
+    assert "weight_change" not in metrics
+    assert not {diag.LAYER_MOVEMENT_PNG, diag.LAYER_MOVEMENT_CSV} & {p.name for p in files}
+    assert "no layer of the backbone was trained" in (tmp_path / diag.REPORT_HTML).read_text()

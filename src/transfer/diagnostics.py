@@ -34,12 +34,13 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from transfer.report import atomic_write_bytes
+from transfer.report import atomic_write_bytes, write_html_report
 
 DPI = 100
 CONFUSION_CMAP = "Blues"
 GRAD_NORM_PREFIX = "grad_norm/"
 GROUP_PREFIX = "backbone.groups."
+SMALL_TSNE = 2000  # t-SNE runs single-threaded up to this many points
 DEFAULT_THRESHOLDS: dict[str, float] = {
     # train accuracy above val accuracy by more than this is overfitting
     "overfit_gap": 0.05,
@@ -402,10 +403,14 @@ def project_features(features, method: str = "pca", seed: int = 0) -> np.ndarray
         coords = PCA(n_components=n_components).fit_transform(data)
     elif method == "tsne":
         from sklearn.manifold import TSNE  # imported lazily: rarely used
+        from threadpoolctl import threadpool_limits
 
         perplexity = float(min(30.0, max(1.0, (len(data) - 1) / 3)))
-        coords = TSNE(n_components=n_components, init="pca", perplexity=perplexity,
-                      random_state=seed).fit_transform(data)
+        tsne = TSNE(n_components=n_components, init="pca", perplexity=perplexity, random_state=seed)
+        # on small sets OpenMP threads spend their time spin-waiting, 10x slower on a busy CPU
+        threads = 1 if len(data) <= SMALL_TSNE else None
+        with threadpool_limits(limits=threads, user_api="openmp"):
+            coords = tsne.fit_transform(data)
     else:
         raise ValueError(f"unknown projection method {method!r}: use 'pca' or 'tsne'")
     # degenerate inputs (one sample, one dimension) still give an [N, 2] plot
@@ -469,7 +474,9 @@ def collect_group_activations(
                 return
             flat = tensor.detach().float().flatten().cpu()
             if flat.numel() > max_values:
-                flat = flat[torch.randperm(flat.numel(), generator=generator)[:max_values]]
+                # sampling with replacement: a full permutation of millions of values costs more
+                # than the whole histogram, and the histogram's shape does not change
+                flat = flat[torch.randint(flat.numel(), (max_values,), generator=generator)]
             captured[name] = flat.numpy()
         return hook
 
@@ -557,3 +564,124 @@ def plot_mistakes(
     figure.suptitle("Most confident mistakes")
     save_figure(figure, path)
     return figure
+
+
+# --------------------------------------------------------------------------
+# One call for the evaluate stage
+# --------------------------------------------------------------------------
+
+# File names inside a run's diagnostics folder (dvc.yaml declares them).
+LEARNING_CURVES_PNG = "learning_curves.png"
+CONFUSION_PNG = "confusion_matrix.png"
+PER_CLASS_CSV = "per_class.csv"
+MISTAKES_PNG = "mistakes.png"
+LAYER_MOVEMENT_PNG = "layer_movement.png"
+LAYER_MOVEMENT_CSV = "layer_movement.csv"
+FEATURES_PNG = "features.png"
+ACTIVATIONS_PNG = "activations.png"
+REPORT_HTML = "report.html"
+
+
+def selected_epoch_row(history: pd.DataFrame, best_epoch: int | None = None) -> pd.Series:
+    """The history row of the model being evaluated.
+
+    ``best_epoch`` when given; otherwise the best validation accuracy within
+    the last phase, which is the epoch the training loop keeps (first one on
+    ties, as it only replaces the best on a strict improvement).
+    """
+    if best_epoch is not None and "epoch" in history and (history["epoch"] == best_epoch).any():
+        return history[history["epoch"] == best_epoch].iloc[-1]
+    last_phase = history
+    if "phase" in history:
+        last_phase = history[history["phase"] == history["phase"].iloc[-1]]
+    return last_phase.loc[last_phase["val_acc"].idxmax()]
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a DataFrame as CSV (no index) atomically."""
+    return atomic_write_bytes(path, frame.to_csv(index=False).encode("utf-8"))
+
+
+def write_run_diagnostics(
+    out_dir: str | os.PathLike,
+    *,
+    class_names: Sequence[str],
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    history: pd.DataFrame,
+    image_paths: Sequence[str],
+    load_image,
+    features,
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    weight_change: Mapping[str, float] | None = None,
+    thresholds: Mapping[str, float] | None = None,
+    best_epoch: int | None = None,
+    summary: Mapping | None = None,
+    title: str = "Run report",
+    projection: str = "pca",
+    max_mistakes: int = 16,
+) -> tuple[dict, list[Path]]:
+    """Write every diagnostic of one run under ``out_dir``; return (metrics, files).
+
+    ``metrics`` is nested (``fit``, ``topk``, and ``weight_change`` for
+    fine-tuning runs) for the evaluate stage's metrics file; ``files`` are the
+    PNGs, CSVs and the self-contained ``report.html`` to log to the run.
+    ``load_image(path)`` is called only for the mistakes drawn (at most
+    ``max_mistakes``), so the cost does not grow with the test set.
+    ``summary`` adds the stage's own metrics (accuracy, macro-F1) to the
+    report's summary table.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    y_true = _as_numpy(y_true).astype(np.int64)
+    probs = _as_numpy(probs)
+    y_pred = probs.argmax(axis=1)
+    test_acc = float(np.mean(y_pred == y_true)) if len(y_true) else 0.0
+
+    row = selected_epoch_row(history, best_epoch)
+    fit = fit_diagnosis(row["train_acc"], row["val_acc"], test_acc, row["train_loss"], row["val_loss"],
+                        thresholds)
+    topk = top_k_accuracies(y_true, probs)
+    table = per_class_table(y_true, y_pred, class_names)
+
+    plot_learning_curves(history, out / LEARNING_CURVES_PNG)
+    plot_confusion_matrix(confusion(y_true, y_pred, len(class_names)), class_names, out / CONFUSION_PNG)
+    write_csv_atomic(table, out / PER_CLASS_CSV)
+
+    wrong = most_confident_mistakes(y_true, probs, max_mistakes)
+    plot_mistakes([load_image(image_paths[i]) for i in wrong], y_true[wrong], y_pred[wrong],
+                  probs[wrong, y_pred[wrong]], class_names, out / MISTAKES_PNG, n=max_mistakes)
+
+    plot_feature_projection(features, y_true, class_names, out / FEATURES_PNG, method=projection)
+    plot_activation_histograms(model, batch, out / ACTIVATIONS_PNG)
+
+    metrics: dict = {"fit": fit, "topk": topk}
+    files = [out / name for name in (LEARNING_CURVES_PNG, CONFUSION_PNG, PER_CLASS_CSV, MISTAKES_PNG,
+                                     FEATURES_PNG, ACTIVATIONS_PNG)]
+    grads = grad_norm_frame(history).dropna(how="all")
+    movement_items: list = []
+    if weight_change or not grads.empty:
+        plot_layer_movement(weight_change, grads, out / LAYER_MOVEMENT_PNG)
+        movement_items.append(out / LAYER_MOVEMENT_PNG)
+        files.append(out / LAYER_MOVEMENT_PNG)
+    if weight_change:
+        metrics["weight_change"] = {group: float(value) for group, value in weight_change.items()}
+        movement = pd.DataFrame({"group": list(weight_change),
+                                 "relative_weight_change": [float(v) for v in weight_change.values()]})
+        write_csv_atomic(movement, out / LAYER_MOVEMENT_CSV)
+        movement_items.append(movement)
+        files.append(out / LAYER_MOVEMENT_CSV)
+
+    verdict = (f"Verdict: {fit['verdict']} (train-val accuracy gap {fit['train_val_gap']:.3f}, "
+               f"val-test gap {fit['val_test_gap']:.3f}; epoch {int(row['epoch'])}, phase {row.get('phase', '-')}).")
+    sections: dict[str, list] = {
+        "Summary": [{**(summary or {}), "test_accuracy": test_acc, **topk, **fit}],
+        "Learning curves": [verdict, out / LEARNING_CURVES_PNG],
+        "Confusion and per-class quality": [out / CONFUSION_PNG, table],
+        "Most confident mistakes": [out / MISTAKES_PNG],
+        "Layer movement": movement_items or ["Feature extraction only: no layer of the backbone was trained."],
+        "Features": [out / FEATURES_PNG, out / ACTIVATIONS_PNG],
+    }
+    files.append(write_html_report(out / REPORT_HTML, title, sections))
+    return metrics, files
