@@ -1,0 +1,157 @@
+"""The data report: every file a source did not turn into an index row, and why.
+
+Bad input never disappears silently. Each problem found while materialising a
+source is an :class:`Issue` of a known *kind*; the :class:`Policy` decides per
+group of kinds whether the stage fails (a :class:`DataError` naming the files
+and what to do) or skips the files and lists them in ``data_report.json``.
+
+Kinds and the policy key that governs them:
+
+========================  ==============  ===========================================
+kind                      policy key      meaning
+========================  ==============  ===========================================
+empty                     bad_files       zero-byte file
+unreadable                bad_files       cannot be read (permissions, broken link, loop)
+not_image                 bad_files       image extension, but not image content
+corrupt                   bad_files       truncated or damaged image data
+too_large                 bad_files       decompression bomb / absurd dimensions
+label_conflict            label_issues    byte-identical image under different labels
+missing_file              label_issues    a CSV label whose image file does not exist
+unlabelled_file           label_issues    an image with no label (no CSV row / no class folder)
+missing_label             label_issues    a CSV row with an empty id or label
+empty_class               label_issues    a class folder without a usable image
+duplicate                 duplicates      byte-identical copy, same label, same split (one kept)
+leakage                   duplicates      byte-identical copy, same label, across official splits
+non_image                 (always)        not an image by extension: ignored and counted
+========================  ==============  ===========================================
+
+The defaults fail on anything that changes labels and skip unreadable files.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Mapping
+
+Action = Literal["skip", "fail"]
+
+POLICY_OF_KIND: dict[str, str | None] = {
+    "empty": "bad_files",
+    "unreadable": "bad_files",
+    "not_image": "bad_files",
+    "corrupt": "bad_files",
+    "too_large": "bad_files",
+    "label_conflict": "label_issues",
+    "missing_file": "label_issues",
+    "unlabelled_file": "label_issues",
+    "missing_label": "label_issues",
+    "empty_class": "label_issues",
+    "duplicate": "duplicates",
+    "leakage": "duplicates",
+    "non_image": None,
+}
+
+# What the user can do about each kind; appended to the DataError message.
+ADVICE: dict[str, str] = {
+    "bad_files": "fix or delete these files",
+    "label_issues": "fix the labels (class folders / labels CSV) or remove the files",
+    "duplicates": "delete the extra copies",
+}
+
+# Issues listed per kind in the JSON report; the count is always exact.
+MAX_LISTED_PER_KIND = 1000
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Fail or skip, per group of issue kinds (data.policy in params.yaml)."""
+
+    bad_files: Action = "skip"
+    label_issues: Action = "fail"
+    duplicates: Action = "skip"
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any] | None) -> "Policy":
+        raw = dict(raw or {})
+        unknown = set(raw) - {"bad_files", "label_issues", "duplicates"}
+        if unknown:
+            raise ValueError(f"data.policy: unknown key(s) {sorted(unknown)}; use bad_files, label_issues, duplicates")
+        for key, value in raw.items():
+            if value not in ("skip", "fail"):
+                raise ValueError(f"data.policy.{key} must be 'skip' or 'fail' (given {value!r})")
+        return cls(**raw)
+
+    def action(self, kind: str) -> Action:
+        key = POLICY_OF_KIND[kind]
+        return "skip" if key is None else getattr(self, key)
+
+
+@dataclass(frozen=True)
+class Issue:
+    kind: str
+    path: str
+    message: str
+    label: str | None = None
+
+
+class DataError(ValueError):
+    """The source has problems the policy says to fail on."""
+
+
+@dataclass
+class DataReport:
+    """Issues collected while materialising one source."""
+
+    source: str
+    issues: list[Issue] = field(default_factory=list)
+
+    def add(self, kind: str, path: str, message: str, label: str | None = None) -> None:
+        if kind not in POLICY_OF_KIND:
+            raise KeyError(f"unknown data issue kind {kind!r}")
+        self.issues.append(Issue(kind, path, message, label))
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(issue.kind for issue in self.issues).items()))
+
+    def failures(self, policy: Policy) -> list[Issue]:
+        return [issue for issue in self.issues if policy.action(issue.kind) == "fail"]
+
+    def raise_for_policy(self, policy: Policy, report_path: str) -> None:
+        """Raise a DataError listing every issue whose kind the policy fails on."""
+        failing = self.failures(policy)
+        if not failing:
+            return
+        lines = []
+        for key in ("label_issues", "bad_files", "duplicates"):
+            group = [issue for issue in failing if POLICY_OF_KIND[issue.kind] == key]
+            if not group:
+                continue
+            lines.append(f"{len(group)} {key.replace('_', ' ')} ({ADVICE[key]}, or set data.policy.{key}: skip "
+                         "to skip them with a report):")
+            lines += [f"  [{issue.kind}] {issue.message}" for issue in group[:20]]
+            if len(group) > 20:
+                lines.append(f"  ... and {len(group) - 20} more, all listed in {report_path}")
+        raise DataError(f"source {self.source!r} has problems; details in {report_path}\n" + "\n".join(lines))
+
+    def to_dict(self, policy: Policy, index_summary: Mapping[str, Any]) -> dict[str, Any]:
+        listed: list[dict[str, Any]] = []
+        per_kind: Counter[str] = Counter()
+        for issue in self.issues:
+            per_kind[issue.kind] += 1
+            if per_kind[issue.kind] <= MAX_LISTED_PER_KIND:
+                listed.append({**asdict(issue), "action": "ignored" if POLICY_OF_KIND[issue.kind] is None
+                               else policy.action(issue.kind)})
+        return {
+            "source": self.source,
+            "policy": asdict(policy),
+            **index_summary,
+            "issue_counts": self.counts(),
+            "issues": listed,
+        }
+
+    def summary_line(self) -> str:
+        counts = self.counts()
+        if not counts:
+            return "no files skipped"
+        return "skipped/ignored: " + ", ".join(f"{kind}={n}" for kind, n in counts.items())
