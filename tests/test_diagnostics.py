@@ -194,6 +194,9 @@ def test_relative_weight_change_and_grad_norms() -> None:
 
     change = diag.relative_weight_change(initial, model)
     assert change["stem"] == 0.0 and change["stage2"] > 0
+    # theta0 of the backbone alone (the pretrained weights): the head is left out
+    backbone_only = {k: v for k, v in initial.items() if k.startswith("backbone.")}
+    assert list(diag.relative_weight_change(backbone_only, model)) == ["stem", "stage1", "stage2"]
     weight, bias = model.head.weight.detach(), model.head.bias.detach()
     w0, b0 = initial["head.weight"], initial["head.bias"]
     manual = torch.sqrt(((weight - w0) ** 2).sum() + ((bias - b0) ** 2).sum()) / torch.sqrt((w0**2).sum() + (b0**2).sum())
@@ -388,3 +391,29 @@ def test_feature_extraction_run_has_no_layer_movement(tmp_path, image_files, pre
     assert "weight_change" not in metrics
     assert not {diag.LAYER_MOVEMENT_PNG, diag.LAYER_MOVEMENT_CSV} & {p.name for p in files}
     assert "no layer of the backbone was trained" in (tmp_path / diag.REPORT_HTML).read_text()
+
+
+def test_probe_run_reports_frozen_backbone(tmp_path, image_files, predictions) -> None:
+    y_true, probs = predictions
+    y_true, probs = y_true[: len(image_files)], probs[: len(image_files)]
+    zeros = {"stem": 0.0, "stage1": 0.0, "stage2": 0.0}
+    metrics, files = diag.write_run_diagnostics(
+        tmp_path, class_names=CLASSES, y_true=y_true, probs=probs, history=history_frame(fine_tune=False),
+        image_paths=[str(p) for p in image_files], load_image=lambda p: Image.open(p).convert("RGB"),
+        features=torch.randn(len(y_true), 16), model=TinyModel(), batch=torch.randn(2, 3, 32, 32),
+        weight_change=zeros,
+    )
+    # the metric columns exist for every run, so dvc exp show lines probe and fine-tune runs up
+    assert metrics["weight_change"] == zeros
+    assert pd.read_csv(tmp_path / diag.LAYER_MOVEMENT_CSV)["relative_weight_change"].tolist() == [0, 0, 0]
+    assert diag.FROZEN_NOTE in (tmp_path / diag.REPORT_HTML).read_text()
+    decode_png(tmp_path / diag.LAYER_MOVEMENT_PNG)
+
+
+def test_image_batch(image_files) -> None:
+    from torchvision.transforms import v2
+
+    transform = v2.Compose([v2.Resize((32, 32), antialias=True), v2.ToDtype(torch.float32, scale=True)])
+    batch = diag.image_batch([str(p) for p in image_files], lambda p: Image.open(p), transform, size=5)
+    assert batch.shape == (5, 3, 32, 32) and batch.dtype == torch.float32
+    assert 0.0 <= float(batch.min()) and float(batch.max()) <= 1.0 and float(batch.std()) > 0

@@ -9,7 +9,6 @@ every file is written atomically. Nothing here imports DVC or MLflow.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,7 +33,8 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from transfer.report import atomic_write_bytes, write_html_report
+from .files import atomic_path, write_csv
+from .report import write_html_report
 
 DPI = 100
 CONFUSION_CMAP = "Blues"
@@ -183,17 +183,21 @@ def relative_weight_change(
 
     A group's parameters are those named ``backbone.groups.<group>.*`` (and
     ``head.*`` for the classifier head). Buffers such as BatchNorm running
-    statistics are not weights and are left out. A group whose initial norm
-    is zero gets NaN rather than a division error.
+    statistics are not weights and are left out. Groups with no parameter in
+    ``initial_state`` are left out of the result (e.g. the head when theta0
+    is the pretrained backbone alone); a group whose initial norm is zero
+    gets NaN rather than a division error.
     """
     groups = _group_names(model)
     diff_sq = dict.fromkeys(groups, 0.0)
     init_sq = dict.fromkeys(groups, 0.0)
+    seen: set[str] = set()
     with torch.no_grad():
         for name, param in model.named_parameters():
             group = _group_of(name, groups)
             if group is None or name not in initial_state:
                 continue
+            seen.add(group)
             # float64: changes of 1e-4 relative on millions of weights matter
             start = initial_state[name].detach().to(param.device, torch.float64)
             now = param.detach().to(torch.float64)
@@ -204,6 +208,7 @@ def relative_weight_change(
         if init_sq[group] > 0
         else float("nan")
         for group in groups
+        if group in seen
     }
 
 
@@ -239,9 +244,9 @@ def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
     No ``bbox_inches="tight"``: the saved pixels then match the figure's own
     coordinates, which lets tests find a cell of a plot in the PNG.
     """
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI)
-    return atomic_write_bytes(path, buffer.getvalue())
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=DPI)
+    return Path(path)
 
 
 def _as_numpy(array) -> np.ndarray:
@@ -454,6 +459,22 @@ def _first_tensor(output) -> torch.Tensor | None:
     return None
 
 
+def image_batch(
+    paths: Sequence[str], load_image, transform, size: int = 8
+) -> torch.Tensor:
+    """The first ``size`` images of ``paths`` as one transformed batch.
+
+    ``load_image(path)`` returns a PIL image; ``transform`` takes a uint8 CHW
+    tensor (the pipeline's eval transform). Decoding only these few images
+    keeps the activation histograms cheap whatever the test set's size.
+    """
+    tensors = []
+    for path in list(paths)[:size]:
+        array = np.asarray(load_image(path).convert("RGB"), dtype=np.uint8)
+        tensors.append(transform(torch.from_numpy(array.copy()).permute(2, 0, 1)))
+    return torch.stack(tensors)
+
+
 def collect_group_activations(
     model: torch.nn.Module, batch: torch.Tensor, max_values: int = 200_000, seed: int = 0
 ) -> dict[str, np.ndarray]:
@@ -580,6 +601,7 @@ LAYER_MOVEMENT_CSV = "layer_movement.csv"
 FEATURES_PNG = "features.png"
 ACTIVATIONS_PNG = "activations.png"
 REPORT_HTML = "report.html"
+FROZEN_NOTE = "Feature extraction only: no layer of the backbone was trained."
 
 
 def selected_epoch_row(history: pd.DataFrame, best_epoch: int | None = None) -> pd.Series:
@@ -595,11 +617,6 @@ def selected_epoch_row(history: pd.DataFrame, best_epoch: int | None = None) -> 
     if "phase" in history:
         last_phase = history[history["phase"] == history["phase"].iloc[-1]]
     return last_phase.loc[last_phase["val_acc"].idxmax()]
-
-
-def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a DataFrame as CSV (no index) atomically."""
-    return atomic_write_bytes(path, frame.to_csv(index=False).encode("utf-8"))
 
 
 def write_run_diagnostics(
@@ -624,8 +641,8 @@ def write_run_diagnostics(
 ) -> tuple[dict, list[Path]]:
     """Write every diagnostic of one run under ``out_dir``; return (metrics, files).
 
-    ``metrics`` is nested (``fit``, ``topk``, and ``weight_change`` for
-    fine-tuning runs) for the evaluate stage's metrics file; ``files`` are the
+    ``metrics`` is nested (``fit``, ``topk``, and ``weight_change`` when
+    given) for the evaluate stage's metrics file; ``files`` are the
     PNGs, CSVs and the self-contained ``report.html`` to log to the run.
     ``load_image(path)`` is called only for the mistakes drawn (at most
     ``max_mistakes``), so the cost does not grow with the test set.
@@ -647,7 +664,7 @@ def write_run_diagnostics(
 
     plot_learning_curves(history, out / LEARNING_CURVES_PNG)
     plot_confusion_matrix(confusion(y_true, y_pred, len(class_names)), class_names, out / CONFUSION_PNG)
-    write_csv_atomic(table, out / PER_CLASS_CSV)
+    write_csv(out / PER_CLASS_CSV, table)
 
     wrong = most_confident_mistakes(y_true, probs, max_mistakes)
     plot_mistakes([load_image(image_paths[i]) for i in wrong], y_true[wrong], y_pred[wrong],
@@ -660,16 +677,18 @@ def write_run_diagnostics(
     files = [out / name for name in (LEARNING_CURVES_PNG, CONFUSION_PNG, PER_CLASS_CSV, MISTAKES_PNG,
                                      FEATURES_PNG, ACTIVATIONS_PNG)]
     grads = grad_norm_frame(history).dropna(how="all")
-    movement_items: list = []
+    trained = bool(weight_change) and any(value > 0 for value in weight_change.values())
+    # a probe run's backbone never moves: say so rather than show an empty chart alone
+    movement_items: list = [] if trained or not grads.empty else [FROZEN_NOTE]
     if weight_change or not grads.empty:
         plot_layer_movement(weight_change, grads, out / LAYER_MOVEMENT_PNG)
         movement_items.append(out / LAYER_MOVEMENT_PNG)
         files.append(out / LAYER_MOVEMENT_PNG)
-    if weight_change:
+    if weight_change is not None:
         metrics["weight_change"] = {group: float(value) for group, value in weight_change.items()}
         movement = pd.DataFrame({"group": list(weight_change),
                                  "relative_weight_change": [float(v) for v in weight_change.values()]})
-        write_csv_atomic(movement, out / LAYER_MOVEMENT_CSV)
+        write_csv(out / LAYER_MOVEMENT_CSV, movement)
         movement_items.append(movement)
         files.append(out / LAYER_MOVEMENT_CSV)
 
@@ -680,7 +699,7 @@ def write_run_diagnostics(
         "Learning curves": [verdict, out / LEARNING_CURVES_PNG],
         "Confusion and per-class quality": [out / CONFUSION_PNG, table],
         "Most confident mistakes": [out / MISTAKES_PNG],
-        "Layer movement": movement_items or ["Feature extraction only: no layer of the backbone was trained."],
+        "Layer movement": movement_items,
         "Features": [out / FEATURES_PNG, out / ACTIVATIONS_PNG],
     }
     files.append(write_html_report(out / REPORT_HTML, title, sections))

@@ -13,12 +13,13 @@ import html
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Union
 
 import pandas as pd
+
+from .files import write_text
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -38,26 +39,6 @@ figure { margin: .8em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
 figcaption { font-size: .85em; color: #555; }
 """
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``.
-
-    Readers (DVC, MLflow, a browser) never see a half-written file, and an
-    interrupted run leaves the previous version in place.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def png_data_uri(png_path: str | os.PathLike) -> str:
@@ -141,5 +122,5 @@ def write_html_report(
     data URI), a ``DataFrame`` (table), a mapping (metrics table) or a ``str``
     (paragraph). Nothing outside the file is referenced.
     """
-    page = render_html_report(title, sections)
-    return atomic_write_bytes(path, page.encode("utf-8"))
+    write_text(path, render_html_report(title, sections))
+    return Path(path)
