@@ -15,7 +15,7 @@ from transfer.backbones import Classifier, freeze_first_groups, load_backbone
 from transfer.data import load_split_dataset, read_classes
 from transfer.features import load_feature_cache
 from transfer.files import read_json, save_torch, write_csv, write_json
-from transfer.layout import FEATURES_DIR, MODEL_FILE, REPORTS_DIR, RUN_FILE, SPLIT_DIR
+from transfer.layout import FEATURES_DIR, MODEL_FILE, RAW_DIR, REPORTS_DIR, RUN_FILE, SPLIT_DIR
 from transfer.params import flatten, load_params
 from transfer.training import fine_tune, resolve_device, train_linear_probe
 from transfer.transforms import eval_transform, train_transform
@@ -35,6 +35,8 @@ def main() -> None:
     tags = tracking.run_tags(params.backbone.name, read_json(SPLIT_DIR / "summary.json")["data_hash"])
 
     with tracking.training_run(params.tracking.experiment, flatten(params), tags) as run_id:
+        # What the download stage skipped or ignored, and why (see transfer.data_report).
+        tracking.log_artifacts([RAW_DIR / "data_report.json"], artifact_path="data")
         probe = train_linear_probe(train_features, val_features, len(classes), params.head, params.seed,
                                    on_epoch=tracking.log_epoch)
         model.head.load_state_dict(probe.model.state_dict())

@@ -20,13 +20,53 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DataParams(Section):
-    """Where the images come from (the download stage)."""
+class DataPolicyParams(Section):
+    """Fail or skip, per group of data problems (see transfer.data_report for the kinds)."""
 
-    source: Literal["archive"] = Field("archive", description="kind of source")
+    bad_files: Literal["skip", "fail"] = Field("skip", description="corrupt, truncated, empty, unreadable, oversized")
+    label_issues: Literal["skip", "fail"] = Field(
+        "fail", description="one image under two labels, CSV rows without a file, files without a label, "
+                            "empty classes, classes too small for the split")
+    duplicates: Literal["skip", "fail"] = Field(
+        "skip", description="byte-identical copies with the same label; across official splits (leakage) "
+                            "the most held-out copy is kept")
+
+
+class DataParams(Section):
+    """Where the images come from (the download stage). docs/data-sources.md has an example per source."""
+
+    source: Literal["archive", "folder", "csv", "torchvision", "idx"] = Field("archive", description="kind of source")
     url: str = Field("assets/fashion-mnist-mini.tar.gz",
-                     description="archive path (relative to the repository) or http(s)/file URL; .zip or .tar.gz")
-    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$", description="expected sha256 of the archive")
+                     description="archive: path (relative to the repository) or http(s)/file URL; .zip or .tar.gz")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="archive: expected sha256 of the archive")
+    path: str | None = Field(None, description="folder/csv: the image folder; idx: the IDX folder; "
+                                               "archive: optional folder inside the archive")
+    layout: Literal["auto", "flat", "split"] = Field(
+        "auto", description="archive/folder: <class>/ folders (flat) or train/[val/]test/<class>/ (split)")
+    labels_csv: str | None = Field(None, description="csv (default labels.csv) / archive: labels CSV, relative to path")
+    id_column: str = Field("id", min_length=1, description="csv: column naming the image")
+    label_column: str = Field("breed", min_length=1, description="csv: column holding the class name")
+    image_template: str = Field("train/{id}.jpg", description="csv: image path relative to path, with {id}")
+    subset_column: str | None = Field(None, description="csv: optional column with train/val/test")
+    name: str | None = Field(None, description="torchvision: dataset class name, e.g. CIFAR10")
+    root: str | None = Field(None, description="torchvision: dataset root (default ~/.cache/transfer/torchvision)")
+    download: bool = Field(True, description="torchvision: download when missing (needs the network)")
+    classes: list[str] | None = Field(None, description="idx: class names by label (default Fashion-MNIST's)")
+    max_pixels: int = Field(64_000_000, ge=1, description="refuse images with more pixels (decompression bombs)")
+    policy: DataPolicyParams = DataPolicyParams()
+
+    @model_validator(mode="after")
+    def _source_has_what_it_needs(self) -> "DataParams":
+        needs = {"archive": ["url", "sha256"], "folder": ["path"], "csv": ["path"], "torchvision": ["name"]}
+        missing = [key for key in needs.get(self.source, []) if not getattr(self, key)]
+        if missing:
+            raise ValueError(f"source {self.source!r} needs data.{' and data.'.join(missing)}")
+        if self.source == "torchvision":
+            from .sources import TORCHVISION_SPLITS  # late import: keeps params light
+
+            if self.name not in TORCHVISION_SPLITS:
+                raise ValueError(f"unknown torchvision dataset {self.name!r}; choose one of {sorted(TORCHVISION_SPLITS)}")
+        return self
 
 
 class SplitParams(Section):
