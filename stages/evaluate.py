@@ -1,20 +1,25 @@
-"""Stage evaluate: test accuracy, macro-F1, per-class accuracy and the confusion matrix.
+"""Stage evaluate: test accuracy, macro-F1, per-class accuracy, the confusion matrix and the diagnostics.
 
-Writes DVC metrics (reports/metrics.json) and the confusion plot data (reports/confusion.csv), and logs
-them into the MLflow run of the model it evaluates (the id in data/model/run.json).
+Writes DVC metrics (reports/metrics.json, with the fit verdict, top-k accuracy and layer movement), the
+confusion plot data (reports/confusion.csv) and the run's diagnostics folder (reports/diagnostics: PNGs,
+per-class CSV, self-contained report.html), and logs them into the MLflow run of the model it evaluates
+(the id in data/model/run.json).
 """
 
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from transfer import tracking
 from transfer.backbones import Classifier, load_backbone
 from transfer.data import load_split_dataset
+from transfer.diagnostics import image_batch, relative_weight_change, write_run_diagnostics
 from transfer.evaluation import classification_metrics, confusion_pairs, predict_logits
 from transfer.features import load_feature_cache
 from transfer.files import read_json, write_csv, write_json
-from transfer.layout import FEATURES_DIR, MODEL_FILE, REPORTS_DIR, RUN_FILE, SPLIT_DIR
+from transfer.images import load_rgb
+from transfer.layout import DIAGNOSTICS_DIR, FEATURES_DIR, MODEL_FILE, REPORTS_DIR, RUN_FILE, SPLIT_DIR
 from transfer.params import load_params
 from transfer.training import resolve_device
 from transfer.transforms import eval_transform
@@ -26,6 +31,41 @@ def load_model(path: Path) -> tuple[Classifier, dict]:
     model = Classifier(loaded.backbone, len(checkpoint["classes"]))
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval(), {**checkpoint, "data_config": loaded.data_config}
+
+
+def layer_movement(model: Classifier, checkpoint: dict, weights: str) -> dict[str, float] | None:
+    """Relative weight change of each backbone group since the pretrained weights (theta0).
+
+    A probe run never trains the backbone, so every group is 0. A fine-tuned one is compared with the
+    pretrained weights reloaded; with random initial weights (weights: none) theta0 is gone: None.
+    """
+    if checkpoint["freeze_layers"] == "all":
+        return dict.fromkeys(model.backbone.groups, 0.0)
+    if weights == "none":
+        return None
+    pretrained = load_backbone(checkpoint["backbone"], weights, checkpoint["image_size"]).backbone
+    return relative_weight_change({f"backbone.{k}": v for k, v in pretrained.state_dict().items()}, model)
+
+
+def diagnose(model: Classifier, checkpoint: dict, params, test, logits: torch.Tensor,
+             summary: dict) -> tuple[dict, list[Path]]:
+    """Issue 6's pictures, per-class table, fit verdict and report.html; returns (metrics, files)."""
+    root = Path.cwd()
+
+    def load_image(path: str):
+        return load_rgb(root / path)
+
+    batch = image_batch(test.paths, load_image, eval_transform(checkpoint["data_config"]),
+                        params.diagnostics.batch_size)
+    return write_run_diagnostics(
+        DIAGNOSTICS_DIR, class_names=checkpoint["classes"], y_true=test.labels.numpy(),
+        probs=torch.softmax(logits.float(), dim=1).numpy(), history=pd.read_csv(REPORTS_DIR / "history.csv"),
+        image_paths=test.paths, load_image=load_image, features=test.features, model=model, batch=batch,
+        weight_change=layer_movement(model, checkpoint, params.backbone.weights),
+        thresholds=params.diagnostics.thresholds(), best_epoch=read_json(REPORTS_DIR / "train.json")["best_epoch"],
+        summary={"accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"]},
+        title=f"Run report: {checkpoint['backbone']}, freeze_layers={checkpoint['freeze_layers']}",
+        projection=params.diagnostics.projection, max_mistakes=params.diagnostics.mistakes)
 
 
 def main() -> None:
@@ -43,14 +83,19 @@ def main() -> None:
     y_true, y_pred = test.labels.numpy(), logits.argmax(1).numpy()
 
     metrics = classification_metrics(y_true, y_pred, classes)
-    write_json(REPORTS_DIR / "metrics.json", metrics)
+    diagnostics, diagnostic_files = diagnose(model, checkpoint, params, test, logits, metrics)
+    write_json(REPORTS_DIR / "metrics.json", {**metrics, **diagnostics})
     write_csv(REPORTS_DIR / "confusion.csv", confusion_pairs(test.paths, y_true, y_pred, classes))
-    print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
+    print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+          f"{diagnostics['fit']['verdict']}; report -> {DIAGNOSTICS_DIR / 'report.html'}")
 
     with tracking.reopen_run(read_json(RUN_FILE)["run_id"], params.tracking.experiment):
         tracking.log_metrics(metrics, prefix="test")
         tracking.log_artifacts([Path("params.yaml"), Path("dvc.lock"), REPORTS_DIR / "metrics.json",
                                 REPORTS_DIR / "confusion.csv", REPORTS_DIR / "history.csv"])
+        tracking.log_metrics(diagnostics)  # fit.*, topk.*, weight_change.*: sortable in the MLflow UI
+        tracking.log_tags({"fit_verdict": diagnostics["fit"]["verdict"]})
+        tracking.log_artifacts(diagnostic_files, artifact_path="diagnostics")
 
 
 if __name__ == "__main__":

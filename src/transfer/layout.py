@@ -10,3 +10,4 @@ MODEL_DIR = Path("data/model")  # train: model.pt, run.json (the MLflow run id)
 MODEL_FILE = MODEL_DIR / "model.pt"
 RUN_FILE = MODEL_DIR / "run.json"
 REPORTS_DIR = Path("reports")  # metrics (JSON) and plots (CSV), small files kept in git
+DIAGNOSTICS_DIR = REPORTS_DIR / "diagnostics"  # evaluate: pictures, per-class CSV, report.html (DVC-cached)

@@ -128,6 +128,22 @@ class FinetuneParams(Section):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = in the main process)")
 
 
+class DiagnosticsParams(Section):
+    """The evaluate stage's diagnostics: fit verdict thresholds and the cost knobs of the pictures."""
+
+    overfit_gap: float = Field(0.05, ge=0, le=1,
+                               description="train minus val accuracy above this is 'overfitting'")
+    underfit_acc: float = Field(0.6, ge=0, le=1, description="train accuracy below this is 'underfitting'")
+    projection: Literal["pca", "tsne"] = Field("pca", description="2-D projection of the test features; "
+                                                                  "tsne is slower (seconds to minutes)")
+    mistakes: int = Field(16, ge=0, le=64, description="most confident mistakes drawn in the grid")
+    batch_size: int = Field(8, ge=1, le=256, description="test images in the activation-histogram batch")
+
+    def thresholds(self) -> dict[str, float]:
+        """The verdict thresholds, as transfer.diagnostics.fit_diagnosis takes them."""
+        return {"overfit_gap": self.overfit_gap, "underfit_acc": self.underfit_acc}
+
+
 class TrackingParams(Section):
     """MLflow: where runs are recorded."""
 
@@ -147,6 +163,7 @@ class Params(Section):
     finetune: FinetuneParams = FinetuneParams()
     seed: int = Field(0, description="seed of model initialisation and training order")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    diagnostics: DiagnosticsParams = DiagnosticsParams()
     tracking: TrackingParams = TrackingParams()
 
     @model_validator(mode="after")

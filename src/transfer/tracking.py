@@ -140,6 +140,11 @@ def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
+def log_tags(tags: dict[str, str]) -> None:
+    """String facts about the run (e.g. the fit verdict), searchable and shown as columns in the UI."""
+    mlflow.set_tags(tags)
+
+
 def log_model(model, input_example: np.ndarray) -> None:
     """The whole classifier (backbone + head), loadable with mlflow.pytorch.load_model."""
     import timm
