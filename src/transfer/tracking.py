@@ -155,8 +155,11 @@ def log_model(model, input_example: np.ndarray) -> None:
     # Explicit requirements: MLflow's own inference would import the model in a subprocess (seconds).
     requirements = [f"torch=={torch.__version__.split('+')[0]}",
                     f"torchvision=={torchvision.__version__.split('+')[0]}", f"timm=={timm.__version__}"]
+    # Pickle, with this package shipped as code, rather than torch.export's pt2: exporting takes seconds
+    # on every run and pins the batch size to that of the example.
     mlflow.pytorch.log_model(model.cpu().eval(), name="model", input_example=input_example,
-                             pip_requirements=requirements, code_paths=[str(package_dir)])
+                             pip_requirements=requirements, code_paths=[str(package_dir)],
+                             serialization_format="pickle")
 
 
 def find_runs(experiment: str, root: Path | None = None):

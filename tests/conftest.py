@@ -1,0 +1,29 @@
+"""Shared fixtures: small real image folders written as PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_image_folder(root: Path, classes: dict[str, int], size: int = 28, seed: int = 0) -> Path:
+    """ImageFolder tree: root/<class>/<i>.png with class-dependent brightness so classes are learnable."""
+    rng = np.random.default_rng(seed)
+    for class_index, (name, count) in enumerate(classes.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            base = 40 + 60 * class_index
+            pixels = np.clip(rng.normal(base, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "images", {"cat": 20, "dog": 20, "fox": 20})

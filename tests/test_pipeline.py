@@ -1,0 +1,140 @@
+"""End to end: the real `dvc repro`, `dvc exp run`, a two-worker queue, and the MLflow runs they leave.
+
+The project is copied into a temporary git repository, so the test exercises exactly what a user gets
+from a fresh clone (the embedded archive included). Slow (minutes): `make test-fast` skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from transfer import tracking
+
+pytestmark = pytest.mark.slow
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["download", "split", "features", "train", "evaluate"]
+
+
+def run(args: list[str], cwd: Path, env: dict, timeout: int = 600) -> str:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(args)} failed ({done.returncode}):\n{output[-4000:]}"
+    return output
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict]:
+    """A fresh git repository holding the project's files (tracked and new, never ignored ones)."""
+    repo = tmp_path_factory.mktemp("project")
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO_ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = REPO_ROOT / name
+        if source.is_file() and not name.startswith(("data/", "reports/", "mlruns/", "dvc.lock")):
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, repo / name)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1",
+               GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@localhost", GIT_COMMITTER_NAME="test",
+               GIT_COMMITTER_EMAIL="test@localhost")
+    run(["git", "init", "-q", "-b", "main"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "project"], repo, env)
+    return repo, env
+
+
+def mlflow_runs(repo: Path):
+    return tracking.find_runs("transfer", root=repo)
+
+
+def test_pipeline_experiments_and_queue_end_to_end(project):
+    repo, env = project
+    dvc = [sys.executable, "-m", "dvc"]
+
+    # 1. A cold `dvc repro` runs every stage and leaves metrics, plots and one MLflow run.
+    output = run(dvc + ["repro"], repo, env)
+    assert stages_run(output) == STAGES
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert metrics["accuracy"] > 0.6 and 0 < metrics["macro_f1"] <= 1
+    assert len(metrics["per_class_accuracy"]) == 10
+    assert (repo / "reports/confusion.csv").read_text().startswith("path,actual,predicted")
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "baseline results"], repo, env)
+    shown = run(dvc + ["metrics", "show", "--json"], repo, env)
+    assert "accuracy" in shown
+    run(dvc + ["plots", "show", "-o", str(repo / "plots_html")], repo, env)
+    assert (repo / "plots_html" / "index.html").is_file()
+
+    # 2. Fine-tuning with frozen groups: only train and evaluate re-run.
+    output = run(dvc + ["exp", "run", "-n", "ft-k7", "-S", "freeze_layers=7", "-S", "finetune.epochs=1"], repo, env)
+    assert stages_run(output) == ["train", "evaluate"]
+    history = (repo / "reports/history.csv").read_text()
+    assert "finetune" in history
+
+    # 3. A head-only change: download, split and features are not re-run.
+    output = run(dvc + ["exp", "run", "-n", "head-lr", "-S", "freeze_layers=all", "-S", "head.lr=0.02"], repo, env)
+    assert stages_run(output) == ["train", "evaluate"]
+
+    # 4. Two queued experiments on two workers, in temporary copies of the repository.
+    for lr in ("0.05", "0.003"):
+        run(dvc + ["exp", "run", "--queue", "-S", f"head.lr={lr}", "-S", "freeze_layers=all"], repo, env)
+    run(dvc + ["queue", "start", "-j", "2"], repo, env)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = run(dvc + ["queue", "status"], repo, env)
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+
+    # Every run is in the repository's own store, none in DVC's temporary copies.
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+    runs = mlflow_runs(repo)
+    assert len(runs) == 5, runs[["run_id", "tags.mlflow.runName", "params.head.lr"]]
+    assert sorted(runs["params.head.lr"].astype(float)) == [0.003, 0.01, 0.01, 0.02, 0.05]
+    assert runs["metrics.test.accuracy"].notna().all() and (runs["metrics.test.accuracy"] > 0.5).all()
+    assert runs["metrics.val_acc"].notna().all()
+    assert set(runs["tags.backbone"]) == {"efficientnet_lite0"} and runs["tags.data_hash"].nunique() == 1
+    assert runs["tags.git_commit"].str.fullmatch(r"[0-9a-f]{40}").all()
+    experiments = runs.dropna(subset=["tags.dvc_exp_name"])
+    assert len(experiments) == 4
+    assert (experiments["tags.mlflow.runName"] == experiments["tags.dvc_exp_name"]).all()
+    assert {"ft-k7", "head-lr"} <= set(experiments["tags.dvc_exp_name"])
+    fine_tuned = runs[runs["tags.dvc_exp_name"] == "ft-k7"].iloc[0]
+    assert fine_tuned["params.freeze_layers"] == "7"
+
+    # The model, params.yaml and dvc.lock are artifacts of each run; the model loads and predicts.
+    import mlflow
+    import torch
+
+    run_id = fine_tuned["run_id"]
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    assert {"params.yaml", "dvc.lock", "metrics.json"} <= names
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    assert model(torch.rand(2, 3, 112, 112)).shape == (2, 10)
+
+    exp_show = run(dvc + ["exp", "show", "--json"], repo, env)
+    assert "ft-k7" in exp_show and "head-lr" in exp_show
+
+
+def test_repro_twice_gives_identical_metrics(project):
+    repo, env = project
+    dvc = [sys.executable, "-m", "dvc"]
+    run(["git", "checkout", "-q", "--", "."], repo, env)
+    run(dvc + ["checkout", "-q"], repo, env)
+    first = (repo / "reports/metrics.json").read_bytes()
+    run(dvc + ["repro", "-f", "train", "evaluate", "--single-item"], repo, env)
+    assert (repo / "reports/metrics.json").read_bytes() == first
