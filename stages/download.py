@@ -3,7 +3,7 @@
 Every source (the archive committed in assets/ by default, an archive URL, a local folder, a labels CSV,
 a torchvision dataset, IDX files) ends as image files under data/raw/ plus data/raw/index.csv
 (path,label,subset) and data/raw/data_report.json (every skipped or ignored file, and why). Problems the
-`data.policy` says to fail on stop the stage with a message naming the files; docs/data-sources.md has
+`data.policy` says to fail on stop the stage with a message naming the files; the README ("Bring your own data") has
 a params example per source.
 """
 

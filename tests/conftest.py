@@ -24,6 +24,14 @@ def write_image_folder(root: Path, classes: dict[str, int], size: int = 28, seed
     return root
 
 
+def index_of(folder: Path, repo_root: Path) -> "pd.DataFrame":
+    """The download stage's index (path relative to repo_root, label, subset) of an ImageFolder tree."""
+    import pandas as pd
+
+    rows = [(p.relative_to(repo_root).as_posix(), p.parent.name, "") for p in sorted(folder.rglob("*.png"))]
+    return pd.DataFrame(rows, columns=["path", "label", "subset"])
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "images", {"cat": 20, "dog": 20, "fox": 20})

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import index_of
 from transfer.backbones import load_backbone
-from transfer.data import ImageDataset, decode_images, index_image_folder
+from transfer.data import ImageDataset, decode_images
 from transfer.features import FeatureCache, extract_features, load_feature_cache, save_feature_cache
 from transfer.transforms import eval_transform
 
@@ -17,7 +18,7 @@ def lite0():
 
 
 def test_features_are_in_manifest_order_and_batch_independent(image_folder: Path, tmp_path: Path, lite0):
-    index = index_image_folder(image_folder, tmp_path)
+    index = index_of(image_folder, tmp_path)
     paths = list(index["path"])[:12]
     images = decode_images(paths, tmp_path)
     assert images[0].dtype == torch.uint8 and images[0].shape == (3, 28, 28)

@@ -5,7 +5,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from transfer.data import SplitError, index_image_folder, read_manifest, stratified_split, write_split
+from conftest import index_of
+from transfer.data import SplitError, read_manifest, stratified_split, write_split
 
 
 def make_index(counts: dict[str, int], subset: str = "") -> pd.DataFrame:
@@ -56,7 +57,7 @@ def test_samples_per_class_caps_only_the_training_split():
 
 
 def test_manifests_round_trip_through_files(image_folder: Path, tmp_path: Path):
-    index = index_image_folder(image_folder, tmp_path)
+    index = index_of(image_folder, tmp_path)
     assert sorted(index["label"].unique()) == ["cat", "dog", "fox"] and len(index) == 60
     splits = stratified_split(index, 0.2, 0.2, seed=0)
     write_split(tmp_path / "split", splits, ["cat", "dog", "fox"], {})

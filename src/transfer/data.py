@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .files import read_json, write_csv, write_json
-from .images import is_image_file, load_rgb
+from .images import load_rgb
 
 SPLITS = ("train", "val", "test")
 INDEX_COLUMNS = ["path", "label", "subset"]
@@ -40,19 +40,6 @@ def read_index(path: Path) -> pd.DataFrame:
     if missing:
         raise SplitError(f"{path} lacks column(s) {sorted(missing)}; the download stage writes {INDEX_COLUMNS}")
     return frame[INDEX_COLUMNS]
-
-
-def index_image_folder(root: Path, repo_root: Path) -> pd.DataFrame:
-    """Index an ImageFolder tree (one folder per class); a lone wrapper folder (`name/<class>/`) is skipped."""
-    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
-    folders = [p for p in entries if p.is_dir()]
-    if len(folders) == 1 and not any(is_image_file(p) for p in folders[0].iterdir()):
-        return index_image_folder(folders[0], repo_root)
-    rows = [(path.resolve().relative_to(repo_root.resolve()).as_posix(), folder.name, "")
-            for folder in sorted(folders) for path in sorted(folder.rglob("*")) if path.is_file() and is_image_file(path)]
-    if not rows:
-        raise SplitError(f"no images found under {root}: expected one sub-folder of images per class")
-    return pd.DataFrame(rows, columns=INDEX_COLUMNS)
 
 
 # --- Split ---------------------------------------------------------------------------------------

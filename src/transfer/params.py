@@ -33,7 +33,7 @@ class DataPolicyParams(Section):
 
 
 class DataParams(Section):
-    """Where the images come from (the download stage). docs/data-sources.md has an example per source."""
+    """Where the images come from (the download stage). the README's "Bring your own data" has an example per source."""
 
     source: Literal["archive", "folder", "csv", "torchvision", "idx"] = Field("archive", description="kind of source")
     url: str = Field("assets/fashion-mnist-mini.tar.gz",
@@ -117,15 +117,46 @@ class HeadParams(Section):
 
 
 class FinetuneParams(Section):
-    """Fine-tuning on images with the first `freeze_layers` layer groups frozen."""
+    """Fine-tuning on images with the first `freeze_layers` layer groups frozen (the recipe: README, params)."""
 
-    epochs: int = Field(3, ge=1, le=10_000)
+    # Schedule and optimiser
+    epochs: int = Field(6, ge=1, le=10_000)
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum, Nesterov) or adamw")
     lr: float = Field(0.01, gt=0, le=10, description="base learning rate of the unfrozen backbone groups")
     head_lr_mult: float = Field(10.0, gt=0, description="the head learns at head_lr_mult x lr")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    batch_size: int = Field(32, ge=1)
+    layer_decay: float = Field(1.0, gt=0, le=1, description="each layer group toward the input learns at "
+                                                               "layer_decay x the next one; 1 = same LR for all")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum; AdamW beta1")
+    nesterov: bool = Field(True, description="SGD: Nesterov momentum")
+    weight_decay: float = Field(1e-4, ge=0, description="not applied to BatchNorm weights and biases")
+    warmup_epochs: float = Field(0.5, ge=0, description="linear LR warmup (may be fractional), then cosine decay")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the cosine ends at min_lr_ratio x each group's LR")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    grad_clip_norm: float | None = Field(None, gt=0, description="clip the global gradient L2 norm; null = off")
+    # Augmentation (evaluation always resizes and centre-crops)
+    augment: Literal["none", "trivialaugment", "randaugment", "autoaugment"] = Field(
+        "none", description="stronger policy after RandomResizedCrop + flip")
+    crop_min_scale: float = Field(0.35, gt=0, le=1, description="RandomResizedCrop's smallest area fraction")
+    hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
+    mixup_alpha: float = Field(0.0, ge=0, description="mixup Beta(alpha, alpha); 0 = off")
+    cutmix_alpha: float = Field(0.0, ge=0, description="cutmix Beta(alpha, alpha); 0 = off")
+    # Unfreezing, head, selection
+    unfreeze_every: int = Field(0, ge=0, description="gradual unfreezing: one more group every N epochs; 0 = off")
+    head_init: Literal["probe", "xavier", "imagenet"] = Field(
+        "probe", description="probe: the linear probe's weights; xavier: random; imagenet: rows of matching "
+                             "ImageNet classes from the pretrained classifier, Xavier elsewhere")
+    monitor: Literal["val_acc", "val_loss"] = Field("val_acc", description="metric for the best epoch and patience")
+    patience: int = Field(0, ge=0, description="early stopping after this many epochs without improvement; 0 = off")
+    class_balance: Literal["none", "loss", "sampler"] = Field(
+        "none", description="class imbalance: inverse-frequency loss weights or a balanced sampler")
+    # Runtime (GPU features switch themselves off on CPU)
+    batch_size: int = Field(32, ge=1, description="global batch size (split across nproc processes)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = in the main process)")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = Field(True, description="channels_last memory format on CUDA (ignored on CPU)")
+    compile: bool = Field(False, description="torch.compile the model (minutes of compile time; GPU runs)")
+    nproc: int = Field(1, ge=1, description="data-parallel processes (DDP via torchrun; gloo on CPU, nccl on CUDA)")
+    resume: bool = Field(True, description="continue from data/checkpoints/last.pt when it matches this run")
 
 
 class DiagnosticsParams(Section):
