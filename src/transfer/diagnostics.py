@@ -24,6 +24,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullLocator
 from PIL import Image
 from sklearn.decomposition import PCA
 from sklearn.metrics import (
@@ -249,6 +250,17 @@ def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def _log_y(ax) -> None:
+    """Log-scale y axis with a few major ticks and no minor ones.
+
+    Locating and laying out minor log ticks is most of the drawing time of a
+    grid of small log plots (measured: 1.0 s of 1.4 s for the activations).
+    """
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(numticks=5))
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
 def _as_numpy(array) -> np.ndarray:
     """Accept a numpy array or a (possibly GPU) tensor."""
     if isinstance(array, torch.Tensor):
@@ -335,7 +347,7 @@ def plot_learning_curves(history: pd.DataFrame, path: str | os.PathLike) -> Figu
         ax = axes[-1]
         ax.plot(x, history["lr"].to_numpy(dtype=float), "o-", markersize=3, color="tab:green")
         if (history["lr"] > 0).all():
-            ax.set_yscale("log")
+            _log_y(ax)
         ax.set_xlabel("epoch")
         ax.set_title("Learning rate")
         ax.grid(alpha=0.3)
@@ -383,8 +395,8 @@ def plot_layer_movement(
             values = frame[group].to_numpy(dtype=float)
             values = np.where(values > 0, values, np.nan)
             lines.plot(frame.index, values, "o-", markersize=3, label=group, color=colour)
-        if np.nanmax(np.where(frame.to_numpy(float) > 0, frame.to_numpy(float), np.nan), initial=0) > 0:
-            lines.set_yscale("log")
+        if (frame.to_numpy(float) > 0).any():
+            _log_y(lines)
         lines.legend(fontsize=7, ncol=2)
     else:
         lines.text(0.5, 0.5, "no gradient norms recorded", ha="center", va="center")
@@ -442,7 +454,9 @@ def plot_feature_projection(
     ax.set_title(f"Test features ({method.upper()})")
     ax.set_xlabel("component 1")
     ax.set_ylabel("component 2")
-    ax.legend(fontsize=7, markerscale=1.5, loc="best", ncol=1 + len(class_names) // 12)
+    # outside the axes: loc="best" searches every point for a free spot (slow, and rarely finds one)
+    ax.legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.0, 0.5),
+              ncol=1 + len(class_names) // 20)
     save_figure(figure, path)
     return figure
 
@@ -531,7 +545,10 @@ def plot_activation_histograms(
     figure = _new_figure(3.2 * cols, 2.6 * rows)
     axes = figure.subplots(rows, cols, squeeze=False).ravel()
     for ax, (name, values) in zip(axes, activations.items()):
-        ax.hist(values, bins=60, color="tab:purple", log=True)
+        # one stairs artist instead of 60 bar patches per panel
+        counts, edges = np.histogram(values, bins=60)
+        ax.stairs(counts, edges, fill=True, color="tab:purple")
+        _log_y(ax)
         zeros = float(np.mean(values == 0)) if values.size else 0.0
         ax.set_title(f"{name}\nmean {values.mean():.3g}  std {values.std():.3g}  zero {zeros:.0%}",
                      fontsize=8)
@@ -573,7 +590,8 @@ def plot_mistakes(
         ax.axis("off")
         if index >= count:
             continue
-        ax.imshow(np.asarray(_thumbnail(images[index])))
+        # nearest: no resampling filter to pay for, and small images stay crisp
+        ax.imshow(np.asarray(_thumbnail(images[index])), interpolation="nearest")
         ax.set_title(
             f"true: {class_names[int(y_true[index])]}\n"
             f"pred: {class_names[int(y_pred[index])]} ({float(confidence[index]):.2f})",
