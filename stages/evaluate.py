@@ -34,11 +34,16 @@ def load_model(path: Path) -> tuple[Classifier, dict]:
 
 
 def layer_movement(model: Classifier, checkpoint: dict, weights: str) -> dict[str, float] | None:
-    """Relative weight change of each backbone group since the pretrained weights (theta0).
+    """Relative weight change of each layer group since theta0.
 
-    A probe run never trains the backbone, so every group is 0. A fine-tuned one is compared with the
-    pretrained weights reloaded; with random initial weights (weights: none) theta0 is gone: None.
+    The train stage records it against its own theta0, head included (reports/layer_movement.json;
+    null where undefined). Without that file: a probe run never trains the backbone, so every group is 0;
+    a fine-tuned one is compared with the pretrained weights reloaded; with random initial weights
+    (weights: none) theta0 is gone: None.
     """
+    recorded = REPORTS_DIR / "layer_movement.json"
+    if recorded.is_file():
+        return {group: value for group, value in read_json(recorded).items() if value is not None}
     if checkpoint["freeze_layers"] == "all":
         return dict.fromkeys(model.backbone.groups, 0.0)
     if weights == "none":
@@ -93,7 +98,8 @@ def main() -> None:
         tracking.log_metrics(metrics, prefix="test")
         tracking.log_artifacts([Path("params.yaml"), Path("dvc.lock"), REPORTS_DIR / "metrics.json",
                                 REPORTS_DIR / "confusion.csv", REPORTS_DIR / "history.csv"])
-        tracking.log_metrics(diagnostics)  # fit.*, topk.*, weight_change.*: sortable in the MLflow UI
+        # fit.*, topk.*: sortable in the MLflow UI (the train stage logs weight_change/<group>)
+        tracking.log_metrics({key: diagnostics[key] for key in ("fit", "topk")})
         tracking.log_tags({"fit_verdict": diagnostics["fit"]["verdict"]})
         tracking.log_artifacts(diagnostic_files, artifact_path="diagnostics")
 
