@@ -1,0 +1,88 @@
+"""Speed of the everyday loop, measured on a fresh copy of the repository.
+
+    python bench/pipeline_speed.py                 # all three figures
+    python bench/pipeline_speed.py --skip-finetune # only cold repro and the head-only change
+
+Figures (wall-clock seconds, this machine): a cold `dvc repro` on the embedded default, a head-only
+change through `dvc exp run -S head.lr=...` (which must re-run neither download, split nor features),
+and `dvc exp run -S freeze_layers=3` with the default epochs. Results are printed and written to
+bench/results/pipeline_speed.json. Nothing here is asserted: tests check behaviour, this measures it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def copy_project(dest: Path) -> None:
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = REPO_ROOT / name
+        if source.is_file() and not name.startswith(("data/", "mlruns/", "dvc.lock", "reports/")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+
+
+def timed(args: list[str], cwd: Path, env: dict) -> tuple[float, list[str]]:
+    start = time.perf_counter()
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return elapsed, re.findall(r"Running stage '(\w+)'", done.stdout + done.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-finetune", action="store_true")
+    args = parser.parse_args()
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1",
+               GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@localhost", GIT_COMMITTER_NAME="bench",
+               GIT_COMMITTER_EMAIL="bench@localhost")
+    dvc = [sys.executable, "-m", "dvc"]
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="transfer-bench-") as tmp:
+        repo = Path(tmp)
+        copy_project(repo)
+        for command in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
+            subprocess.run(command, cwd=repo, env=env, check=True)
+
+        seconds, stages = timed(dvc + ["repro"], repo, env)
+        results["cold_repro"] = {"seconds": round(seconds, 1), "stages": stages, "target_s": 60}
+        subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True)
+        subprocess.run(["git", "commit", "-qm", "baseline"], cwd=repo, env=env, check=True)
+
+        seconds, stages = timed(dvc + ["exp", "run", "-S", "head.lr=0.02"], repo, env)
+        results["head_only_exp_run"] = {"seconds": round(seconds, 1), "stages": stages, "target_s": 10}
+
+        if not args.skip_finetune:
+            seconds, stages = timed(dvc + ["exp", "run", "-S", "head.lr=0.01", "-S", "freeze_layers=3"], repo, env)
+            results["finetune_k3_exp_run"] = {"seconds": round(seconds, 1), "stages": stages, "target_s": 180}
+            metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+            results["finetune_k3_exp_run"]["test_accuracy"] = metrics["accuracy"]
+
+    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    out = REPO_ROOT / "bench" / "results" / "pipeline_speed.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    for name, result in results.items():
+        print(f"{name:22s} {result}")
+
+
+if __name__ == "__main__":
+    main()
