@@ -65,6 +65,8 @@ def test_pipeline_experiments_and_queue_end_to_end(project):
     repo, env = project
     dvc = [sys.executable, "-m", "dvc"]
 
+    baseline_lr = float(yaml.safe_load((repo / "params.yaml").read_text())["head"]["lr"])
+
     # 1. A cold `dvc repro` runs every stage and leaves metrics, plots and one MLflow run.
     output = run(dvc + ["repro"], repo, env)
     assert stages_run(output) == STAGES
@@ -105,7 +107,6 @@ def test_pipeline_experiments_and_queue_end_to_end(project):
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
     runs = mlflow_runs(repo)
     assert len(runs) == 5, runs[["run_id", "tags.mlflow.runName", "params.head.lr"]]
-    baseline_lr = float(yaml.safe_load((repo / "params.yaml").read_text())["head"]["lr"])
     assert sorted(runs["params.head.lr"].astype(float)) == sorted([baseline_lr, baseline_lr, 0.02, 0.05, 0.003])
     assert runs["metrics.test.accuracy"].notna().all() and (runs["metrics.test.accuracy"] > 0.5).all()
     assert runs["metrics.val_acc"].notna().all()
