@@ -2,8 +2,15 @@
 
 Params: freeze_layers, head, finetune, seed, backbone. Opens the pipeline run in MLflow (params, tags,
 per-epoch metrics, the model) and records its id in data/model/run.json for the evaluate stage.
+Fine-tuning checkpoints every epoch in data/checkpoints (persisted by DVC): a killed run continues on the
+next `dvc repro`, in the same MLflow run. `finetune.nproc` > 1 re-launches this script under torchrun
+(data-parallel); rank 0 logs and writes the outputs. Besides the model it writes the per-group relative
+weight change (reports/layer_movement.json, MLflow `weight_change/<group>`).
 """
 
+import contextlib
+import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,18 +18,47 @@ import pandas as pd
 import torch
 
 from transfer import tracking
-from transfer.backbones import Classifier, freeze_first_groups, load_backbone
+from transfer.backbones import Classifier, LoadedBackbone, freeze_first_groups, load_backbone
+from transfer.checkpoint import Checkpointer, cpu_state_dict, training_fingerprint
 from transfer.data import load_split_dataset, read_classes
+from transfer.diagnostics import relative_weight_change
+from transfer.distributed import DistContext, device_for, init_from_env, relaunch_with_torchrun, shutdown, under_torchrun
 from transfer.features import load_feature_cache
 from transfer.files import read_json, save_torch, write_csv, write_json
-from transfer.layout import FEATURES_DIR, MODEL_FILE, RAW_DIR, REPORTS_DIR, RUN_FILE, SPLIT_DIR
-from transfer.params import flatten, load_params
+from transfer.heads import imagenet_overlap_head, xavier_head
+from transfer.layout import CHECKPOINT_DIR, FEATURES_DIR, MODEL_FILE, RAW_DIR, REPORTS_DIR, RUN_FILE, SPLIT_DIR
+from transfer.params import Params, flatten, load_params
 from transfer.training import fine_tune, resolve_device, train_linear_probe
 from transfer.transforms import eval_transform, train_transform
 
 
-def main() -> None:
-    params = load_params()
+def probe_head(model: Classifier, params: Params, classes: list[str], log) -> tuple[list[dict], int, dict]:
+    """The linear probe on cached features; the head takes its weights. Returns (history, best epoch, head init)."""
+    train_features = load_feature_cache(FEATURES_DIR / "train.pt")
+    val_features = load_feature_cache(FEATURES_DIR / "val.pt")
+    probe = train_linear_probe(train_features, val_features, len(classes), params.head, params.seed, on_epoch=log)
+    model.head.load_state_dict(probe.model.state_dict())
+    print(f"train: linear probe, best val accuracy {max(r['val_acc'] for r in probe.history):.4f} "
+          f"at epoch {probe.best_epoch}")
+    return probe.history, probe.best_epoch, {f"head.{k}": v for k, v in probe.initial_state.items()}
+
+
+def init_head(model: Classifier, params: Params, classes: list[str], loaded: LoadedBackbone) -> None:
+    """finetune.head_init xavier or imagenet (probe is `probe_head`)."""
+    if params.finetune.head_init == "xavier":
+        xavier_head(model.head, params.seed)
+    else:
+        matches = imagenet_overlap_head(model.head, classes, loaded.imagenet_classifier, params.seed)
+        print(f"train: head rows from the ImageNet classifier for {len(matches)} class(es): {matches}")
+
+
+def layer_movement(initial_state: dict, model: Classifier) -> dict[str, float | None]:
+    """||w - w0|| / ||w0|| per layer group (null where undefined: JSON has no NaN)."""
+    change = relative_weight_change(initial_state, model)
+    return {group: (None if math.isnan(value) else value) for group, value in change.items()}
+
+
+def train(params: Params, context: DistContext) -> None:
     root = Path.cwd()
     classes = read_classes(SPLIT_DIR)
     loaded = load_backbone(params.backbone.name, params.backbone.weights, params.backbone.image_size)
@@ -30,28 +66,46 @@ def main() -> None:
     fine_tuning = params.freeze_layers != "all"
     if fine_tuning:
         freeze_first_groups(model, params.freeze_layers)  # fails fast, listing the groups, on a bad k
-    train_features = load_feature_cache(FEATURES_DIR / "train.pt")
-    val_features = load_feature_cache(FEATURES_DIR / "val.pt")
-    tags = tracking.run_tags(params.backbone.name, read_json(SPLIT_DIR / "summary.json")["data_hash"])
+    data_hash = read_json(SPLIT_DIR / "summary.json")["data_hash"]
+    tags = tracking.run_tags(params.backbone.name, data_hash)
+    checkpointer = Checkpointer(CHECKPOINT_DIR, training_fingerprint(params, data_hash), writer=context.is_main)
+    saved = checkpointer.load_last() if fine_tuning and params.finetune.resume else None
+    log = tracking.log_epoch if context.is_main else None
+    # One MLflow run per pipeline run, opened by rank 0 only; a resumed run reopens the run it started.
+    run = (tracking.training_run(params.tracking.experiment, flatten(params), tags,
+                                 run_id=saved["extra"]["run_id"] if saved else None)
+           if context.is_main else contextlib.nullcontext(None))
 
-    with tracking.training_run(params.tracking.experiment, flatten(params), tags) as run_id:
-        # What the download stage skipped or ignored, and why (see transfer.data_report).
-        tracking.log_artifacts([RAW_DIR / "data_report.json"], artifact_path="data")
-        probe = train_linear_probe(train_features, val_features, len(classes), params.head, params.seed,
-                                   on_epoch=tracking.log_epoch)
-        model.head.load_state_dict(probe.model.state_dict())
-        history, best_epoch = probe.history, probe.best_epoch
-        print(f"train: linear probe, best val accuracy {max(r['val_acc'] for r in history):.4f} "
-              f"at epoch {best_epoch}")
+    with run as run_id:
+        if saved is None and context.is_main:
+            # What the download stage skipped or ignored, and why (see transfer.data_report).
+            tracking.log_artifacts([RAW_DIR / "data_report.json"], artifact_path="data")
+        if saved is not None:
+            history, best_epoch = saved["extra"]["probe_history"], saved["extra"]["probe_best_epoch"]
+            initial_state = checkpointer.load_initial()
+        elif not fine_tuning or params.finetune.head_init == "probe":
+            history, best_epoch, probe_initial = probe_head(model, params, classes, log)
+            # What moved: from the pretrained backbone (and the head before it was fitted, for a probe).
+            initial_state = cpu_state_dict(model) if fine_tuning else {**cpu_state_dict(model), **probe_initial}
+        else:
+            init_head(model, params, classes, loaded)
+            history, best_epoch, initial_state = [], 0, cpu_state_dict(model)
         val_data = load_split_dataset(SPLIT_DIR, "val", root, eval_transform(loaded.data_config))
         if fine_tuning:
-            train_data = load_split_dataset(SPLIT_DIR, "train", root, train_transform(loaded.data_config))
-            result = fine_tune(model, params.freeze_layers, train_data, val_data, params.finetune, params.seed,
-                               resolve_device(params.device), first_epoch=len(history) + 1,
-                               on_epoch=tracking.log_epoch)
+            if saved is None:
+                checkpointer.save_initial(initial_state)
+            checkpointer.extra = {"run_id": run_id, "probe_history": history, "probe_best_epoch": best_epoch}
+            finetune = params.finetune
+            train_data = load_split_dataset(SPLIT_DIR, "train", root, train_transform(
+                loaded.data_config, finetune.augment, finetune.crop_min_scale, finetune.hflip))
+            result = fine_tune(model, params.freeze_layers, train_data, val_data, finetune, params.seed,
+                               device_for(context, resolve_device(params.device)), first_epoch=len(history) + 1,
+                               on_epoch=log, checkpointer=checkpointer, context=context)
             history, best_epoch = history + result.history, result.best_epoch
             print(f"train: fine-tuned with {params.freeze_layers} frozen group(s), best val accuracy "
                   f"{max(r['val_acc'] for r in result.history):.4f} at epoch {best_epoch}")
+        if not context.is_main:
+            return  # rank 0 writes every output
 
         model.cpu().eval()
         save_torch(MODEL_FILE, {
@@ -61,10 +115,26 @@ def main() -> None:
         best = next(row for row in history if row["epoch"] == best_epoch)
         write_json(REPORTS_DIR / "train.json", {"best_epoch": best_epoch, "val_acc": best["val_acc"],
                                                 "val_loss": best["val_loss"], "train_acc": best["train_acc"]})
+        movement = layer_movement(initial_state, model)
+        write_json(REPORTS_DIR / "layer_movement.json", movement)
+        tracking.log_metrics({f"weight_change/{group}": value for group, value in movement.items()
+                              if value is not None})
         example = val_data[0][0].unsqueeze(0).numpy().astype(np.float32)
         tracking.log_model(model, example)
         write_json(RUN_FILE, {"run_id": run_id})
+        checkpointer.finish()
     print(f"train: model -> {MODEL_FILE}, MLflow run {run_id}")
+
+
+def main() -> None:
+    params = load_params()
+    if params.freeze_layers != "all" and params.finetune.nproc > 1 and not under_torchrun():
+        sys.exit(relaunch_with_torchrun(__file__, params.finetune.nproc))
+    context = init_from_env(params.device)
+    try:
+        train(params, context)
+    finally:
+        shutdown(context)
 
 
 if __name__ == "__main__":

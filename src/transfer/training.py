@@ -1,30 +1,38 @@
 """Training: a linear probe on cached features, then (optionally) fine-tuning with frozen layer groups.
 
-`freeze_layers: all` stops after the probe. An integer k continues on images: the first k layer groups
-stay frozen (backbones.freeze_first_groups), the head starts from the probe's weights (linear probe,
-then fine-tune, which keeps the pretrained features from being wrecked by a random head's gradients),
-and the best epoch by validation accuracy is kept.
+`freeze_layers: all` stops after the probe. An integer k continues on images with the recipe of
+`finetune:` in params.yaml: the first k layer groups frozen (optionally unfrozen one by one every
+`unfreeze_every` epochs), SGD/AdamW with discriminative LRs (transfer.optim), warmup then cosine, label
+smoothing, mixup/cutmix, gradient clipping, early stopping, the best epoch by the monitored val metric.
+Each epoch is checkpointed (transfer.checkpoint) so a killed run resumes; with torchrun it runs
+data-parallel (transfer.distributed). On CUDA it adds bf16 autocast, channels_last and pinned memory;
+on CPU those switch themselves off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import math
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 from tqdm import tqdm
 
 from .backbones import Classifier, freeze_first_groups
+from .checkpoint import Checkpointer, cpu_state_dict, restore_rng_state, rng_state
 from .data import ImageDataset
+from .diagnostics import group_grad_norms
+from .distributed import SINGLE, DistContext, EpochBatchSampler, all_reduce_sum, shard_indices
 from .features import FeatureCache
+from .optim import WarmupCosine, add_layer_group, build_optimizer
 from .params import FinetuneParams, HeadParams
+from .transforms import BatchMixer, batch_mixer
 
 EpochCallback = Callable[[dict], None]
 
@@ -48,6 +56,8 @@ class TrainResult:
     model: nn.Module
     history: list[dict] = field(default_factory=list)  # one row per epoch
     best_epoch: int = 0
+    initial_state: dict[str, torch.Tensor] | None = None  # the weights training started from
+    stopped_early: bool = False
 
 
 def _loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -61,11 +71,12 @@ def train_linear_probe(train: FeatureCache, val: FeatureCache, num_classes: int,
     """Fit a linear classifier on cached features with AdamW; keep the epoch with the best val accuracy."""
     seed_everything(seed)
     head = nn.Linear(train.features.shape[1], num_classes)
+    initial_state = copy.deepcopy(head.state_dict())
     optimizer = torch.optim.AdamW(head.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
     loader = DataLoader(TensorDataset(train.features, train.labels), batch_size=params.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
-    result, best_acc, best_state = TrainResult(head), -1.0, None
+    result, best_acc, best_state = TrainResult(head, initial_state=initial_state), -1.0, None
     for epoch in range(1, params.epochs + 1):
         head.train()
         lr = optimizer.param_groups[0]["lr"]
@@ -90,72 +101,259 @@ def train_linear_probe(train: FeatureCache, val: FeatureCache, num_classes: int,
     return result
 
 
-# --- Fine-tuning ---------------------------------------------------------------------------------
+# --- Fine-tuning: pieces ---------------------------------------------------------------------------
 
-def parameter_groups(model: Classifier, params: FinetuneParams) -> list[dict]:
-    """Trainable parameters: backbone at lr, head at lr x head_lr_mult; no weight decay on norms and biases."""
-    groups = []
-    for name, module, lr in (("backbone", model.backbone, params.lr), ("head", model.head,
-                                                                       params.lr * params.head_lr_mult)):
-        decay, no_decay = [], []
-        for parameter in module.parameters():
-            if parameter.requires_grad:
-                (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-        groups += [dict(params=decay, lr=lr, weight_decay=params.weight_decay, name=f"{name}"),
-                   dict(params=no_decay, lr=lr, weight_decay=0.0, name=f"{name}_no_decay")]
-    return [group for group in groups if group["params"]]
+@dataclass(frozen=True)
+class Runtime:
+    """Device features actually in use: the GPU ones are on only on CUDA, whatever params.yaml says."""
+
+    device: torch.device
+    amp: bool  # bf16 autocast
+    channels_last: bool
+    pin_memory: bool
+
+    def autocast(self):
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=self.pin_memory)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
 
-def _run_epoch(model: Classifier, loader: DataLoader, device: torch.device, optimizer=None, scheduler=None,
-               desc: str = "") -> tuple[float, float]:
-    """One pass over `loader`; trains when an optimizer is given. Returns (mean loss, accuracy)."""
-    training = optimizer is not None
-    model.train(training)
-    total_loss, correct, seen = 0.0, 0, 0
-    with torch.set_grad_enabled(training):
-        for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False):
-            images, labels = images.to(device), labels.to(device)
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-            if training:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-            total_loss += loss.item() * len(labels)
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += len(labels)
-    return total_loss / seen, correct / seen
+def runtime_for(params: FinetuneParams, device: torch.device) -> Runtime:
+    cuda = device.type == "cuda"
+    return Runtime(device, amp=cuda and params.amp, channels_last=cuda and params.channels_last, pin_memory=cuda)
 
+
+def frozen_at(freeze_layers: int, unfreeze_every: int, epoch_index: int) -> int:
+    """Gradual unfreezing: groups frozen during epoch `epoch_index` (0-based); one fewer every N epochs."""
+    if unfreeze_every <= 0:
+        return freeze_layers
+    return max(0, freeze_layers - epoch_index // unfreeze_every)
+
+
+def unfreeze_down_to(model: Classifier, optimizer: torch.optim.Optimizer, params: FinetuneParams, target: int,
+                     scale: float) -> None:
+    """Unfreeze groups until `target` remain frozen; each joins the optimiser at its own (scheduled) LR."""
+    previous = model.frozen_groups
+    freeze_first_groups(model, target)
+    for index in range(previous - 1, target - 1, -1):  # top-down: the same order on a resumed run
+        add_layer_group(optimizer, model, params, index, scale)
+
+
+def class_weights(labels: list[int], num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, scaled to mean 1 (a class with no training image gets weight 0)."""
+    counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).double()
+    weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    return weights.float()
+
+
+# finetune.class_balance -> (loss weights, per-sample sampling weights), from the training labels.
+CLASS_BALANCE: dict[str, Callable[[list[int], int], tuple[torch.Tensor | None, torch.Tensor | None]]] = {
+    "none": lambda labels, n: (None, None),
+    "loss": lambda labels, n: (class_weights(labels, n), None),
+    "sampler": lambda labels, n: (None, class_weights(labels, n)[torch.as_tensor(labels)].double()),
+}
+
+
+def make_loss(params: FinetuneParams, weights: torch.Tensor | None) -> Callable:
+    """Training objective: cross-entropy with label smoothing (and class weights); accepts soft targets."""
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets, weight=None if weights is None else weights.to(logits.device),
+                               label_smoothing=params.label_smoothing)
+    return loss
+
+
+def make_loaders(train_data: ImageDataset, val_data: ImageDataset, params: FinetuneParams, seed: int,
+                 context: DistContext, runtime: Runtime, sample_weights: torch.Tensor | None):
+    """Train loader over this rank's slice of every global batch; val loader over this rank's shard."""
+    sampler = EpochBatchSampler(len(train_data), params.batch_size, seed, context, sample_weights)
+    workers = dict(num_workers=params.num_workers, pin_memory=runtime.pin_memory,
+                   persistent_workers=params.num_workers > 0)
+    train_loader = DataLoader(train_data, batch_sampler=sampler, **workers)
+    val_shard = Subset(val_data, shard_indices(len(val_data), context))
+    val_loader = DataLoader(val_shard, batch_size=max(1, 2 * params.batch_size // context.world_size), **workers)
+    return train_loader, sampler, val_loader
+
+
+def wrap_for_training(model: Classifier, params: FinetuneParams, context: DistContext, runtime: Runtime) -> nn.Module:
+    """The module the training step calls: DDP across ranks (rebuilt whenever groups unfreeze), compiled if asked."""
+    engine: nn.Module = model
+    if context.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        engine = DistributedDataParallel(model, device_ids=device_ids)
+    if params.compile:
+        engine = torch.compile(engine)
+    return engine
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_one_epoch(engine: nn.Module, model: Classifier, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    schedule: WarmupCosine, loss_fn: Callable, mixer: BatchMixer | None, runtime: Runtime,
+                    params: FinetuneParams, context: DistContext, desc: str) -> dict[str, float]:
+    """One pass of training; returns the mean loss, accuracy and per-group gradient norms over all ranks."""
+    engine.train()
+    loss_sum, correct, seen, steps = 0.0, 0, 0, 0
+    grad_sums: dict[str, float] = {}
+    for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not context.is_main):
+        images, labels = runtime.prepare(images), labels.to(runtime.device, non_blocking=runtime.pin_memory)
+        targets = labels
+        if mixer is not None:
+            images, targets = mixer(images, labels)  # soft targets; accuracy still uses the hard labels
+        with runtime.autocast():
+            logits = engine(images)
+        loss = loss_fn(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # After backward (and DDP's all-reduce): every rank sees the same averaged gradients.
+        for group, norm in group_grad_norms(model).items():
+            grad_sums[group] = grad_sums.get(group, 0.0) + norm
+        if params.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(_trainable(model), params.grad_clip_norm)
+        optimizer.step()
+        schedule.step()
+        loss_sum += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+        steps += 1
+    loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], context, runtime.device)
+    row = {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
+    row.update({f"grad_norm/{group}": total / max(steps, 1) for group, total in grad_sums.items()})
+    return row
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, context: DistContext) -> tuple[float, float]:
+    """Plain cross-entropy (no smoothing, no weights: comparable across recipes) and accuracy, over all ranks."""
+    model.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for images, labels in tqdm(loader, desc="validate", unit="batch", leave=False, disable=not context.is_main):
+        images, labels = runtime.prepare(images), labels.to(runtime.device)
+        with runtime.autocast():
+            logits = model(images).float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+    loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], context, runtime.device)
+    return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best value of the monitored metric and the epochs since it last improved."""
+
+    monitor: str
+    patience: int  # 0 = never stop early
+    best_value: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record an epoch's value; True when it is a new best."""
+        better = self.best_value is None or (value > self.best_value if self.monitor == "val_acc"
+                                             else value < self.best_value)
+        if better:
+            self.best_value, self.best_epoch, self.bad_epochs = value, epoch, 0
+        else:
+            self.bad_epochs += 1
+        return better
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(best_value=self.best_value, best_epoch=self.best_epoch, bad_epochs=self.bad_epochs)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_value, self.best_epoch, self.bad_epochs = state["best_value"], state["best_epoch"], state["bad_epochs"]
+
+
+# --- Fine-tuning: the loop -----------------------------------------------------------------------
 
 def fine_tune(model: Classifier, freeze_layers: int, train_data: ImageDataset, val_data: ImageDataset,
               params: FinetuneParams, seed: int, device: torch.device, first_epoch: int = 1,
-              on_epoch: EpochCallback | None = None) -> TrainResult:
-    """Train the unfrozen groups and the head with SGD (Nesterov momentum) and a cosine schedule."""
+              on_epoch: EpochCallback | None = None, checkpointer: Checkpointer | None = None,
+              context: DistContext = SINGLE) -> TrainResult:
+    """Fine-tune the unfrozen groups and the head; returns the model at its best epoch by `params.monitor`.
+
+    With a `checkpointer`, every epoch is saved and a matching last.pt is resumed: the run continues at
+    the next epoch with the same optimiser, schedule, RNG and early-stopping state. `on_epoch` receives
+    each history row (call it on one rank only); under torchrun every rank calls fine_tune.
+    """
     seed_everything(seed)
+    runtime = runtime_for(params, device)
+    num_classes = model.head.out_features
     freeze_first_groups(model, freeze_layers)
     model.to(device)
-    train_loader = DataLoader(train_data, batch_size=params.batch_size, shuffle=True, drop_last=False,
-                              num_workers=params.num_workers, generator=torch.Generator().manual_seed(seed))
-    val_loader = DataLoader(val_data, batch_size=params.batch_size * 2, num_workers=params.num_workers)
-    optimizer = torch.optim.SGD(parameter_groups(model, params), momentum=params.momentum, nesterov=True)
-    total_steps = params.epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step /
-                                                                                                total_steps)))
-    result, best_acc, best_state = TrainResult(model), -1.0, None
-    for offset in range(params.epochs):
-        epoch = first_epoch + offset
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = _run_epoch(model, train_loader, device, optimizer, scheduler,
-                                           desc=f"fine-tune epoch {offset + 1}/{params.epochs}")
-        val_loss, val_acc = _run_epoch(model, val_loader, device, desc="validate")
-        row = dict(epoch=epoch, phase="finetune", lr=lr, train_loss=train_loss, train_acc=train_acc,
-                   val_loss=val_loss, val_acc=val_acc)
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    loss_weights, sample_weights = CLASS_BALANCE[params.class_balance](train_data.labels, num_classes)
+    train_loader, sampler, val_loader = make_loaders(train_data, val_data, params, seed, context, runtime,
+                                                     sample_weights)
+    if len(train_loader) == 0:
+        raise ValueError(f"no training batch: {len(train_data)} training images for finetune.batch_size "
+                         f"{params.batch_size} across {context.world_size} process(es)")
+    optimizer = build_optimizer(model, params)
+    steps_per_epoch = len(train_loader)
+    schedule = WarmupCosine(optimizer, params.epochs * steps_per_epoch, round(params.warmup_epochs * steps_per_epoch),
+                            params.min_lr_ratio)
+    loss_fn, mixer = make_loss(params, loss_weights), batch_mixer(params.mixup_alpha, params.cutmix_alpha, num_classes)
+    stopper = EarlyStopping(params.monitor, params.patience)
+    result = TrainResult(model, initial_state=cpu_state_dict(model))
+    best_state, done = None, 0
+
+    saved = checkpointer.load_last() if checkpointer is not None and params.resume else None
+    if saved is not None:
+        # Rebuild the optimiser's groups as they were (unfrozen groups appended in order), then load states.
+        unfreeze_down_to(model, optimizer, params, frozen_at(freeze_layers, params.unfreeze_every, saved["done"] - 1),
+                         schedule.factor())
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        stopper.load_state_dict(saved["stopper"])
+        restore_rng_state(saved["rng"])
+        done, best_state, result.history = saved["done"], saved["best_state"], list(saved["history"])
+        if context.is_main:
+            print(f"fine-tune: resuming after epoch {done} of {params.epochs} from {checkpointer.directory}")
+
+    engine = wrap_for_training(model, params, context, runtime)
+    for index in range(done, params.epochs):
+        if saved is not None and stopper.should_stop:
+            break  # the checkpointed run had already stopped early
+        target = frozen_at(freeze_layers, params.unfreeze_every, index)
+        if target < model.frozen_groups:
+            unfreeze_down_to(model, optimizer, params, target, schedule.factor())
+            engine = wrap_for_training(model, params, context, runtime)  # DDP must know the new parameters
+        sampler.set_epoch(index)
+        epoch = first_epoch + index
+        row = dict(epoch=epoch, phase="finetune", lr=params.lr * schedule.factor(),
+                   lr_head=params.lr * params.head_lr_mult * schedule.factor(), frozen_groups=model.frozen_groups)
+        row.update(train_one_epoch(engine, model, train_loader, optimizer, schedule, loss_fn, mixer, runtime, params,
+                                   context, desc=f"fine-tune epoch {index + 1}/{params.epochs}"))
+        row["val_loss"], row["val_acc"] = evaluate(model, val_loader, runtime, context)
         result.history.append(row)
+        if stopper.update(row[params.monitor], epoch):
+            best_state = cpu_state_dict(model)
         if on_epoch:
-            on_epoch(row)
-        if val_acc > best_acc:
-            best_acc, result.best_epoch = val_acc, epoch
-            best_state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+            on_epoch(row)  # logged before the checkpoint: a kill in between repeats the epoch, never loses it
+        if checkpointer is not None:
+            checkpointer.save_last(dict(done=index + 1, model=cpu_state_dict(model), optimizer=optimizer.state_dict(),
+                                        schedule=schedule.state_dict(), stopper=stopper.state_dict(), rng=rng_state(),
+                                        best_state=best_state, history=result.history))
+        if stopper.should_stop:
+            result.stopped_early = True
+            if context.is_main:
+                print(f"fine-tune: early stop after epoch {epoch}: {params.monitor} has not improved for "
+                      f"{params.patience} epoch(s)")
+            break
     model.load_state_dict(best_state)
+    result.best_epoch = stopper.best_epoch
     return result
