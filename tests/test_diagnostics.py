@@ -417,3 +417,10 @@ def test_image_batch(image_files) -> None:
     batch = diag.image_batch([str(p) for p in image_files], lambda p: Image.open(p), transform, size=5)
     assert batch.shape == (5, 3, 32, 32) and batch.dtype == torch.float32
     assert 0.0 <= float(batch.min()) and float(batch.max()) <= 1.0 and float(batch.std()) > 0
+
+
+def test_single_threaded_restores_thread_count() -> None:
+    before = torch.get_num_threads()
+    with diag.single_threaded():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
