@@ -1,6 +1,6 @@
 """Stage evaluate: test accuracy, macro-F1, per-class accuracy, the confusion matrix and the diagnostics.
 
-Writes DVC metrics (reports/metrics.json, with the fit verdict, top-k accuracy and layer movement), the
+Writes DVC metrics (reports/metrics.json, with the fit verdict and top-k accuracy), the
 confusion plot data (reports/confusion.csv) and the run's diagnostics folder (reports/diagnostics: PNGs,
 per-class CSV, self-contained report.html), and logs them into the MLflow run of the model it evaluates
 (the id in data/model/run.json).
@@ -14,7 +14,7 @@ import torch
 from transfer import tracking
 from transfer.backbones import Classifier, load_backbone
 from transfer.data import load_split_dataset
-from transfer.diagnostics import image_batch, relative_weight_change, write_run_diagnostics
+from transfer.diagnostics import image_batch, write_run_diagnostics
 from transfer.evaluation import classification_metrics, confusion_pairs, predict_logits
 from transfer.features import load_feature_cache
 from transfer.files import read_json, write_csv, write_json
@@ -33,23 +33,11 @@ def load_model(path: Path) -> tuple[Classifier, dict]:
     return model.eval(), {**checkpoint, "data_config": loaded.data_config}
 
 
-def layer_movement(model: Classifier, checkpoint: dict, weights: str) -> dict[str, float] | None:
-    """Relative weight change of each layer group since theta0.
-
-    The train stage records it against its own theta0, head included (reports/layer_movement.json;
-    null where undefined). Without that file: a probe run never trains the backbone, so every group is 0;
-    a fine-tuned one is compared with the pretrained weights reloaded; with random initial weights
-    (weights: none) theta0 is gone: None.
-    """
-    recorded = REPORTS_DIR / "layer_movement.json"
-    if recorded.is_file():
-        return {group: value for group, value in read_json(recorded).items() if value is not None}
-    if checkpoint["freeze_layers"] == "all":
-        return dict.fromkeys(model.backbone.groups, 0.0)
-    if weights == "none":
-        return None
-    pretrained = load_backbone(checkpoint["backbone"], weights, checkpoint["image_size"]).backbone
-    return relative_weight_change({f"backbone.{k}": v for k, v in pretrained.state_dict().items()}, model)
+def layer_movement() -> dict[str, float]:
+    """Relative weight change per layer group, as the train stage measured it against its own theta0
+    (reports/layer_movement.json; its nulls, groups where it is undefined, are left out)."""
+    return {group: value for group, value in read_json(REPORTS_DIR / "layer_movement.json").items()
+            if value is not None}
 
 
 def diagnose(model: Classifier, checkpoint: dict, params, test, logits: torch.Tensor,
@@ -66,7 +54,7 @@ def diagnose(model: Classifier, checkpoint: dict, params, test, logits: torch.Te
         DIAGNOSTICS_DIR, class_names=checkpoint["classes"], y_true=test.labels.numpy(),
         probs=torch.softmax(logits.float(), dim=1).numpy(), history=pd.read_csv(REPORTS_DIR / "history.csv"),
         image_paths=test.paths, load_image=load_image, features=test.features, model=model, batch=batch,
-        weight_change=layer_movement(model, checkpoint, params.backbone.weights),
+        weight_change=layer_movement(),
         thresholds=params.diagnostics.thresholds(), best_epoch=read_json(REPORTS_DIR / "train.json")["best_epoch"],
         summary={"accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"]},
         title=f"Run report: {checkpoint['backbone']}, freeze_layers={checkpoint['freeze_layers']}",
@@ -89,7 +77,8 @@ def main() -> None:
 
     metrics = classification_metrics(y_true, y_pred, classes)
     diagnostics, diagnostic_files = diagnose(model, checkpoint, params, test, logits, metrics)
-    write_json(REPORTS_DIR / "metrics.json", {**metrics, **diagnostics})
+    # weight_change is already the train stage's metric (reports/layer_movement.json): not repeated here
+    write_json(REPORTS_DIR / "metrics.json", {**metrics, "fit": diagnostics["fit"], "topk": diagnostics["topk"]})
     write_csv(REPORTS_DIR / "confusion.csv", confusion_pairs(test.paths, y_true, y_pred, classes))
     print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
           f"{diagnostics['fit']['verdict']}; report -> {DIAGNOSTICS_DIR / 'report.html'}")

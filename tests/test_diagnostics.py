@@ -396,7 +396,7 @@ def test_feature_extraction_run_has_no_layer_movement(tmp_path, image_files, pre
 def test_probe_run_reports_frozen_backbone(tmp_path, image_files, predictions) -> None:
     y_true, probs = predictions
     y_true, probs = y_true[: len(image_files)], probs[: len(image_files)]
-    zeros = {"stem": 0.0, "stage1": 0.0, "stage2": 0.0}
+    zeros = {"head": 0.7, "stage1": 0.0, "stage2": 0.0, "stem": 0.0}  # sorted, as in JSON; head trained
     metrics, files = diag.write_run_diagnostics(
         tmp_path, class_names=CLASSES, y_true=y_true, probs=probs, history=history_frame(fine_tune=False),
         image_paths=[str(p) for p in image_files], load_image=lambda p: Image.open(p).convert("RGB"),
@@ -405,7 +405,9 @@ def test_probe_run_reports_frozen_backbone(tmp_path, image_files, predictions) -
     )
     # the metric columns exist for every run, so dvc exp show lines probe and fine-tune runs up
     assert metrics["weight_change"] == zeros
-    assert pd.read_csv(tmp_path / diag.LAYER_MOVEMENT_CSV)["relative_weight_change"].tolist() == [0, 0, 0]
+    movement = pd.read_csv(tmp_path / diag.LAYER_MOVEMENT_CSV)
+    assert movement["group"].tolist() == ["stem", "stage1", "stage2", "head"]
+    assert movement["relative_weight_change"].tolist() == [0, 0, 0, 0.7]
     assert diag.FROZEN_NOTE in (tmp_path / diag.REPORT_HTML).read_text()
     decode_png(tmp_path / diag.LAYER_MOVEMENT_PNG)
 
@@ -424,3 +426,9 @@ def test_single_threaded_restores_thread_count() -> None:
     with diag.single_threaded():
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_in_group_order() -> None:
+    sorted_keys = {"head": 0.4, "stage1": 0.1, "stage2": 0.2, "stem": 0.0, "extra": 1.0}
+    ordered = diag.in_group_order(sorted_keys, TinyModel())
+    assert list(ordered) == ["stem", "stage1", "stage2", "head", "extra"] and ordered["head"] == 0.4

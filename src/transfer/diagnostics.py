@@ -171,6 +171,16 @@ def _group_of(parameter_name: str, group_names: Iterable[str]) -> str | None:
     return None
 
 
+def in_group_order(values: Mapping[str, float], model: torch.nn.Module) -> dict[str, float]:
+    """``values`` re-keyed in the model's layer-group order (input to head), others after.
+
+    JSON files written with sorted keys lose that order, and a layer-movement
+    chart reads from the input to the head.
+    """
+    order = {group: index for index, group in enumerate(_group_names(model))}
+    return dict(sorted(values.items(), key=lambda item: order.get(item[0], len(order))))
+
+
 def _group_names(model: torch.nn.Module) -> list[str]:
     """Ordered layer-group names: the backbone groups, then ``head`` if any."""
     names = list(model.backbone.groups.keys())
@@ -716,7 +726,10 @@ def write_run_diagnostics(
     files = [out / name for name in (LEARNING_CURVES_PNG, CONFUSION_PNG, PER_CLASS_CSV, MISTAKES_PNG,
                                      FEATURES_PNG, ACTIVATIONS_PNG)]
     grads = grad_norm_frame(history).dropna(how="all")
-    trained = bool(weight_change) and any(value > 0 for value in weight_change.values())
+    if weight_change is not None:
+        weight_change = in_group_order(weight_change, model)
+    # the head always moves; the backbone only when fine-tuned
+    trained = any(value > 0 for group, value in (weight_change or {}).items() if group != "head")
     # a probe run's backbone never moves: say so rather than show an empty chart alone
     movement_items: list = [] if trained or not grads.empty else [FROZEN_NOTE]
     if weight_change or not grads.empty:
