@@ -248,6 +248,11 @@ def test_layer_movement_png(tmp_path) -> None:
     decode_png(path)
     bars = figure.axes[0].patches
     assert [b.get_height() for b in bars] == pytest.approx([0.001, 0.01, 0.5])
+    legend = [text.get_text() for text in figure.axes[1].get_legend().get_texts()]
+    assert legend == ["stem", "stage1", "head"]
+    # a group frozen throughout has no line
+    frozen = diag.plot_layer_movement({"stem": 0.0}, grads.assign(stage2=0.0), tmp_path / "frozen.png")
+    assert "stage2" not in [t.get_text() for t in frozen.axes[1].get_legend().get_texts()]
     # feature-extraction runs have no movement to show, the picture says so
     empty = tmp_path / "empty_movement.png"
     diag.plot_layer_movement(None, None, empty)

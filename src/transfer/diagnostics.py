@@ -25,7 +25,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogLocator, NullLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
 from PIL import Image
 from sklearn.decomposition import PCA
 from sklearn.metrics import (
@@ -269,7 +269,9 @@ def _log_y(ax) -> None:
     grid of small log plots (measured: 1.0 s of 1.4 s for the activations).
     """
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(numticks=5))
+    # 1-2-5 steps keep labelled ticks on a range narrower than a decade
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0), numticks=6))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
     ax.yaxis.set_minor_locator(NullLocator())
 
 
@@ -345,6 +347,8 @@ def plot_learning_curves(history: pd.DataFrame, path: str | os.PathLike) -> Figu
     show_lr = "lr" in history and history["lr"].notna().any()
     figure = _new_figure(4.2 * (len(panels) + show_lr), 3.6)
     axes = figure.subplots(1, len(panels) + show_lr, squeeze=False)[0]
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax, (label, train_col, val_col) in zip(axes, panels):
         for column, style in ((train_col, "o-"), (val_col, "s--")):
             if column in history:
@@ -385,14 +389,17 @@ def plot_layer_movement(
 
     ``grad_norms`` has one row per epoch and one column per group (the
     ``grad_norm/`` prefix of history columns is accepted and dropped).
-    Zero norms (frozen groups) are left off the log-scale line plot.
+    Zero norms (frozen groups, epochs before a group was unfrozen) are left
+    off the log-scale line plot.
     """
     figure = _new_figure(11, 4)
     bars, lines = figure.subplots(1, 2)
     if weight_change:
         names = list(weight_change)
         values = np.array([weight_change[g] for g in names], dtype=float)
-        bars.bar(range(len(names)), np.nan_to_num(values), color="tab:blue")
+        drawn = bars.bar(range(len(names)), np.nan_to_num(values), color="tab:blue")
+        # the head often moves 10-100x more than the backbone: the numbers keep small bars readable
+        bars.bar_label(drawn, fmt="%.2g", fontsize=7)
         bars.set_xticks(range(len(names)), labels=names, rotation=45, ha="right", fontsize=8)
     else:
         bars.text(0.5, 0.5, "no weight change recorded", ha="center", va="center")
@@ -400,15 +407,18 @@ def plot_layer_movement(
     bars.set_title("Relative weight change per group")
     bars.grid(axis="y", alpha=0.3)
 
-    if grad_norms is not None and not grad_norms.empty:
-        frame = grad_norms.rename(columns=lambda c: str(c).removeprefix(GRAD_NORM_PREFIX))
+    frame = pd.DataFrame() if grad_norms is None else grad_norms.rename(
+        columns=lambda c: str(c).removeprefix(GRAD_NORM_PREFIX))
+    # frozen groups never get a gradient: leave them out of the lines and the legend
+    frame = frame.loc[:, (frame.fillna(0) > 0).any()]
+    if not frame.empty:
         colours = _class_colours(frame.shape[1])
         for colour, group in zip(colours, frame.columns):
             values = frame[group].to_numpy(dtype=float)
             values = np.where(values > 0, values, np.nan)
             lines.plot(frame.index, values, "o-", markersize=3, label=group, color=colour)
-        if (frame.to_numpy(float) > 0).any():
-            _log_y(lines)
+        _log_y(lines)
+        lines.xaxis.set_major_locator(MaxNLocator(integer=True))
         lines.legend(fontsize=7, ncol=2)
     else:
         lines.text(0.5, 0.5, "no gradient norms recorded", ha="center", va="center")
