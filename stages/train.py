@@ -82,7 +82,8 @@ def train(params: Params, context: DistContext) -> None:
             tracking.log_artifacts([RAW_DIR / "data_report.json"], artifact_path="data")
         if saved is not None:
             history, best_epoch = saved["extra"]["probe_history"], saved["extra"]["probe_best_epoch"]
-            initial_state = checkpointer.load_initial()
+            # Without initial.pt (deleted by hand), movement is measured from the pretrained backbone.
+            initial_state = checkpointer.load_initial() or cpu_state_dict(model)
         elif not fine_tuning or params.finetune.head_init == "probe":
             history, best_epoch, probe_initial = probe_head(model, params, classes, log)
             # What moved: from the pretrained backbone (and the head before it was fitted, for a probe).
@@ -100,7 +101,8 @@ def train(params: Params, context: DistContext) -> None:
                 loaded.data_config, finetune.augment, finetune.crop_min_scale, finetune.hflip))
             result = fine_tune(model, params.freeze_layers, train_data, val_data, finetune, params.seed,
                                device_for(context, resolve_device(params.device)), first_epoch=len(history) + 1,
-                               on_epoch=log, checkpointer=checkpointer, context=context)
+                               on_epoch=log, checkpointer=checkpointer, context=context,
+                               pretrained=params.backbone.weights != "none")
             history, best_epoch = history + result.history, result.best_epoch
             print(f"train: fine-tuned with {params.freeze_layers} frozen group(s), best val accuracy "
                   f"{max(r['val_acc'] for r in result.history):.4f} at epoch {best_epoch}")

@@ -177,3 +177,15 @@ def test_gradient_clipping_and_adamw_run():
     result = fine_tune(tiny_classifier(), 1, tiny_dataset(), tiny_dataset(seed=1),
                        params(epochs=1, optimizer="adamw", lr=1e-3, grad_clip_norm=0.5, label_smoothing=0.2), 0, CPU)
     assert result.history[0]["train_loss"] > 0
+
+
+@pytest.mark.parametrize("mode, pretrained, stats_move", [("auto", True, False), ("auto", False, True),
+                                                          ("frozen", False, False), ("train", True, True)])
+def test_batchnorm_statistics_follow_the_batchnorm_param(mode, pretrained, stats_move):
+    model = tiny_classifier()
+    bn = model.backbone.groups["block2"][1]
+    before, scale_before = bn.running_mean.clone(), bn.weight.detach().clone()
+    fine_tune(model, 0, tiny_dataset(), tiny_dataset(seed=1), params(epochs=1, batchnorm=mode, lr=0.01), 0, CPU,
+              pretrained=pretrained)
+    assert (not torch.equal(bn.running_mean, before)) == stats_move
+    assert not torch.equal(bn.weight, scale_before)  # the affine scale trains either way

@@ -120,28 +120,31 @@ class FinetuneParams(Section):
     """Fine-tuning on images with the first `freeze_layers` layer groups frozen (the recipe: README, params)."""
 
     # Schedule and optimiser
-    epochs: int = Field(6, ge=1, le=10_000)
+    epochs: int = Field(5, ge=1, le=10_000)
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum, Nesterov) or adamw")
-    lr: float = Field(0.01, gt=0, le=10, description="base learning rate of the unfrozen backbone groups")
+    lr: float = Field(0.002, gt=0, le=10, description="base learning rate of the unfrozen backbone groups")
     head_lr_mult: float = Field(10.0, gt=0, description="the head learns at head_lr_mult x lr")
     layer_decay: float = Field(1.0, gt=0, le=1, description="each layer group toward the input learns at "
                                                                "layer_decay x the next one; 1 = same LR for all")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum; AdamW beta1")
     nesterov: bool = Field(True, description="SGD: Nesterov momentum")
     weight_decay: float = Field(1e-4, ge=0, description="not applied to BatchNorm weights and biases")
-    warmup_epochs: float = Field(0.5, ge=0, description="linear LR warmup (may be fractional), then cosine decay")
+    warmup_epochs: float = Field(0.3, ge=0, description="linear LR warmup (may be fractional), then cosine decay")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the cosine ends at min_lr_ratio x each group's LR")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     grad_clip_norm: float | None = Field(None, gt=0, description="clip the global gradient L2 norm; null = off")
     # Augmentation (evaluation always resizes and centre-crops)
     augment: Literal["none", "trivialaugment", "randaugment", "autoaugment"] = Field(
         "none", description="stronger policy after RandomResizedCrop + flip")
-    crop_min_scale: float = Field(0.35, gt=0, le=1, description="RandomResizedCrop's smallest area fraction")
+    crop_min_scale: float = Field(0.8, gt=0, le=1, description="RandomResizedCrop's smallest area fraction")
     hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
     mixup_alpha: float = Field(0.0, ge=0, description="mixup Beta(alpha, alpha); 0 = off")
     cutmix_alpha: float = Field(0.0, ge=0, description="cutmix Beta(alpha, alpha); 0 = off")
     # Unfreezing, head, selection
     unfreeze_every: int = Field(0, ge=0, description="gradual unfreezing: one more group every N epochs; 0 = off")
+    batchnorm: Literal["auto", "train", "frozen"] = Field(
+        "auto", description="BatchNorm statistics of unfrozen groups: frozen keeps the pretrained running "
+                            "stats (small data); train updates them; auto = frozen for pretrained weights")
     head_init: Literal["probe", "xavier", "imagenet"] = Field(
         "probe", description="probe: the linear probe's weights; xavier: random; imagenet: rows of matching "
                              "ImageNet classes from the pretrained classifier, Xavier elsewhere")

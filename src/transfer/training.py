@@ -191,15 +191,32 @@ def wrap_for_training(model: Classifier, params: FinetuneParams, context: DistCo
     return engine
 
 
+def freeze_batchnorm_stats(model: nn.Module) -> None:
+    """BatchNorm in eval mode (pretrained running stats) while its scale and shift still train.
+
+    On small data the batch statistics of a new domain differ from the pretrained running statistics, so
+    in train mode the features the probe head was fitted on shift at once and take epochs to recover.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def batchnorm_frozen(params: FinetuneParams, pretrained: bool) -> bool:
+    return params.batchnorm == "frozen" or (params.batchnorm == "auto" and pretrained)
+
+
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def train_one_epoch(engine: nn.Module, model: Classifier, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     schedule: WarmupCosine, loss_fn: Callable, mixer: BatchMixer | None, runtime: Runtime,
-                    params: FinetuneParams, context: DistContext, desc: str) -> dict[str, float]:
+                    params: FinetuneParams, context: DistContext, desc: str, bn_frozen: bool = False) -> dict[str, float]:
     """One pass of training; returns the mean loss, accuracy and per-group gradient norms over all ranks."""
     engine.train()
+    if bn_frozen:
+        freeze_batchnorm_stats(model)
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
     grad_sums: dict[str, float] = {}
     for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not context.is_main):
@@ -281,12 +298,13 @@ class EarlyStopping:
 def fine_tune(model: Classifier, freeze_layers: int, train_data: ImageDataset, val_data: ImageDataset,
               params: FinetuneParams, seed: int, device: torch.device, first_epoch: int = 1,
               on_epoch: EpochCallback | None = None, checkpointer: Checkpointer | None = None,
-              context: DistContext = SINGLE) -> TrainResult:
+              context: DistContext = SINGLE, pretrained: bool = True) -> TrainResult:
     """Fine-tune the unfrozen groups and the head; returns the model at its best epoch by `params.monitor`.
 
     With a `checkpointer`, every epoch is saved and a matching last.pt is resumed: the run continues at
     the next epoch with the same optimiser, schedule, RNG and early-stopping state. `on_epoch` receives
-    each history row (call it on one rank only); under torchrun every rank calls fine_tune.
+    each history row (call it on one rank only); under torchrun every rank calls fine_tune. `pretrained`
+    (the backbone has pretrained weights) decides `params.batchnorm: auto`.
     """
     seed_everything(seed)
     runtime = runtime_for(params, device)
@@ -337,7 +355,8 @@ def fine_tune(model: Classifier, freeze_layers: int, train_data: ImageDataset, v
         row = dict(epoch=epoch, phase="finetune", lr=params.lr * schedule.factor(),
                    lr_head=params.lr * params.head_lr_mult * schedule.factor(), frozen_groups=model.frozen_groups)
         row.update(train_one_epoch(engine, model, train_loader, optimizer, schedule, loss_fn, mixer, runtime, params,
-                                   context, desc=f"fine-tune epoch {index + 1}/{params.epochs}"))
+                                   context, desc=f"fine-tune epoch {index + 1}/{params.epochs}",
+                                   bn_frozen=batchnorm_frozen(params, pretrained)))
         row["val_loss"], row["val_acc"] = evaluate(model, val_loader, runtime, context)
         result.history.append(row)
         if stopper.update(row[params.monitor], epoch):
@@ -349,11 +368,11 @@ def fine_tune(model: Classifier, freeze_layers: int, train_data: ImageDataset, v
                                         schedule=schedule.state_dict(), stopper=stopper.state_dict(), rng=rng_state(),
                                         best_state=best_state, history=result.history))
         if stopper.should_stop:
-            result.stopped_early = True
             if context.is_main:
                 print(f"fine-tune: early stop after epoch {epoch}: {params.monitor} has not improved for "
                       f"{params.patience} epoch(s)")
             break
     model.load_state_dict(best_state)
     result.best_epoch = stopper.best_epoch
+    result.stopped_early = stopper.should_stop and len(result.history) < params.epochs
     return result
