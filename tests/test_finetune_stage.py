@@ -20,6 +20,7 @@ import yaml
 from conftest import write_image_folder
 from transfer import tracking
 
+pytestmark = pytest.mark.slow  # real DVC + MLflow + torchrun subprocesses: about a minute on 2 idle cores
 REPO = Path(__file__).resolve().parents[1]
 
 
