@@ -9,10 +9,9 @@ every file is written atomically. Nothing here imports DVC or MLflow.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -34,10 +33,10 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     top_k_accuracy_score,
 )
-from threadpoolctl import threadpool_limits
 
 from .files import atomic_path, write_csv
 from .report import write_html_report
+from .runtime import single_threaded
 
 DPI = 100
 CONFUSION_CMAP = "Blues"
@@ -481,24 +480,6 @@ def plot_feature_projection(
               ncol=1 + len(class_names) // 20)
     save_figure(figure, path)
     return figure
-
-
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run torch and the BLAS/OpenMP pools on one thread, then restore them.
-
-    The diagnostics' workloads are tiny (one batch, a PCA of a few hundred
-    rows), and on a busy 2-core machine threads spin-wait for each other:
-    one forward pass of 8 images through EfficientNet-Lite0 took 1.75 s on
-    two threads and 0.05 s on one (measured while other jobs ran).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1):
-            yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _first_tensor(output) -> torch.Tensor | None:

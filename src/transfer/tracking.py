@@ -23,6 +23,8 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
+from .runtime import single_threaded
+
 # Seconds a writer waits for SQLite's lock before giving up; queue workers only hold it for milliseconds.
 SQLITE_BUSY_TIMEOUT = 120
 
@@ -156,10 +158,12 @@ def log_model(model, input_example: np.ndarray) -> None:
     requirements = [f"torch=={torch.__version__.split('+')[0]}",
                     f"torchvision=={torchvision.__version__.split('+')[0]}", f"timm=={timm.__version__}"]
     # Pickle, with this package shipped as code, rather than torch.export's pt2: exporting takes seconds
-    # on every run and pins the batch size to that of the example.
-    mlflow.pytorch.log_model(model.cpu().eval(), name="model", input_example=input_example,
-                             pip_requirements=requirements, code_paths=[str(package_dir)],
-                             serialization_format="pickle")
+    # on every run and pins the batch size to that of the example. MLflow runs the model once on the
+    # example to check that it serves: one image, not worth threads.
+    with single_threaded():
+        mlflow.pytorch.log_model(model.cpu().eval(), name="model", input_example=input_example,
+                                 pip_requirements=requirements, code_paths=[str(package_dir)],
+                                 serialization_format="pickle")
 
 
 def find_runs(experiment: str, root: Path | None = None):

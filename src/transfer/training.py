@@ -32,6 +32,7 @@ from .distributed import SINGLE, DistContext, EpochBatchSampler, all_reduce_sum,
 from .features import FeatureCache
 from .optim import WarmupCosine, add_layer_group, build_optimizer
 from .params import FinetuneParams, HeadParams
+from .runtime import single_threaded
 from .transforms import BatchMixer, batch_mixer
 
 EpochCallback = Callable[[dict], None]
@@ -66,6 +67,7 @@ def _loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[floa
 
 # --- Linear probe --------------------------------------------------------------------------------
 
+@single_threaded()  # [batch, ~1000] x [~1000, classes] matmuls: threads cost more than they give
 def train_linear_probe(train: FeatureCache, val: FeatureCache, num_classes: int, params: HeadParams, seed: int,
                        on_epoch: EpochCallback | None = None) -> TrainResult:
     """Fit a linear classifier on cached features with AdamW; keep the epoch with the best val accuracy."""
