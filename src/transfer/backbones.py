@@ -113,27 +113,33 @@ def _timm_data_config(model: nn.Module) -> DataConfig:
 
 # --- torchvision ResNets ---------------------------------------------------------------------------
 
-def _resnet(name: str) -> tuple[Callable[[], nn.Module], Callable[[nn.Module], None], Callable]:
+def _torchvision_weights(name: str):
+    # Imported on use: torchvision.models pulls in torch._dynamo, a second of start-up every stage would pay.
     import torchvision
 
-    weights_enum = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    return torchvision.models.get_model_weights(name).IMAGENET1K_V1
 
+
+def _resnet(name: str) -> tuple[Callable[[], nn.Module], Callable[[nn.Module], None], Callable]:
     def build() -> nn.Module:
+        import torchvision
+
         return torchvision.models.get_model(name, weights=None)
 
     def load_imagenet(model: nn.Module) -> None:
+        weights = _torchvision_weights(name)
         try:
-            state = weights_enum.get_state_dict(progress=False, check_hash=True)
+            state = weights.get_state_dict(progress=False, check_hash=True)
         except Exception as exc:  # URLError, HTTPError, hash mismatch: all mean "no usable download"
             raise BackboneError(
-                f"could not download the ImageNet weights of {name} ({weights_enum.url}): {exc}. "
+                f"could not download the ImageNet weights of {name} ({weights.url}): {exc}. "
                 f"Offline, download that file on a connected machine and set backbone.weights in params.yaml "
-                f"to its local path (e.g. weights: models/{Path(weights_enum.url).name}), "
+                f"to its local path (e.g. weights: models/{Path(weights.url).name}), "
                 f"or put it in torch's hub cache ({torch.hub.get_dir()}/checkpoints/)") from exc
         model.load_state_dict(state, strict=True)
 
     def data_config(model: nn.Module) -> DataConfig:
-        preset = weights_enum.transforms()  # metadata only: building it downloads nothing
+        preset = _torchvision_weights(name).transforms()  # metadata only: building it downloads nothing
         return DataConfig(preset.crop_size[0], preset.resize_size[0], tuple(preset.mean), tuple(preset.std),
                           preset.interpolation.value)
 
