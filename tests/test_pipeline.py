@@ -74,6 +74,7 @@ def test_pipeline_experiments_and_queue_end_to_end(project):
     assert metrics["accuracy"] > 0.6 and 0 < metrics["macro_f1"] <= 1
     assert len(metrics["per_class_accuracy"]) == 10
     assert (repo / "reports/confusion.csv").read_text().startswith("path,actual,predicted")
+    assert "<img" in (repo / "reports/diagnostics/report.html").read_text()
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "baseline results"], repo, env)
     shown = run(dvc + ["metrics", "show", "--json"], repo, env)
@@ -125,7 +126,9 @@ def test_pipeline_experiments_and_queue_end_to_end(project):
 
     run_id = fine_tuned["run_id"]
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
-    assert {"params.yaml", "dvc.lock", "metrics.json"} <= names
+    assert {"params.yaml", "dvc.lock", "metrics.json", "diagnostics", "data"} <= names
+    diagnostics = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, "diagnostics")}
+    assert "report.html" in diagnostics and "confusion_matrix.png" in diagnostics
     model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     assert model(torch.rand(2, 3, 112, 112)).shape == (2, 10)
 
