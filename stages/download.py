@@ -7,23 +7,18 @@ a torchvision dataset, IDX files) ends as image files under data/raw/ plus data/
 a params example per source.
 """
 
-import sys
 from pathlib import Path
 
-from transfer.data_report import DataError
+from transfer.errors import run_stage
 from transfer.layout import RAW_DIR
 from transfer.params import load_params
-from transfer.sources import SourceError, materialise
+from transfer.sources import materialise
 
 
 def main() -> None:
     params = load_params()
-    try:
-        materialise(params.data, RAW_DIR, Path.cwd())
-    except (SourceError, DataError) as exc:
-        # A data problem is the user's to fix: show the message, not a traceback.
-        sys.exit(f"download: {exc}")
+    materialise(params.data, RAW_DIR, Path.cwd())
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("download", main)

@@ -15,6 +15,7 @@ from transfer import tracking
 from transfer.backbones import Classifier, load_backbone
 from transfer.data import load_split_dataset
 from transfer.diagnostics import image_batch, write_run_diagnostics
+from transfer.errors import run_stage
 from transfer.evaluation import classification_metrics, confusion_pairs, predict_logits
 from transfer.features import load_feature_cache
 from transfer.files import read_json, write_csv, write_json
@@ -94,4 +95,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("evaluate", main)

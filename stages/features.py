@@ -10,6 +10,7 @@ import torch
 
 from transfer.backbones import load_backbone
 from transfer.data import SPLITS, load_split_dataset
+from transfer.errors import run_stage
 from transfer.features import FeatureCache, extract_features, save_feature_cache
 from transfer.layout import FEATURES_DIR, SPLIT_DIR
 from transfer.params import load_params
@@ -31,4 +32,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("features", main)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from transfer.data import data_fingerprint, read_index, stratified_split, write_split
+from transfer.errors import run_stage
 from transfer.layout import INDEX_FILE, SPLIT_DIR
 from transfer.params import load_params
 
@@ -21,4 +22,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("split", main)

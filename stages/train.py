@@ -23,6 +23,7 @@ from transfer.checkpoint import Checkpointer, cpu_state_dict, training_fingerpri
 from transfer.data import load_split_dataset, read_classes
 from transfer.diagnostics import relative_weight_change
 from transfer.distributed import DistContext, device_for, init_from_env, relaunch_with_torchrun, shutdown, under_torchrun
+from transfer.errors import run_stage
 from transfer.features import load_feature_cache
 from transfer.files import read_json, save_torch, write_csv, write_json
 from transfer.heads import imagenet_overlap_head, xavier_head
@@ -140,4 +141,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("train", main)

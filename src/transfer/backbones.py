@@ -19,8 +19,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .errors import UserError
 
-class BackboneError(RuntimeError):
+
+class BackboneError(UserError, RuntimeError):
     """A backbone could not be built or its weights could not be loaded."""
 
 

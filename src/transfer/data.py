@@ -21,6 +21,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from .errors import UserError
 from .files import read_json, write_csv, write_json
 from .images import load_rgb
 
@@ -28,7 +29,7 @@ SPLITS = ("train", "val", "test")
 INDEX_COLUMNS = ["path", "label", "subset"]
 
 
-class SplitError(ValueError):
+class SplitError(UserError, ValueError):
     """The data cannot be split as params.yaml asks."""
 
 

@@ -34,6 +34,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping
 
+from .errors import UserError
+
 Action = Literal["skip", "fail"]
 
 POLICY_OF_KIND: dict[str, str | None] = {
@@ -95,7 +97,7 @@ class Issue:
     label: str | None = None
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The source has problems the policy says to fail on."""
 
 

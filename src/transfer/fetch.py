@@ -36,6 +36,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from .errors import UserError
+
 CHUNK_SIZE = 1 << 20
 # Attempts per fetch; each attempt after the first resumes the .part file.
 DEFAULT_RETRIES = 3
@@ -43,7 +45,7 @@ DEFAULT_TIMEOUT_S = 60.0
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-class FetchError(RuntimeError):
+class FetchError(UserError, RuntimeError):
     """Base class of fetch failures."""
 
 

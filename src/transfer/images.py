@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import UserError
+
 # File extensions treated as images when scanning folders. Anything else is
 # ignored (and counted as "non_image" in the data report). Lower-case, with dot.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -49,7 +51,7 @@ DEFAULT_MAX_SIDE = 30_000
 DEFAULT_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image file that cannot be used; ``reason`` is a short report code."""
 
     reason = "corrupt"

@@ -14,6 +14,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import UserError
+
 
 class Section(BaseModel):
     # extra="forbid" turns a misspelt key into an error instead of a silently ignored setting.
@@ -207,7 +209,7 @@ class Params(Section):
         return self
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """params.yaml is missing, unreadable or does not match the schema."""
 
 

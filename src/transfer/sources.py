@@ -41,6 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .data_report import DataError, DataReport, Policy
+from .errors import UserError
 from .fetch import default_cache_dir, fetch_archive
 from .files import write_csv, write_json
 from .images import ImageError, is_image_file, probe_image
@@ -77,7 +78,7 @@ TORCHVISION_SPLITS: dict[str, tuple[str, Any, Any]] = {
 CANDIDATE_COLUMNS = ["file", "dest", "label", "subset"]
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """The source params point at something that cannot be used as it is."""
 
 
