@@ -141,6 +141,8 @@ def test_repro_twice_gives_identical_metrics(project):
     dvc = [sys.executable, "-m", "dvc"]
     run(["git", "checkout", "-q", "--", "."], repo, env)
     run(dvc + ["checkout", "-q"], repo, env)
-    first = (repo / "reports/metrics.json").read_bytes()
-    run(dvc + ["repro", "-f", "train", "evaluate", "--single-item"], repo, env)
-    assert (repo / "reports/metrics.json").read_bytes() == first
+    tracked = ["reports/metrics.json", "reports/train.json", "reports/history.csv"]
+    first = {name: (repo / name).read_bytes() for name in tracked}
+    output = run(dvc + ["repro", "-f"], repo, env)
+    assert stages_run(output) == STAGES
+    assert {name: (repo / name).read_bytes() for name in tracked} == first
