@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from sklearn.metrics import accuracy_score, confusion_matrix
 
 from transfer import diagnostics as diag
+from transfer import layer_stats
 
 CLASSES = ["cat", "dog", "fox", "owl", "yak", "emu"]
 
@@ -175,7 +176,7 @@ def test_relative_weight_change_and_grad_norms() -> None:
     torch.manual_seed(0)
     model = TinyModel()
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    assert diag.relative_weight_change(initial, model) == {
+    assert layer_stats.relative_weight_change(initial, model) == {
         "stem": 0.0, "stage1": 0.0, "stage2": 0.0, "head": 0.0}
 
     # freeze the stem, take a real optimisation step
@@ -185,18 +186,18 @@ def test_relative_weight_change_and_grad_norms() -> None:
     x = torch.randn(4, 3, 32, 32)
     loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
     loss.backward()
-    norms = diag.group_grad_norms(model)
+    norms = layer_stats.group_grad_norms(model)
     assert list(norms) == ["stem", "stage1", "stage2", "head"]
     assert norms["stem"] == 0.0 and norms["stage1"] > 0 and norms["head"] > 0
     expected = torch.sqrt(sum((p.grad**2).sum() for p in model.head.parameters()))
     assert norms["head"] == pytest.approx(float(expected), rel=1e-5)
     optimiser.step()
 
-    change = diag.relative_weight_change(initial, model)
+    change = layer_stats.relative_weight_change(initial, model)
     assert change["stem"] == 0.0 and change["stage2"] > 0
     # theta0 of the backbone alone (the pretrained weights): the head is left out
     backbone_only = {k: v for k, v in initial.items() if k.startswith("backbone.")}
-    assert list(diag.relative_weight_change(backbone_only, model)) == ["stem", "stage1", "stage2"]
+    assert list(layer_stats.relative_weight_change(backbone_only, model)) == ["stem", "stage1", "stage2"]
     weight, bias = model.head.weight.detach(), model.head.bias.detach()
     w0, b0 = initial["head.weight"], initial["head.bias"]
     manual = torch.sqrt(((weight - w0) ** 2).sum() + ((bias - b0) ** 2).sum()) / torch.sqrt((w0**2).sum() + (b0**2).sum())
@@ -435,5 +436,5 @@ def test_single_threaded_restores_thread_count() -> None:
 
 def test_in_group_order() -> None:
     sorted_keys = {"head": 0.4, "stage1": 0.1, "stage2": 0.2, "stem": 0.0, "extra": 1.0}
-    ordered = diag.in_group_order(sorted_keys, TinyModel())
+    ordered = layer_stats.in_group_order(sorted_keys, TinyModel())
     assert list(ordered) == ["stem", "stage1", "stage2", "head", "extra"] and ordered["head"] == 0.4

@@ -27,9 +27,9 @@ from tqdm import tqdm
 from .backbones import Classifier, freeze_first_groups
 from .checkpoint import Checkpointer, cpu_state_dict, restore_rng_state, rng_state
 from .data import ImageDataset
-from .diagnostics import group_grad_norms
 from .distributed import SINGLE, DistContext, EpochBatchSampler, all_reduce_sum, shard_indices
 from .features import FeatureCache
+from .layer_stats import group_grad_norms
 from .optim import WarmupCosine, add_layer_group, build_optimizer
 from .params import FinetuneParams, HeadParams
 from .runtime import single_threaded
