@@ -12,6 +12,15 @@ under bench/results/ first, so the working tree, its dvc.lock and its MLflow sto
     PYTHONPATH=src python bench/quality.py --freeze-layers 5 -S finetune.epochs=8
     PYTHONPATH=src python bench/quality.py --variants probe finetune
 
+The full Fashion-MNIST (Debian's dataset-fashion-mnist; 54k train / 6k val / 10k test at 64 px) uses the
+same script with the source overridden. `++` sets a key params.yaml may lack (and replaces it once an
+earlier variant has written it):
+
+    PYTHONPATH=src python bench/quality.py --variants probe finetune --freeze-layers 2 \
+        -S data.source=idx -S ++data.path=/usr/share/datasets/fashion-mnist -S backbone.image_size=64 \
+        -S split.val_fraction=0.1 -S finetune.epochs=4 -S finetune.batch_size=64 -S finetune.lr=0.01 \
+        -S finetune.batchnorm=train --out bench/results/quality-full.json
+
 Speed is reported (seconds per variant) but this is a measurement, not a test.
 """
 

@@ -50,7 +50,9 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1",
                GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@localhost", GIT_COMMITTER_NAME="test",
-               GIT_COMMITTER_EMAIL="test@localhost")
+               GIT_COMMITTER_EMAIL="test@localhost",
+               # Stage processes start cold unless a test starts a server here (never the user's one).
+               TRANSFER_SERVER_DIR=str(repo.parent / "server"))
     run(["git", "init", "-q", "-b", "main"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "project"], repo, env)
@@ -145,4 +147,17 @@ def test_repro_twice_gives_identical_metrics(project):
     first = {name: (repo / name).read_bytes() for name in tracked}
     output = run(dvc + ["repro", "-f"], repo, env)
     assert stages_run(output) == STAGES
+    assert {name: (repo / name).read_bytes() for name in tracked} == first
+
+    # Through the stage server (every stage a fork of a process with the libraries imported), the
+    # same files again, byte for byte.
+    server = [sys.executable, "-m", "transfer.stage_server"]
+    run(server + ["start", "--idle", "300"], repo, env)
+    try:
+        output = run(dvc + ["repro", "-f"], repo, env)
+        status = run(server + ["status"], repo, env)
+    finally:
+        run(server + ["stop"], repo, env)
+    assert stages_run(output) == STAGES
+    assert f"{len(STAGES)} run(s) served" in status
     assert {name: (repo / name).read_bytes() for name in tracked} == first

@@ -11,6 +11,8 @@ Library modules, by concept:
     training    linear probe on cached features, fine-tuning with frozen layer groups
     evaluation  test metrics and confusion matrix
     tracking    everything MLflow (the only module that imports it)
+    stage_server  runs stage scripts in forks of a process that has the heavy libraries imported
+                  (`python -m transfer.stage stages/<name>.py` is every dvc.yaml command)
 """
 
 __version__ = "0.1.0"
