@@ -209,7 +209,6 @@ def _exit_like(code: int) -> None:
 
 def preload() -> float:
     started = time.perf_counter()
-    os.environ.setdefault("MPLBACKEND", "Agg")
     for name in PRELOAD:
         with contextlib.suppress(ImportError):  # an optional library missing only costs its import later
             importlib.import_module(name)
@@ -305,8 +304,7 @@ def _handle(conn: socket.socket, children: dict, server_sockets: list, stopping:
         return None
     command = request.get("command")
     if command == "status":
-        _send(conn, {"pid": os.getpid(), "running": len(children), "served": served,
-                     "fingerprint": fingerprint()})
+        _send(conn, {"pid": os.getpid(), "running": len(children), "served": served})
         return None
     if command == "stop":
         stopping.set()
