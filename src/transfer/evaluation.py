@@ -13,10 +13,10 @@ from tqdm import tqdm
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, dataset, batch_size: int, device: torch.device) -> torch.Tensor:
     """Logits of `model` (eval mode) over a dataset of (image, label), in order, on the CPU."""
-    model.eval().to(device)
+    model.eval().to(device, memory_format=torch.channels_last)  # as in extract_features: about 2x on CPU
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    return torch.cat([model(images.to(device)).float().cpu() for images, _ in tqdm(loader, desc="predict",
-                                                                                    unit="batch")])
+    return torch.cat([model(images.to(device, memory_format=torch.channels_last)).float().cpu()
+                      for images, _ in tqdm(loader, desc="predict", unit="batch")])
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:

@@ -29,11 +29,12 @@ class FeatureCache:
 def extract_features(backbone: Backbone, dataset: ImageDataset, batch_size: int, device: torch.device,
                      desc: str = "features") -> torch.Tensor:
     """Run the backbone in eval mode over a dataset, in order; returns float32 [N, D] on the CPU."""
-    backbone.eval().to(device)
+    # channels_last: oneDNN's (and cuDNN's) depthwise convolutions run about 2x faster in it on CPU.
+    backbone.eval().to(device, memory_format=torch.channels_last)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     chunks = []
     for images, _ in tqdm(loader, desc=desc, unit="batch"):
-        chunks.append(backbone(images.to(device)).float().cpu())
+        chunks.append(backbone(images.to(device, memory_format=torch.channels_last)).float().cpu())
     return torch.cat(chunks) if chunks else torch.empty(0, backbone.num_features)
 
 
