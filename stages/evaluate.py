@@ -67,13 +67,14 @@ def main() -> None:
     model, checkpoint = load_model(MODEL_FILE)
     classes = checkpoint["classes"]
     test = load_feature_cache(FEATURES_DIR / "test.pt")
-    if checkpoint["freeze_layers"] == "all":
+    if checkpoint["freeze_layers"] == "all" and params.evaluate.tta == "none":
         # The backbone is the untouched pretrained one: its test features are already cached.
         with torch.inference_mode():
             logits = model.head(test.features)
     else:
         dataset = load_split_dataset(SPLIT_DIR, "test", Path.cwd(), eval_transform(checkpoint["data_config"]))
-        logits = predict_logits(model, dataset, params.finetune.batch_size * 2, resolve_device(params.device))
+        logits = predict_logits(model, dataset, params.finetune.batch_size * 2, resolve_device(params.device),
+                                tta=params.evaluate.tta)
     y_true, y_pred = test.labels.numpy(), logits.argmax(1).numpy()
 
     metrics = classification_metrics(y_true, y_pred, classes)

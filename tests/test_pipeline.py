@@ -91,7 +91,9 @@ def test_pipeline_experiments_and_queue_end_to_end(project):
     assert "finetune" in history
 
     # 3. A head-only change: download, split and features are not re-run.
-    output = run(dvc + ["exp", "run", "-n", "head-lr", "-S", "freeze_layers=all", "-S", "head.lr=0.02"], repo, env)
+    # With flip TTA the probe's evaluate runs the backbone on the test images instead of the cached features.
+    output = run(dvc + ["exp", "run", "-n", "head-lr", "-S", "freeze_layers=all", "-S", "head.lr=0.02",
+                        "-S", "evaluate.tta=flip"], repo, env)
     assert stages_run(output) == ["train", "evaluate"]
 
     # 4. Two queued experiments on two workers, in temporary copies of the repository.

@@ -11,12 +11,26 @@ from tqdm import tqdm
 
 
 @torch.inference_mode()
-def predict_logits(model: torch.nn.Module, dataset, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Logits of `model` (eval mode) over a dataset of (image, label), in order, on the CPU."""
+def predict_logits(model: torch.nn.Module, dataset, batch_size: int, device: torch.device,
+                   tta: str = "none") -> torch.Tensor:
+    """Logits of `model` (eval mode) over a dataset of (image, label), in order, on the CPU.
+
+    tta="flip" scores each image and its horizontal mirror and returns the log of their mean softmax
+    (fastai's and timm's flip test-time augmentation): valid logits, whose softmax is the averaged probability.
+    """
+    if tta not in ("none", "flip"):
+        raise ValueError(f"evaluate.tta: unknown test-time augmentation {tta!r}; choose 'none' or 'flip'")
     model.eval().to(device, memory_format=torch.channels_last)  # as in extract_features: about 2x on CPU
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    return torch.cat([model(images.to(device, memory_format=torch.channels_last)).float().cpu()
-                      for images, _ in tqdm(loader, desc="predict", unit="batch")])
+    batches = []
+    for images, _ in tqdm(loader, desc="predict" if tta == "none" else "predict (flip TTA)", unit="batch"):
+        images = images.to(device, memory_format=torch.channels_last)
+        logits = model(images).float()
+        if tta == "flip":
+            mirrored = model(images.flip(-1)).float()
+            logits = ((logits.softmax(1) + mirrored.softmax(1)) / 2).log()
+        batches.append(logits.cpu())
+    return torch.cat(batches)
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:

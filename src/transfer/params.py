@@ -164,6 +164,14 @@ class FinetuneParams(Section):
     resume: bool = Field(True, description="continue from data/checkpoints/last.pt when it matches this run")
 
 
+class EvaluateParams(Section):
+    """How the evaluate stage predicts the test set."""
+
+    tta: Literal["none", "flip"] = Field(
+        "none", description="test-time augmentation: 'flip' averages the softmax of each image and its mirror "
+                            "(twice the prediction cost; the probe then runs the backbone on the images)")
+
+
 class DiagnosticsParams(Section):
     """The evaluate stage's diagnostics: fit verdict thresholds and the cost knobs of the pictures."""
 
@@ -199,6 +207,7 @@ class Params(Section):
     finetune: FinetuneParams = FinetuneParams()
     seed: int = Field(0, description="seed of model initialisation and training order")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    evaluate: EvaluateParams = EvaluateParams()
     diagnostics: DiagnosticsParams = DiagnosticsParams()
     tracking: TrackingParams = TrackingParams()
 
