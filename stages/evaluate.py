@@ -91,7 +91,9 @@ def main() -> None:
                                 REPORTS_DIR / "confusion.csv", REPORTS_DIR / "history.csv"])
         # fit.*, topk.*: sortable in the MLflow UI (the train stage logs weight_change/<group>)
         tracking.log_metrics({key: diagnostics[key] for key in ("fit", "topk")})
-        tracking.log_tags({"fit_verdict": diagnostics["fit"]["verdict"]})
+        # A tag, not a param: an evaluate-only change (-S evaluate.tta=flip) reopens the train stage's run,
+        # whose params are immutable and were logged before this value was chosen.
+        tracking.log_tags({"fit_verdict": diagnostics["fit"]["verdict"], "test_tta": params.evaluate.tta})
         tracking.log_artifacts(diagnostic_files, artifact_path="diagnostics")
 
 

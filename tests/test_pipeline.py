@@ -122,7 +122,8 @@ def test_pipeline_experiments_and_queue_end_to_end(project):
     assert (experiments["tags.mlflow.runName"] == experiments["tags.dvc_exp_name"]).all()
     assert {"ft-k7", "head-lr"} <= set(experiments["tags.dvc_exp_name"])
     fine_tuned = runs[runs["tags.dvc_exp_name"] == "ft-k7"].iloc[0]
-    assert fine_tuned["params.freeze_layers"] == "7"
+    assert fine_tuned["params.freeze_layers"] == "7" and fine_tuned["tags.test_tta"] == "none"
+    assert experiments.set_index("tags.dvc_exp_name").loc["head-lr", "tags.test_tta"] == "flip"
 
     # The model, params.yaml and dvc.lock are artifacts of each run; the model loads and predicts.
     import mlflow
