@@ -22,10 +22,10 @@ repro: setup server  ## run the pipeline on the embedded default data
 # paying ~6 s of imports (README, "Speed"). It exits after 30 min unused. Never required: without it
 # stages start cold, with identical results. A failure to start it does not stop `make repro`.
 server: setup  ## start the stage server (fast head-only iterations)
-	-$(BIN)/python -m transfer.stage_server start
+	-$(BIN)/python -m transfer.pipeline.stage_server start
 
 server-stop:  ## stop the stage server
-	-$(BIN)/python -m transfer.stage_server stop
+	-$(BIN)/python -m transfer.pipeline.stage_server stop
 
 test: setup  ## the whole test suite, the end-to-end DVC/MLflow tests included
 	$(BIN)/python -m pytest

@@ -83,12 +83,12 @@ def main() -> None:
         results["head_only_exp_run_cold"] = head_only(env)
         # Sockets outside the repository: DVC would otherwise see them as untracked files.
         server_env = {**env, "TRANSFER_STAGE_SERVER": "on", "TRANSFER_SERVER_DIR": tempfile.mkdtemp(prefix="ts-")}
-        seconds, _ = timed([sys.executable, "-m", "transfer.stage_server", "start"], repo, server_env)
+        seconds, _ = timed([sys.executable, "-m", "transfer.pipeline.stage_server", "start"], repo, server_env)
         results["stage_server_start"] = {"seconds": round(seconds, 1)}
         try:
             results["head_only_exp_run_served"] = head_only(server_env)
         finally:
-            subprocess.run([sys.executable, "-m", "transfer.stage_server", "stop"], cwd=repo, env=server_env)
+            subprocess.run([sys.executable, "-m", "transfer.pipeline.stage_server", "stop"], cwd=repo, env=server_env)
 
         if not args.skip_finetune:
             seconds, stages = timed(dvc + ["exp", "run", "-S", "head.lr=0.01", "-S", "freeze_layers=3"], repo, env)

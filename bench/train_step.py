@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from transfer.backbones import Classifier, freeze_first_groups, load_backbone
-from transfer.optim import build_optimizer
-from transfer.params import FinetuneParams
-from transfer.training import make_loss, runtime_for
+from transfer.models.backbones import Classifier, freeze_first_groups, load_backbone
+from transfer.train.optim import build_optimizer
+from transfer.pipeline.params import FinetuneParams
+from transfer.train.finetune import make_loss, runtime_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

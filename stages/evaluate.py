@@ -12,18 +12,18 @@ import pandas as pd
 import torch
 
 from transfer import tracking
-from transfer.backbones import Classifier, load_backbone
-from transfer.data import load_split_dataset
-from transfer.diagnostics import image_batch, write_run_diagnostics
-from transfer.errors import run_stage
-from transfer.evaluation import classification_metrics, confusion_pairs, predict_logits
+from transfer.models.backbones import Classifier, load_backbone
+from transfer.data.datasets import load_split_dataset
+from transfer.evaluate.diagnostics import image_batch, write_run_diagnostics
+from transfer.pipeline.errors import run_stage
+from transfer.evaluate.metrics import classification_metrics, confusion_pairs, predict_logits
 from transfer.features import load_feature_cache
-from transfer.files import read_json, write_csv, write_json
-from transfer.images import load_rgb
-from transfer.layout import DIAGNOSTICS_DIR, FEATURES_DIR, MODEL_FILE, REPORTS_DIR, RUN_FILE, SPLIT_DIR
-from transfer.params import load_params
-from transfer.training import resolve_device
-from transfer.transforms import eval_transform
+from transfer.pipeline.files import read_json, write_csv, write_json
+from transfer.data.images import load_rgb
+from transfer.pipeline.layout import DIAGNOSTICS_DIR, FEATURES_DIR, MODEL_FILE, REPORTS_DIR, RUN_FILE, SPLIT_DIR
+from transfer.pipeline.params import load_params
+from transfer.pipeline.runtime import resolve_device
+from transfer.data.transforms import eval_transform
 
 
 def load_model(path: Path) -> tuple[Classifier, dict]:

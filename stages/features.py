@@ -8,14 +8,15 @@ from pathlib import Path
 
 import torch
 
-from transfer.backbones import load_backbone
-from transfer.data import SPLITS, load_split_dataset
-from transfer.errors import run_stage
+from transfer.models.backbones import load_backbone
+from transfer.data.split import SPLITS
+from transfer.data.datasets import load_split_dataset
+from transfer.pipeline.errors import run_stage
 from transfer.features import FeatureCache, extract_features, save_feature_cache
-from transfer.layout import FEATURES_DIR, SPLIT_DIR
-from transfer.params import load_params
-from transfer.training import resolve_device
-from transfer.transforms import eval_transform
+from transfer.pipeline.layout import FEATURES_DIR, SPLIT_DIR
+from transfer.pipeline.params import load_params
+from transfer.pipeline.runtime import resolve_device
+from transfer.data.transforms import eval_transform
 
 
 def main() -> None:

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from transfer.data import data_fingerprint, read_index, stratified_split, write_split
-from transfer.errors import run_stage
-from transfer.layout import INDEX_FILE, SPLIT_DIR
-from transfer.params import load_params
+from transfer.data.split import data_fingerprint, read_index, stratified_split, write_split
+from transfer.pipeline.errors import run_stage
+from transfer.pipeline.layout import INDEX_FILE, SPLIT_DIR
+from transfer.pipeline.params import load_params
 
 
 def main() -> None:

@@ -18,19 +18,22 @@ import pandas as pd
 import torch
 
 from transfer import tracking
-from transfer.backbones import Classifier, LoadedBackbone, freeze_first_groups, load_backbone
-from transfer.checkpoint import Checkpointer, cpu_state_dict, training_fingerprint
-from transfer.data import load_split_dataset, read_classes
-from transfer.distributed import DistContext, device_for, init_from_env, relaunch_with_torchrun, shutdown, under_torchrun
-from transfer.errors import run_stage
+from transfer.models.backbones import Classifier, LoadedBackbone, freeze_first_groups, load_backbone
+from transfer.train.checkpoint import Checkpointer, cpu_state_dict, training_fingerprint
+from transfer.data.datasets import load_split_dataset
+from transfer.data.split import read_classes
+from transfer.train.distributed import DistContext, device_for, init_from_env, relaunch_with_torchrun, shutdown, under_torchrun
+from transfer.pipeline.errors import run_stage
 from transfer.features import load_feature_cache
-from transfer.files import read_json, save_torch, write_csv, write_json
-from transfer.heads import imagenet_overlap_head, xavier_head
-from transfer.layer_stats import relative_weight_change
-from transfer.layout import CHECKPOINT_DIR, FEATURES_DIR, MODEL_FILE, RAW_DIR, REPORTS_DIR, RUN_FILE, SPLIT_DIR
-from transfer.params import Params, flatten, load_params
-from transfer.training import fine_tune, resolve_device, train_linear_probe
-from transfer.transforms import eval_transform, train_transform
+from transfer.pipeline.files import read_json, save_torch, write_csv, write_json
+from transfer.models.heads import imagenet_overlap_head, xavier_head
+from transfer.train.layer_stats import relative_weight_change
+from transfer.pipeline.layout import CHECKPOINT_DIR, FEATURES_DIR, MODEL_FILE, RAW_DIR, REPORTS_DIR, RUN_FILE, SPLIT_DIR
+from transfer.pipeline.params import Params, flatten, load_params
+from transfer.train.finetune import fine_tune
+from transfer.pipeline.runtime import resolve_device
+from transfer.train.probe import train_linear_probe
+from transfer.data.transforms import eval_transform, train_transform
 
 
 def probe_head(model: Classifier, params: Params, classes: list[str], log) -> tuple[list[dict], int, dict]:

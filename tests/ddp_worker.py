@@ -7,15 +7,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_helpers import params, tiny_classifier, tiny_dataset  # noqa: E402
-from transfer.distributed import init_from_env, shutdown  # noqa: E402
-from transfer.training import fine_tune  # noqa: E402
+from transfer.train.distributed import init_from_env, shutdown  # noqa: E402
+from transfer.train.finetune import fine_tune  # noqa: E402
 
 RECIPE = dict(epochs=2, batch_size=8, unfreeze_every=1, hflip=0.0)
 
 
 def run(context=None):
     """The same fine-tuning in one process (context None) or in each rank."""
-    from transfer.distributed import SINGLE
+    from transfer.train.distributed import SINGLE
 
     model = tiny_classifier(batch_norm=False)
     return fine_tune(model, 2, tiny_dataset(), tiny_dataset(seed=1), params(**RECIPE), 0, torch.device("cpu"),

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from transfer.backbones import Backbone, Classifier
-from transfer.data import ImageDataset
-from transfer.params import FinetuneParams
-from transfer.transforms import v2
+from transfer.models.backbones import Backbone, Classifier
+from transfer.data.datasets import ImageDataset
+from transfer.pipeline.params import FinetuneParams
+from transfer.data.transforms import v2
 
 
 def tiny_backbone(batch_norm: bool = True, seed: int = 0) -> Backbone:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from transfer.backbones import BACKBONES, BackboneError, Classifier, freeze_first_groups, load_backbone
+from transfer.models.backbones import BACKBONES, BackboneError, Classifier, freeze_first_groups, load_backbone
 
 LITE0_GROUPS = ["stem", "stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "head_conv"]
 

@@ -12,8 +12,8 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw
 from sklearn.metrics import accuracy_score, confusion_matrix
 
-from transfer import diagnostics as diag
-from transfer import layer_stats
+from transfer.evaluate import diagnostics as diag
+from transfer.train import layer_stats
 
 CLASSES = ["cat", "dog", "fox", "owl", "yak", "emu"]
 

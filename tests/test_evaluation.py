@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from transfer.evaluation import predict_logits
+from transfer.evaluate.metrics import predict_logits
 
 
 def asymmetric_model() -> nn.Module:

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import index_of
-from transfer.backbones import load_backbone
-from transfer.data import ImageDataset, decode_images
+from transfer.models.backbones import load_backbone
+from transfer.data.datasets import ImageDataset, decode_images
 from transfer.features import FeatureCache, extract_features, load_feature_cache, save_feature_cache
-from transfer.transforms import eval_transform
+from transfer.data.transforms import eval_transform
 
 
 @pytest.fixture(scope="module")

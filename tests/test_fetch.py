@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from transfer.fetch import (
+from transfer.data.fetch import (
     ChecksumMismatchError,
     DownloadError,
     UnsafeArchiveError,

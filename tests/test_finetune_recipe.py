@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from finetune_helpers import params, tiny_classifier, tiny_dataset
-from transfer.backbones import DataConfig, freeze_first_groups
-from transfer.checkpoint import Checkpointer
-from transfer.heads import imagenet_overlap_head, match_imagenet_classes
-from transfer.optim import WarmupCosine, build_optimizer, parameter_groups
-from transfer.training import EarlyStopping, class_weights, fine_tune, frozen_at
-from transfer.transforms import batch_mixer, eval_transform, train_transform
+from transfer.models.backbones import DataConfig, freeze_first_groups
+from transfer.train.checkpoint import Checkpointer
+from transfer.models.heads import imagenet_overlap_head, match_imagenet_classes
+from transfer.train.optim import WarmupCosine, build_optimizer, parameter_groups
+from transfer.train.finetune import EarlyStopping, class_weights, fine_tune, frozen_at
+from transfer.data.transforms import batch_mixer, eval_transform, train_transform
 
 CPU = torch.device("cpu")
 
@@ -129,7 +129,7 @@ def test_imagenet_overlap_head_copies_matching_rows_only():
 
 
 def test_real_imagenet_names_match_fashion_mnist_classes():
-    from transfer.heads import imagenet_descriptions
+    from transfer.models.heads import imagenet_descriptions
 
     names = ["Ankle_boot", "Bag", "Coat", "Dress", "Pullover", "Sandal", "Shirt", "Sneaker", "T-shirt_top", "Trouser"]
     matched = {names[t]: s for t, s in match_imagenet_classes(names, imagenet_descriptions()).items()}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transfer.images import (
+from transfer.data.images import (
     CorruptImageError,
     EmptyImageError,
     ImageTooLargeError,

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from transfer.params import ParamsError, flatten, load_params, parse_params
+from transfer.pipeline.params import ParamsError, flatten, load_params, parse_params
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

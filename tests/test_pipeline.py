@@ -154,7 +154,7 @@ def test_repro_twice_gives_identical_metrics(project):
 
     # Through the stage server (every stage a fork of a process with the libraries imported), the
     # same files again, byte for byte.
-    server = [sys.executable, "-m", "transfer.stage_server"]
+    server = [sys.executable, "-m", "transfer.pipeline.stage_server"]
     run(server + ["start", "--idle", "300"], repo, env)
     try:
         output = run(dvc + ["repro", "-f"], repo, env)

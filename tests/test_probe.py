@@ -3,8 +3,8 @@
 import torch
 
 from transfer.features import FeatureCache
-from transfer.params import HeadParams
-from transfer.training import train_linear_probe
+from transfer.pipeline.params import HeadParams
+from transfer.train.probe import train_linear_probe
 
 
 def blobs(n_per_class: int, seed: int) -> FeatureCache:

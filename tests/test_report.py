@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from transfer.report import write_html_report
+from transfer.evaluate.report import write_html_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # pure colours that the page's own CSS never uses: finding them in the

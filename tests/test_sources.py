@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from test_fetch import ArchiveServer, digest
-from transfer.data_report import DataError, Policy
-from transfer.sources import SourceError, detect_layout, materialise, read_idx
+from transfer.data.report import DataError, Policy
+from transfer.data.sources import SourceError, detect_layout, materialise, read_idx
 
 
 def png(path: Path, seed: int, mode: str = "RGB", size: tuple[int, int] = (12, 10)) -> Path:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from conftest import index_of
-from transfer.data import SplitError, read_manifest, stratified_split, write_split
+from transfer.data.split import SplitError, read_manifest, stratified_split, write_split
 
 
 def make_index(counts: dict[str, int], subset: str = "") -> pd.DataFrame:

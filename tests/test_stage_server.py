@@ -1,7 +1,7 @@
 """The stage server runs a script as `python script.py` would, only without paying for the imports.
 
-Real processes throughout: a server started with `python -m transfer.stage_server start`, callers
-launched with `python -m transfer.stage`, compared with the same caller run cold.
+Real processes throughout: a server started with `python -m transfer.pipeline.stage_server start`, callers
+launched with `python -m transfer.pipeline.stage`, compared with the same caller run cold.
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ def environment(server_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def launch(script: Path, args: list[str], env: dict, cwd: Path, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "transfer.stage", str(script), *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "transfer.pipeline.stage", str(script), *args], cwd=cwd, env=env,
                           input=stdin, capture_output=True, text=True, timeout=120)
 
 
 def server_command(command: str, env: dict, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "transfer.stage_server", command, *args], env=env,
+    done = subprocess.run([sys.executable, "-m", "transfer.pipeline.stage_server", command, *args], env=env,
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
@@ -125,7 +125,7 @@ def test_killing_the_caller_kills_the_stage(server, scripts):
     _, env = server
     for signum in (signal.SIGKILL, signal.SIGTERM):
         pid_file = scripts / f"pid-{signum}"
-        caller = subprocess.Popen([sys.executable, "-m", "transfer.stage", str(scripts / "sleeper.py"),
+        caller = subprocess.Popen([sys.executable, "-m", "transfer.pipeline.stage", str(scripts / "sleeper.py"),
                                    str(pid_file)], cwd=scripts, env=env)
         deadline = time.monotonic() + 60
         while not pid_file.exists() and time.monotonic() < deadline:

@@ -1,18 +1,16 @@
 """transfer: reproducible transfer learning for image classification.
 
-Library modules, by concept:
-    params      the params.yaml schema and loader (one source of truth for every knob)
-    files       atomic writes and small file formats (JSON, CSV)
-    fetch       download, checksum and unpack archives
-    images      decode any image file into RGB
-    data        index, stratified split, manifests, datasets
-    backbones   registry: backbone name -> builder, pretrained weights, layer groups, data config
+The packages follow the data, which flows one way (raw -> manifests -> features -> model -> metrics):
+
+    data/       sources and archives (fetch, sources), image decoding (images), the data report,
+                the stratified split and manifests (split), datasets and transforms
     features    pooled features of a frozen backbone, cached per split
-    training    linear probe on cached features, fine-tuning with frozen layer groups
-    evaluation  test metrics and confusion matrix
+    models/     backbones (registry, layer groups, data config) and classifier heads
+    train/      the linear probe, fine-tuning, optimiser groups, checkpoints, data parallelism
+    evaluate/   test metrics, diagnostics pictures and the HTML run report
     tracking    everything MLflow (the only module that imports it)
-    stage_server  runs stage scripts in forks of a process that has the heavy libraries imported
-                  (`python -m transfer.stage stages/<name>.py` is every dvc.yaml command)
+    pipeline/   the plumbing apart from the science: params schema, file layout, atomic files, errors,
+                runtime (device, threads, seeds), and the stage launcher/server behind every dvc.yaml command
 """
 
 __version__ = "0.1.0"

@@ -13,9 +13,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .backbones import Backbone
-from .data import ImageDataset
-from .files import save_torch
+from transfer.models.backbones import Backbone
+from transfer.data.datasets import ImageDataset
+from transfer.pipeline.files import save_torch
 
 
 @dataclass

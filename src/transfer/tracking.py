@@ -23,7 +23,7 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from .runtime import single_threaded
+from transfer.pipeline.runtime import single_threaded
 
 # Seconds a writer waits for SQLite's lock before giving up; queue workers only hold it for milliseconds.
 SQLITE_BUSY_TIMEOUT = 120

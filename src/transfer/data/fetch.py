@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from .errors import UserError
+from transfer.pipeline.errors import UserError
 
 CHUNK_SIZE = 1 << 20
 # Attempts per fetch; each attempt after the first resumes the .part file.

@@ -1,10 +1,12 @@
-"""Where computation runs: the device, and how many CPU threads small workloads use."""
+"""Where computation runs: the device, how many CPU threads small workloads use, and the seeds."""
 
 from __future__ import annotations
 
 import contextlib
+import random
 from typing import Iterator
 
+import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
@@ -24,3 +26,17 @@ def single_threaded() -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(threads)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda in params.yaml, but torch sees no CUDA device; use device: auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

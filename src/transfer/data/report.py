@@ -34,7 +34,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping
 
-from .errors import UserError
+from transfer.pipeline.errors import UserError
 
 Action = Literal["skip", "fail"]
 

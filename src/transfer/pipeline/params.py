@@ -14,7 +14,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import UserError
+from transfer.pipeline.errors import UserError
 
 
 class Section(BaseModel):
@@ -64,7 +64,7 @@ class DataParams(Section):
         if missing:
             raise ValueError(f"source {self.source!r} needs data.{' and data.'.join(missing)}")
         if self.source == "torchvision":
-            from .sources import TORCHVISION_SPLITS  # late import: keeps params light
+            from transfer.data.sources import TORCHVISION_SPLITS  # late import: keeps params light
 
             if self.name not in TORCHVISION_SPLITS:
                 raise ValueError(f"unknown torchvision dataset {self.name!r}; choose one of {sorted(TORCHVISION_SPLITS)}")
@@ -96,7 +96,7 @@ class BackboneParams(Section):
 
     @model_validator(mode="after")
     def _known_backbone(self) -> "BackboneParams":
-        from .backbones import BACKBONES  # late import: the registry pulls in torch
+        from transfer.models.backbones import BACKBONES  # late import: the registry pulls in torch
 
         if self.name not in BACKBONES:
             raise ValueError(f"unknown backbone {self.name!r}; choose one of {sorted(BACKBONES)}")

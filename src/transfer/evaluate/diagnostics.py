@@ -34,10 +34,10 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from .files import atomic_path, write_csv
-from .layer_stats import in_group_order
-from .report import write_html_report
-from .runtime import single_threaded
+from transfer.pipeline.files import atomic_path, write_csv
+from transfer.train.layer_stats import in_group_order
+from transfer.evaluate.report import write_html_report
+from transfer.pipeline.runtime import single_threaded
 
 DPI = 100
 CONFUSION_CMAP = "Blues"

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import UserError
+from transfer.pipeline.errors import UserError
 
 # File extensions treated as images when scanning folders. Anything else is
 # ignored (and counted as "non_image" in the data report). Lower-case, with dot.

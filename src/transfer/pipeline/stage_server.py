@@ -3,7 +3,7 @@
 Each stage process pays for importing torch, torchvision, timm, MLflow, scikit-learn and matplotlib
 (about 6 s on 2 cores) before it does any work. In a head-only `dvc exp run` that start-up is most of
 the wall time: train and evaluate do about 3 s of work between them. The stage server imports those
-libraries once and waits on a Unix socket. The dvc.yaml commands (`python -m transfer.stage
+libraries once and waits on a Unix socket. The dvc.yaml commands (`python -m transfer.pipeline.stage
 stages/<name>.py`) hand it the script, arguments, working directory, environment and their own
 stdin/stdout/stderr; the server forks a child that runs the script as `python stages/<name>.py` would,
 and the exit status travels back. With no server running, the launcher runs the script itself.
@@ -19,9 +19,9 @@ What keeps a served run identical to a cold one:
 - A child whose caller dies (`kill -9` of the stage) is killed with its process group, as the
   stage would have been. Signals the caller receives are forwarded to the child's group.
 
-    python -m transfer.stage_server start      # make server; exits after --idle seconds unused
-    python -m transfer.stage_server status
-    python -m transfer.stage_server stop
+    python -m transfer.pipeline.stage_server start      # make server; exits after --idle seconds unused
+    python -m transfer.pipeline.stage_server status
+    python -m transfer.pipeline.stage_server stop
 
 `TRANSFER_STAGE_SERVER=off` makes the launcher ignore a running server. `TRANSFER_SERVER_DIR` moves the
 sockets (default `$XDG_RUNTIME_DIR/transfer-server`, else `/tmp/transfer-server-<uid>`).
@@ -57,7 +57,7 @@ PRELOAD = (
     "PIL.Image", "tqdm", "pydantic", "yaml", "threadpoolctl",
 )
 # This project's package: never kept in the server, always imported fresh by the child.
-PROJECT_PACKAGE = __package__ or "transfer"
+PROJECT_PACKAGE = (__package__ or "transfer").split(".")[0]
 # Environment read when libraries load (OpenMP/MKL thread counts, CUDA, PyTorch, hash seed): a caller
 # whose values differ from the server's would not get the same process, so it runs cold.
 IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "CUDA_", "PYTORCH_", "TORCH_", "NCCL_", "LD_",
@@ -144,7 +144,7 @@ def _connect(path: Path) -> socket.socket | None:
     return sock
 
 
-# --- The caller's side (python -m transfer.stage) ------------------------------------------------
+# --- The caller's side (python -m transfer.pipeline.stage) ------------------------------------------------
 
 def run_script(script: str, args: list[str]) -> None:
     """Run a stage script in the matching server if one is up, else in this process; never returns."""
@@ -178,7 +178,7 @@ def run_in_server(script: str, args: list[str]) -> int | None:
             signal.signal(signum, lambda received, _frame: _signal_group(child, received))
         finished, _ = _receive(sock)
     if finished is None:
-        print(f"stage server: lost the server while it ran {script} (see `python -m transfer.stage_server "
+        print(f"stage server: lost the server while it ran {script} (see `python -m transfer.pipeline.stage_server "
               f"status`); run again, or set TRANSFER_STAGE_SERVER=off", file=sys.stderr)
         return 1
     return int(finished["exit"])
@@ -413,7 +413,7 @@ def start(idle_seconds: float, wait_seconds: float = 120) -> int:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     log = path.with_suffix(".log")
     with open(log, "ab") as out:
-        process = subprocess.Popen([sys.executable, "-m", f"{PROJECT_PACKAGE}.stage_server", "serve",
+        process = subprocess.Popen([sys.executable, "-m", f"{PROJECT_PACKAGE}.pipeline.stage_server", "serve",
                                     "--idle", str(idle_seconds)], stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + wait_seconds
@@ -455,7 +455,7 @@ def status() -> int:
         print(f"stage server {reply['pid']} on {path}: {serves}; {reply['served']} run(s) served, "
               f"{reply['running']} running")
     if not found:
-        print("no stage server running (start one: python -m transfer.stage_server start)")
+        print("no stage server running (start one: python -m transfer.pipeline.stage_server start)")
     return 0
 
 
@@ -469,7 +469,7 @@ def stop() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m transfer.stage_server", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m transfer.pipeline.stage_server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("start", "serve"):

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .files import save_torch, write_json
+from transfer.pipeline.files import save_torch, write_json
 
 # Runtime-only knobs: changing them must not discard a checkpoint.
 RUNTIME_KEYS = ("num_workers", "resume")

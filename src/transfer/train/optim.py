@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .backbones import Classifier
-from .params import FinetuneParams
+from transfer.models.backbones import Classifier
+from transfer.pipeline.params import FinetuneParams
 
 
 def group_lr(params: FinetuneParams, index: int, num_groups: int) -> float:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-from .backbones import DataConfig
+from transfer.models.backbones import DataConfig
 
 
 def _interpolation(config: DataConfig) -> InterpolationMode:

@@ -1,4 +1,4 @@
-"""Index, stratified split, manifests and datasets: the data side between raw images and features.
+"""Index, stratified split and manifests: the data side between raw images and features.
 
 Data flows one way: the download stage writes an *index* (`data/raw/index.csv`: path, label, subset),
 the split stage turns it into *manifests* (`data/split/{train,val,test}.csv`: path, label) and the class
@@ -12,18 +12,12 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import pandas as pd
-import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import Dataset
-from tqdm import tqdm
 
-from .errors import UserError
-from .files import read_json, write_csv, write_json
-from .images import load_rgb
+from transfer.pipeline.errors import UserError
+from transfer.pipeline.files import read_json, write_csv, write_json
 
 SPLITS = ("train", "val", "test")
 INDEX_COLUMNS = ["path", "label", "subset"]
@@ -148,36 +142,3 @@ def read_manifest(split_dir: Path, split: str) -> Manifest:
                          f"re-run the split stage (dvc repro split)")
     lookup = {name: i for i, name in enumerate(classes)}
     return Manifest(list(frame["path"]), [lookup[label] for label in frame["label"]], classes)
-
-
-# --- Datasets ------------------------------------------------------------------------------------
-
-def decode_images(paths: list[str], repo_root: Path, desc: str = "decode") -> list[torch.Tensor]:
-    """Decode every image once into a uint8 CHW tensor (small datasets: cheaper than decoding per epoch)."""
-    decoded = []
-    for path in tqdm(paths, desc=desc, unit="img", leave=False):
-        array = np.asarray(load_rgb(repo_root / path), dtype=np.uint8)
-        decoded.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
-    return decoded
-
-
-class ImageDataset(Dataset):
-    """(transformed image, label) pairs from decoded uint8 tensors."""
-
-    def __init__(self, images: list[torch.Tensor], labels: list[int], transform: Callable,
-                 paths: list[str] | None = None):
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images, self.labels, self.transform, self.paths = images, labels, transform, paths
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images[index]), self.labels[index]
-
-
-def load_split_dataset(split_dir: Path, split: str, repo_root: Path, transform: Callable) -> ImageDataset:
-    manifest = read_manifest(split_dir, split)
-    images = decode_images(manifest.paths, repo_root, desc=f"decode {split}")
-    return ImageDataset(images, manifest.labels, transform, manifest.paths)

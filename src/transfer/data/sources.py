@@ -40,11 +40,11 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from .data_report import DataError, DataReport, Policy
-from .errors import UserError
-from .fetch import default_cache_dir, fetch_archive
-from .files import write_csv, write_json
-from .images import ImageError, is_image_file, probe_image
+from transfer.data.report import DataError, DataReport, Policy
+from transfer.pipeline.errors import UserError
+from transfer.data.fetch import default_cache_dir, fetch_archive
+from transfer.pipeline.files import write_csv, write_json
+from transfer.data.images import ImageError, is_image_file, probe_image
 
 INDEX_COLUMNS = ["path", "label", "subset"]
 INDEX_FILE = "index.csv"

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import UserError
+from transfer.pipeline.errors import UserError
 
 
 class BackboneError(UserError, RuntimeError):

@@ -19,7 +19,7 @@ from typing import Union
 
 import pandas as pd
 
-from .files import write_text
+from transfer.pipeline.files import write_text
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
