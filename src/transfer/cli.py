@@ -1,0 +1,47 @@
+"""The `transfer` command: what a user runs after (or around) the pipeline.
+
+Each sub-command lives with its concept and registers itself here through a `register(subparsers)`
+function that adds its parser and sets `func`; `main` only dispatches. Heavy imports stay inside the
+commands, so `transfer --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from transfer import __version__
+from transfer.pipeline.errors import UserError
+
+# Modules with a `register(subparsers)` function, in the order `transfer --help` lists them.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="transfer", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"transfer {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as error:
+        print(f"transfer {args.command}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"transfer {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
