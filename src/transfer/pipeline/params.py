@@ -37,10 +37,12 @@ class DataPolicyParams(Section):
 class DataParams(Section):
     """Where the images come from (the download stage). the README's "Bring your own data" has an example per source."""
 
-    source: Literal["archive", "folder", "csv", "torchvision", "idx"] = Field("archive", description="kind of source")
+    source: Literal["archive", "folder", "csv", "torchvision", "idx"] = Field(
+        "archive", description="kind of source; an example of each in the README's \"Bring your own data\"")
     url: str = Field("assets/fashion-mnist-mini.tar.gz",
-                     description="archive: path (relative to the repository) or http(s)/file URL; .zip or .tar.gz")
-    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="archive: expected sha256 of the archive")
+                     description="archive: path (relative to the repository) or http(s)/file URL; .zip, .tar.gz or .tar")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
+                               description="archive: expected sha256 of the archive; a mismatch is an error showing both")
     path: str | None = Field(None, description="folder/csv: the image folder; idx: the IDX folder; "
                                                "archive: optional folder inside the archive")
     layout: Literal["auto", "flat", "split"] = Field(
@@ -74,9 +76,10 @@ class DataParams(Section):
 class SplitParams(Section):
     """Stratified train/val/test split (the split stage)."""
 
-    val_fraction: float = Field(0.15, gt=0, lt=1)
-    test_fraction: float = Field(0.15, gt=0, lt=1)
-    seed: int = 0
+    val_fraction: float = Field(0.15, gt=0, lt=1, description="share of each class in the validation split")
+    test_fraction: float = Field(0.15, gt=0, lt=1, description="share of each class in the test split (ignored when "
+                                                               "the source has an official test split)")
+    seed: int = Field(0, description="seed of the stratified split")
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> "SplitParams":
@@ -106,23 +109,24 @@ class BackboneParams(Section):
 class FeatureParams(Section):
     """Feature extraction (features stage). Only runtime knobs: none of them changes the features."""
 
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, description="batch size of feature extraction (does not change the features)")
 
 
 class HeadParams(Section):
     """The linear probe: a linear classifier fitted on the cached features."""
 
-    lr: float = Field(0.01, gt=0, le=10)
-    epochs: int = Field(40, ge=1, le=10_000)
-    batch_size: int = Field(128, ge=1)
-    weight_decay: float = Field(1e-4, ge=0)
+    lr: float = Field(0.01, gt=0, le=10, description="AdamW learning rate of the linear probe")
+    epochs: int = Field(40, ge=1, le=10_000, description="epochs of the linear probe (the best epoch by val accuracy "
+                                                          "is kept)")
+    batch_size: int = Field(128, ge=1, description="batch size of the linear probe")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay of the linear probe")
 
 
 class FinetuneParams(Section):
     """Fine-tuning on images with the first `freeze_layers` layer groups frozen (the recipe: README, params)."""
 
     # Schedule and optimiser
-    epochs: int = Field(5, ge=1, le=10_000)
+    epochs: int = Field(5, ge=1, le=10_000, description="fine-tuning epochs (when freeze_layers is an integer)")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum, Nesterov) or adamw")
     lr: float = Field(0.002, gt=0, le=10, description="base learning rate of the unfrozen backbone groups")
     head_lr_mult: float = Field(10.0, gt=0, description="the head learns at head_lr_mult x lr")
@@ -133,7 +137,8 @@ class FinetuneParams(Section):
     weight_decay: float = Field(1e-4, ge=0, description="not applied to BatchNorm weights and biases")
     warmup_epochs: float = Field(0.3, ge=0, description="linear LR warmup (may be fractional), then cosine decay")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the cosine ends at min_lr_ratio x each group's LR")
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the training loss (the val loss "
+                                                                  "is plain cross-entropy)")
     grad_clip_norm: float | None = Field(None, gt=0, description="clip the global gradient L2 norm; null = off")
     # Augmentation (evaluation always resizes and centre-crops)
     augment: Literal["none", "trivialaugment", "randaugment", "autoaugment"] = Field(
@@ -146,7 +151,9 @@ class FinetuneParams(Section):
     unfreeze_every: int = Field(0, ge=0, description="gradual unfreezing: one more group every N epochs; 0 = off")
     batchnorm: Literal["auto", "train", "frozen"] = Field(
         "auto", description="BatchNorm statistics of unfrozen groups: frozen keeps the pretrained running "
-                            "stats (small data); train updates them; auto = frozen for pretrained weights")
+                            "stats (their scale and shift still train: on small data, batch stats of a new domain "
+                            "wreck the probe head at once); train updates them; auto = frozen for pretrained "
+                            "weights, train for weights: none")
     head_init: Literal["probe", "xavier", "imagenet"] = Field(
         "probe", description="probe: the linear probe's weights; xavier: random; imagenet: rows of matching "
                              "ImageNet classes from the pretrained classifier, Xavier elsewhere")
@@ -191,7 +198,7 @@ class DiagnosticsParams(Section):
 class TrackingParams(Section):
     """MLflow: where runs are recorded."""
 
-    experiment: str = Field("transfer", min_length=1)
+    experiment: str = Field("transfer", min_length=1, description="MLflow experiment name")
 
 
 class Params(Section):
@@ -206,7 +213,7 @@ class Params(Section):
     head: HeadParams = HeadParams()
     finetune: FinetuneParams = FinetuneParams()
     seed: int = Field(0, description="seed of model initialisation and training order")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     evaluate: EvaluateParams = EvaluateParams()
     diagnostics: DiagnosticsParams = DiagnosticsParams()
     tracking: TrackingParams = TrackingParams()
