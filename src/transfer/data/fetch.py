@@ -14,8 +14,11 @@ DVC-tracked output folder. The cache lives in ``$TRANSFER_CACHE_DIR`` or
 
 Failure modes are explicit errors, never a silently wrong data set:
 :class:`ChecksumMismatchError` (says expected, actual and the URL),
-:class:`DownloadError` (network / HTTP problems after retries) and
-:class:`UnsafeArchiveError` (a member would escape ``dest_dir``).
+:class:`DownloadError` (network / HTTP problems after retries),
+:class:`UnsafeArchiveError` (a member would escape ``dest_dir``) and
+:class:`ArchiveTooLargeError` (more bytes, files or compression than :class:`ArchiveLimits` allow; the
+sizes come from the member headers, which zipfile and tarfile hold each member to, and are checked
+before anything is written).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
@@ -67,6 +71,48 @@ class ChecksumMismatchError(FetchError):
 
 class UnsafeArchiveError(FetchError):
     """An archive member would be written outside the destination folder."""
+
+
+class ArchiveTooLargeError(FetchError):
+    """Unpacking would exceed a limit (total size, file count, compression ratio): a decompression bomb?"""
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """What an archive may unpack to (data.archive_max_bytes, data.archive_max_files, data.archive_max_ratio)."""
+
+    max_bytes: int = 50 * 1024**3
+    max_files: int = 2_000_000
+    max_ratio: float = 100.0  # unpacked bytes per archive byte; image archives are close to 1
+
+
+# Below this many unpacked bytes the ratio is not checked: a small archive of text may compress 1000x
+# and harm nothing; a bomb matters once it can fill a disk or the DVC cache.
+RATIO_FLOOR_BYTES = 64 * 1024**2
+
+
+class _Budget:
+    """Running totals of an archive's members, checked against the limits as each header is read."""
+
+    def __init__(self, archive: Path, limits: ArchiveLimits):
+        self.archive, self.limits = archive, limits
+        self.archive_bytes = max(1, archive.stat().st_size)
+        self.files = self.bytes = 0
+
+    def add(self, size: int) -> None:
+        self.files += 1
+        self.bytes += max(0, size)
+        limits, ratio = self.limits, self.bytes / self.archive_bytes
+        problem = (f"more than {limits.max_files} members (data.archive_max_files)" if self.files > limits.max_files
+                   else f"more than {limits.max_bytes} bytes unpacked (data.archive_max_bytes)"
+                   if self.bytes > limits.max_bytes
+                   else f"a compression ratio above {limits.max_ratio:g} ({self.bytes} bytes from "
+                        f"{self.archive_bytes}; data.archive_max_ratio)" if ratio > limits.max_ratio and self.bytes > RATIO_FLOOR_BYTES
+                   else None)
+        if problem:
+            raise ArchiveTooLargeError(
+                f"archive {self.archive} would unpack to {problem}; refusing to unpack it (nothing was written). "
+                "If the archive is trusted and really this large, raise that limit in params.yaml.")
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -184,19 +230,24 @@ def _safe_target(dest: Path, name: str, archive: str) -> Path:
     return target
 
 
-def _extract_zip(archive: Path, dest: Path) -> None:
+def _extract_zip(archive: Path, dest: Path, limits: ArchiveLimits) -> None:
+    budget = _Budget(archive, limits)
     with zipfile.ZipFile(archive) as zf:
         members = zf.infolist()
         for info in members:  # check everything before writing anything
             _safe_target(dest, info.filename, str(archive))
+            budget.add(info.file_size)  # zipfile stops each member at its declared size (then checks the CRC)
         for info in tqdm(members, desc=f"unpack {archive.name}", unit="file", leave=False):
             zf.extract(info, dest)
 
 
-def _extract_tar(archive: Path, dest: Path) -> None:
+def _extract_tar(archive: Path, dest: Path, limits: ArchiveLimits) -> None:
+    budget = _Budget(archive, limits)
     with tarfile.open(archive) as tf:
-        members = tf.getmembers()
-        for member in members:
+        members = []
+        for member in tf:  # one header at a time: a bomb is refused at the member that crosses a limit
+            members.append(member)
+            budget.add(member.size)
             _safe_target(dest, member.name, str(archive))
             if member.issym() or member.islnk():
                 link_base = (dest / member.name).parent if member.issym() else dest
@@ -215,20 +266,22 @@ def _extract_tar(archive: Path, dest: Path) -> None:
             tf.extract(member, dest, filter="data")
 
 
-def unpack_archive(archive: str | os.PathLike, dest_dir: str | os.PathLike) -> Path:
-    """Unpack a zip or tar(.gz/.bz2/.xz) archive into `dest_dir`, atomically.
+def unpack_archive(archive: str | os.PathLike, dest_dir: str | os.PathLike,
+                   limits: ArchiveLimits = ArchiveLimits()) -> Path:
+    """Unpack a zip or tar(.gz/.bz2/.xz) archive into `dest_dir`, atomically, within `limits`.
 
-    Members go to a temporary sibling folder first, which then replaces
-    `dest_dir`; an interrupted unpack never leaves a half-filled `dest_dir`.
+    Every member is checked (path, links, size, count, ratio) before the first is written. Members go to
+    a temporary sibling folder, which then replaces `dest_dir`; an interrupted unpack never leaves a
+    half-filled `dest_dir`.
     """
     archive, dest = Path(archive), Path(dest_dir)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".unpack", dir=dest.parent))
     try:
         if zipfile.is_zipfile(archive):
-            _extract_zip(archive, tmp)
+            _extract_zip(archive, tmp, limits)
         elif tarfile.is_tarfile(archive):
-            _extract_tar(archive, tmp)
+            _extract_tar(archive, tmp, limits)
         else:
             raise FetchError(f"{archive} is neither a zip nor a tar archive; use .zip or .tar.gz")
         old = None
@@ -280,10 +333,11 @@ def fetch_archive(
     cache_dir: str | os.PathLike | None = None,
     retries: int = DEFAULT_RETRIES,
     timeout: float = DEFAULT_TIMEOUT_S,
+    limits: ArchiveLimits = ArchiveLimits(),
 ) -> Path:
-    """Download (or locate) the archive at `url`, check its sha256, unpack it into `dest_dir`.
+    """Download (or locate) the archive at `url`, check its sha256, unpack it into `dest_dir` within `limits`.
 
     `url` is http(s)://, file:// or a filesystem path. Returns `dest_dir`.
     """
     archive = download(url, sha256, cache_dir, retries=retries, timeout=timeout)
-    return unpack_archive(archive, dest_dir)
+    return unpack_archive(archive, dest_dir, limits)

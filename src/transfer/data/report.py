@@ -15,12 +15,13 @@ unreadable                bad_files       cannot be read (permissions, broken li
 not_image                 bad_files       image extension, but not image content
 corrupt                   bad_files       truncated or damaged image data
 too_large                 bad_files       decompression bomb / absurd dimensions
-label_conflict            label_issues    byte-identical image under different labels
+unsafe_link               bad_files       a symlink out of the source, or to a folder containing it
+label_conflict            label_issues    byte-identical image (or one CSV id) under different labels
 missing_file              label_issues    a CSV label whose image file does not exist
 unlabelled_file           label_issues    an image with no label (no CSV row / no class folder)
 missing_label             label_issues    a CSV row with an empty id or label
 empty_class               label_issues    a class folder without a usable image
-duplicate                 duplicates      byte-identical copy, same label, same split (one kept)
+duplicate                 duplicates      byte-identical copy (or CSV id listed again), same label (one kept)
 leakage                   duplicates      byte-identical copy, same label, across official splits
 non_image                 (always)        not an image by extension: ignored and counted
 ========================  ==============  ===========================================
@@ -44,6 +45,7 @@ POLICY_OF_KIND: dict[str, str | None] = {
     "not_image": "bad_files",
     "corrupt": "bad_files",
     "too_large": "bad_files",
+    "unsafe_link": "bad_files",
     "label_conflict": "label_issues",
     "missing_file": "label_issues",
     "unlabelled_file": "label_issues",

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from transfer.data.report import DataError, DataReport, Policy
 from transfer.pipeline.errors import UserError
-from transfer.data.fetch import default_cache_dir, fetch_archive
+from transfer.data.fetch import ArchiveLimits, default_cache_dir, fetch_archive
 from transfer.pipeline.files import write_csv, write_json
 from transfer.data.images import ImageError, is_image_file, probe_image
 
@@ -120,30 +120,68 @@ def _safe_folder_name(label: str) -> str:
 
 # --- ImageFolder scanning --------------------------------------------------------------------------
 
-def _walk_files(folder: Path) -> list[Path]:
-    """Every non-hidden file under `folder`, following directory symlinks once (no loops)."""
+def _real(path: Path | str) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _link_problem(link: Path, source_root: Path, walking: Path | None = None) -> str | None:
+    """Why the symlink `link` must not be followed (None when it may): it leaves the source root, or it
+    points at a folder being walked (`bird/up -> ..` would list every class again under bird)."""
+    target = _real(link)
+    if not target.is_relative_to(_real(source_root)):
+        return f"is a link to {target}, outside the source folder {source_root}; copy the file in instead"
+    if walking is not None and _real(walking).is_relative_to(target):
+        return f"is a link to {target}, a folder that contains it (a loop); delete the link"
+    return None
+
+
+def _walk_files(folder: Path, source_root: Path, report: DataReport, repo_root: Path, label: str) -> list[Path]:
+    """Every non-hidden file under `folder`. Folder links are followed only inside `source_root`, never
+    into a folder being walked and never twice; links that leave the source are reported, not read."""
     found: list[Path] = []
-    seen: set[str] = set()
+    seen: set[Path] = set()
     for current, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(current)
+        real = _real(current)
         if real in seen:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not _hidden(d))
-        found += [Path(current, f) for f in sorted(files) if not _hidden(f)]
+        kept = []
+        for name in sorted(d for d in dirs if not _hidden(d)):
+            link = Path(current, name)
+            problem = _link_problem(link, source_root, Path(current)) if link.is_symlink() else None
+            if problem:
+                shown = display_path(link, repo_root)
+                report.add("unsafe_link", shown, f"{shown} {problem}", label)
+            else:
+                kept.append(name)
+        dirs[:] = kept
+        for name in sorted(f for f in files if not _hidden(f)):
+            file = Path(current, name)
+            problem = _link_problem(file, source_root) if file.is_symlink() else None
+            if problem:
+                shown = display_path(file, repo_root)
+                report.add("unsafe_link", shown, f"{shown} {problem}", label)
+            else:
+                found.append(file)
     return found
 
 
 def scan_class_folders(root: Path, subset: str, report: DataReport, repo_root: Path,
-                       dest_prefix: PurePosixPath | None) -> list[tuple[str, str, str, str]]:
+                       dest_prefix: PurePosixPath | None, source_root: Path | None = None
+                       ) -> list[tuple[str, str, str, str]]:
     """Rows for `root/<class>/**/<image>`; stray files, non-images and empty classes go to the report.
 
-    `dest_prefix` is where the files will live under the raw dir (None: they already do).
+    `dest_prefix` is where the files will live under the raw dir (None: they already do); no file outside
+    `source_root` (default `root`) is read.
     """
+    source_root = source_root or root
     rows: list[tuple[str, str, str, str]] = []
     for entry in sorted(root.iterdir()):
         if _hidden(entry.name):
+            continue
+        if entry.is_symlink() and (problem := _link_problem(entry, source_root, root)):
+            report.add("unsafe_link", display_path(entry, repo_root), f"{display_path(entry, repo_root)} {problem}")
             continue
         if not entry.is_dir():
             if is_image_file(entry):
@@ -154,7 +192,7 @@ def scan_class_folders(root: Path, subset: str, report: DataReport, repo_root: P
                 report.add("non_image", display_path(entry, repo_root), f"{display_path(entry, repo_root)} ignored")
             continue
         label, n_images = entry.name, 0
-        for file in _walk_files(entry):
+        for file in _walk_files(entry, source_root, report, repo_root, label):
             shown = display_path(file, repo_root)
             if not is_image_file(file):
                 report.add("non_image", shown, f"{shown} is not an image (by extension); ignored", label)
@@ -198,13 +236,16 @@ def scan_image_folder(root: Path, layout: str, report: DataReport, repo_root: Pa
     for entry in sorted(root.iterdir()):
         if _hidden(entry.name):
             continue
+        if entry.is_symlink() and (problem := _link_problem(entry, root, root)):
+            report.add("unsafe_link", display_path(entry, repo_root), f"{display_path(entry, repo_root)} {problem}")
+            continue
         subset = SPLIT_FOLDERS.get(entry.name.lower())
         if subset is None or not entry.is_dir():
             report.add("non_image", display_path(entry, repo_root),
                        f"{display_path(entry, repo_root)} is not a train/val/test folder; ignored")
             continue
         prefix = None if dest_prefix is None else dest_prefix / entry.name
-        rows += scan_class_folders(entry, subset, report, repo_root, prefix)
+        rows += scan_class_folders(entry, subset, report, repo_root, prefix, source_root=root)
     if not rows:
         raise SourceError(f"no image found under {root} (layout {layout}); check data.path and data.layout")
     return _candidates(rows)
@@ -224,6 +265,16 @@ def dataset_root(path: Path) -> Path:
 
 def _template_fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def _relative_image_path(path: str, where: str, ident: str, shown_root: str) -> PurePosixPath:
+    """The image path an id names, as a path that stays under the image folder; refuse anything else."""
+    posix = PurePosixPath(path.replace("\\", "/"))
+    if "\0" in path or posix.is_absolute() or ".." in posix.parts or not posix.parts or posix.parts == (".",):
+        raise SourceError(f"{where}: id {ident!r} names the image {path!r}, which is not a file inside the image "
+                          f"folder {shown_root}; ids (with data.image_template) must name files under data.path. "
+                          "Fix or delete the row")
+    return posix
 
 
 def scan_labels_csv(root: Path, params: Mapping[str, Any], report: DataReport, repo_root: Path,
@@ -247,10 +298,8 @@ def scan_labels_csv(root: Path, params: Mapping[str, Any], report: DataReport, r
         raise SourceError(f"labels CSV {csv_path} has no column(s) {missing}; its columns are {list(table.columns)}. "
                           "Set data.id_column / data.label_column / data.subset_column")
 
-    rows: list[tuple[str, str, str, str]] = []
-    expected: set[str] = set()
-    label_of: dict[str, str] = {}
-    shown_csv = display_path(csv_path, repo_root)
+    shown_csv, shown_root = display_path(csv_path, repo_root), display_path(root, repo_root)
+    listed: dict[str, list[tuple[str, str, str, PurePosixPath]]] = {}  # file -> (where, label, subset, relative)
     for line, record in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
         ident, label = str(record[id_col]).strip(), str(record[label_col]).strip()
         subset = SPLIT_FOLDERS.get(str(record[subset_col]).strip().lower(), None) if subset_col else ""
@@ -261,22 +310,39 @@ def scan_labels_csv(root: Path, params: Mapping[str, Any], report: DataReport, r
             continue
         if subset is None:
             raise SourceError(f"{where}: {subset_col}={record[subset_col]!r} is not one of train/val/test")
-        relative = template.format(id=ident)
-        file = root / relative
-        key = os.path.normpath(file)
-        if key in label_of:
-            kind = "duplicate" if label_of[key] == label else "label_conflict"
-            report.add(kind, where, f"{where}: id {ident!r} is listed again (labels {label_of[key]!r} and "
-                       f"{label!r}); keep one row", label)
+        relative = _relative_image_path(template.format(id=ident), where, ident, shown_root)
+        listed.setdefault(os.path.normpath(root / relative), []).append((where, label, subset, relative))
+
+    # One id listed more than once: like byte-identical files in the folder source, different labels are a
+    # label_conflict (no row kept), the same label a duplicate (across official splits: leakage, the most
+    # held-out row kept).
+    rows: list[tuple[str, str, str, str]] = []
+    for key, entries in listed.items():
+        shown_file = display_path(Path(key), repo_root)
+        if len({label for _, label, _, _ in entries}) > 1:
+            rows_listed = "; ".join(f"{where}: {label!r}" for where, label, _, _ in entries)
+            for where, label, _, _ in entries:
+                report.add("label_conflict", where, f"{shown_file} is listed under different labels ({rows_listed}); "
+                           "keep one row", label)
             continue
-        label_of[key] = label
-        expected.add(key)
+        ordered = sorted(entries, key=lambda entry: SUBSET_PRIORITY[entry[2]])
+        where, label, subset, relative = ordered[0]
+        for other_where, _, other_subset, _ in ordered[1:]:
+            kind = "leakage" if other_subset != subset else "duplicate"
+            report.add(kind, other_where, f"{other_where}: {shown_file} is listed again (first in {where}"
+                       + (f", {subset} vs {other_subset or 'unsplit'}" if kind == "leakage" else "")
+                       + "); keep one row", label)
+        file = root / relative
         if not file.exists() and not file.is_symlink():
-            report.add("missing_file", where, f"{where}: label {label!r} for {display_path(file, repo_root)}, "
+            report.add("missing_file", where, f"{where}: label {label!r} for {shown_file}, "
                        "which does not exist; add the image or delete the row", label)
             continue
-        dest = "" if dest_prefix is None else str(dest_prefix / PurePosixPath(relative))
+        if problem := _link_problem(file, root):
+            report.add("unsafe_link", where, f"{where}: {shown_file} {problem}", label)
+            continue
+        dest = "" if dest_prefix is None else str(dest_prefix / relative)
         rows.append((str(file), dest, label, subset))
+    expected = set(listed)
 
     # Images next to the labelled ones but absent from the CSV have no label.
     for folder in sorted({os.path.dirname(k) for k in expected}):
@@ -328,10 +394,15 @@ def source_archive(params: dict[str, Any], raw_dir: Path, repo_root: Path) -> tu
     report = DataReport("archive")
     if not params.get("url") or not params.get("sha256"):
         raise SourceError("data.source 'archive' needs data.url and data.sha256")
-    fetch_archive(_archive_location(params["url"], repo_root), params["sha256"], raw_dir)
+    limits = ArchiveLimits(**{key: params[f"archive_{key}"] for key in ("max_bytes", "max_files", "max_ratio")
+                              if params.get(f"archive_{key}") is not None})
+    fetch_archive(_archive_location(params["url"], repo_root), params["sha256"], raw_dir, limits=limits)
     root = dataset_root(raw_dir)
     if params.get("path"):  # a sub-folder of the archive, e.g. 'hotdog' or 'dog-breed-identification'
         root = raw_dir / params["path"]
+        if not _real(root).is_relative_to(_real(raw_dir)):
+            raise SourceError(f"data.path {params['path']!r} leads outside the unpacked archive; name a folder "
+                              "inside it")
         if not root.is_dir():
             raise SourceError(f"data.path {params['path']!r} is not a folder inside the archive {params['url']}")
     if params.get("labels_csv"):
@@ -499,12 +570,15 @@ def resolve_duplicates(frame: pd.DataFrame, report: DataReport, repo_root: Path)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link `src` to `dst` (cheap, same bytes); copy when linking is impossible."""
+    """Hard-link `src` to `dst` (cheap, same bytes); copy when linking is impossible. Never overwrites."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(os.path.realpath(src), dst)
+    except FileExistsError:
+        raise
     except OSError:
-        shutil.copyfile(src, dst)
+        with open(src, "rb") as source, open(dst, "xb") as target:  # "x": fail rather than overwrite
+            shutil.copyfileobj(source, target)
 
 
 def _check_raw_dir(raw_dir: Path, repo_root: Path, params: Mapping[str, Any]) -> None:
@@ -590,7 +664,10 @@ def _place(frame: pd.DataFrame, raw_dir: Path, repo_root: Path) -> pd.DataFrame:
     paths = []
     for file, dest in tqdm(zip(frame["file"], frame["dest"]), total=len(frame), desc="copy", unit="file",
                            leave=False, disable=not (frame["dest"] != "").any()):
-        target = Path(os.path.abspath(file)) if not dest else raw_dir / dest
+        target = Path(os.path.abspath(file if not dest else raw_dir / dest))
+        # The sources keep every path inside its root; this is the last guard before anything is written.
+        if not target.is_relative_to(raw_dir) or (not dest and not _real(target).is_relative_to(_real(raw_dir))):
+            raise SourceError(f"{file} would be indexed or written as {target}, outside {raw_dir}; refusing")
         if dest:
             link_or_copy(Path(file), target)
         paths.append(target.relative_to(repo_root).as_posix())

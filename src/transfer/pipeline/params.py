@@ -25,7 +25,9 @@ class Section(BaseModel):
 class DataPolicyParams(Section):
     """Fail or skip, per group of data problems (see transfer.data_report for the kinds)."""
 
-    bad_files: Literal["skip", "fail"] = Field("skip", description="corrupt, truncated, empty, unreadable, oversized")
+    bad_files: Literal["skip", "fail"] = Field(
+        "skip", description="corrupt, truncated, empty, unreadable, oversized; symlinks out of the source or "
+                            "into a folder containing them")
     label_issues: Literal["skip", "fail"] = Field(
         "fail", description="one image under two labels, CSV rows without a file, files without a label, "
                             "empty classes, classes too small for the split")
@@ -57,6 +59,10 @@ class DataParams(Section):
     download: bool = Field(True, description="torchvision: download when missing (needs the network)")
     classes: list[str] | None = Field(None, description="idx: class names by label (default Fashion-MNIST's)")
     max_pixels: int = Field(64_000_000, ge=1, description="refuse images with more pixels (decompression bombs)")
+    archive_max_bytes: int = Field(50 * 1024**3, ge=1, description="archive: refuse to unpack more bytes than this")
+    archive_max_files: int = Field(2_000_000, ge=1, description="archive: refuse to unpack more members than this")
+    archive_max_ratio: float = Field(100.0, gt=0, description="archive: refuse a compression ratio (unpacked / "
+                                                              "archive bytes) above this, once past 64 MiB")
     policy: DataPolicyParams = DataPolicyParams()
 
     @model_validator(mode="after")
