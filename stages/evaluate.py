@@ -18,7 +18,7 @@ from transfer.evaluate.diagnostics import image_batch, write_run_diagnostics
 from transfer.pipeline.errors import run_stage
 from transfer.evaluate.metrics import classification_metrics, confusion_pairs, predict_logits
 from transfer.features import load_feature_cache
-from transfer.pipeline.files import read_json, write_csv, write_json
+from transfer.pipeline.files import load_torch, read_json, write_csv, write_json
 from transfer.data.images import load_rgb
 from transfer.pipeline.layout import DIAGNOSTICS_DIR, FEATURES_DIR, MODEL_FILE, REPORTS_DIR, RUN_FILE, SPLIT_DIR
 from transfer.pipeline.params import load_params
@@ -27,7 +27,7 @@ from transfer.data.transforms import eval_transform
 
 
 def load_model(path: Path) -> tuple[Classifier, dict]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_torch(path, "model file", "rerun the train stage (dvc repro -f train) to write it again")
     loaded = load_backbone(checkpoint["backbone"], "none", checkpoint["image_size"])
     model = Classifier(loaded.backbone, len(checkpoint["classes"]))
     model.load_state_dict(checkpoint["state_dict"])

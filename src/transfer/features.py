@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from transfer.models.backbones import Backbone
 from transfer.data.datasets import ImageDataset
-from transfer.pipeline.files import save_torch
+from transfer.pipeline.files import load_torch, save_torch
 
 
 @dataclass
@@ -45,7 +45,7 @@ def save_feature_cache(path: Path, cache: FeatureCache) -> None:
 def load_feature_cache(path: Path) -> FeatureCache:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the features stage first (dvc repro features)")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_torch(path, "feature cache", "rerun the features stage (dvc repro -f features)")
     cache = FeatureCache(payload["features"], payload["labels"], list(payload["paths"]))
     if len(cache.features) != len(cache.labels):
         raise ValueError(f"{path} is inconsistent: {len(cache.features)} feature rows, {len(cache.labels)} labels")

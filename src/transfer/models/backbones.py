@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from transfer.pipeline.errors import UserError
+from transfer.pipeline.files import UnreadableFileError, load_torch
 
 
 class BackboneError(UserError, RuntimeError):
@@ -81,9 +82,24 @@ def load_state_dict_file(model: nn.Module, path: Path) -> None:
     """Load a local .pth into `model`: its own key names, or the same tensors in order under other names."""
     if not path.is_file():
         raise BackboneError(f"weights file {path} not found (backbone.weights in params.yaml)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    fix = "point backbone.weights in params.yaml at a state_dict saved with torch.save or safetensors"
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BackboneError(f"{path} is not a usable safetensors weights file ({exc}); {fix}") from None
+    else:
+        try:
+            state = load_torch(path, "weights file", fix)
+        except UnreadableFileError as exc:
+            raise BackboneError(str(exc)) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"{path} holds a {type(state).__name__}, not a state_dict (names -> tensors); {fix}")
     if set(state) != set(model.state_dict()):
         state = _map_in_order(model, state, str(path))
     model.load_state_dict(state, strict=True)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from transfer.pipeline.files import save_torch, write_json
+from transfer.pipeline.files import UnreadableFileError, load_torch, save_torch, write_json
 
 # Runtime-only knobs: changing them must not discard a checkpoint.
 RUNTIME_KEYS = ("num_workers", "resume")
@@ -34,15 +34,21 @@ def fingerprint(train_params: dict[str, Any], data_hash: str) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values, so a checkpoint loads with weights_only=True."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
+                   float(cached_gaussian)]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -67,12 +73,11 @@ class Checkpointer:
         if not path.is_file():
             return None
         try:
-            # Our own file (RNG states are numpy/python objects): weights_only would refuse them.
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # truncated by a kill during a write of an older, non-atomic version
-            print(f"checkpoint: ignoring unreadable {path}: {exc}")
+            payload = load_torch(path, "checkpoint", "it is ignored and training starts over")
+        except UnreadableFileError as exc:  # damaged, from an older version, or tampered with
+            print(f"checkpoint: {exc}")
             return None
-        if payload.get("fingerprint") != self.fingerprint:
+        if not isinstance(payload, dict) or payload.get("fingerprint") != self.fingerprint:
             print(f"checkpoint: {path} belongs to other params or data; starting over")
             return None
         return payload
