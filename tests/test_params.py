@@ -28,7 +28,7 @@ def test_the_repository_params_are_valid():
     (lambda p: p.update(freeze_layers="some"), r"freeze_layers"),
     (lambda p: p.update(freeze_layers=-2), r"freeze_layers must be 'all' or an integer >= 0"),
     (lambda p: p["split"].update(val_fraction=0.6, test_fraction=0.5), r"val_fraction \+ test_fraction"),
-    (lambda p: p["backbone"].update(name="vgg11"), r"unknown backbone 'vgg11'.*efficientnet_lite0"),
+    (lambda p: p.update(seeed=1), r"seeed: unknown key"),
 ])
 def test_bad_values_are_named(mutate, message):
     raw = repo_params()

@@ -468,10 +468,9 @@ def source_idx(params: dict[str, Any], raw_dir: Path, repo_root: Path) -> tuple[
 
 
 def _torchvision_dataset(name: str, root: Path, part: str, download: bool) -> Any:
-    import torchvision  # late import: only this source needs it
-
     if name not in TORCHVISION_SPLITS:
         raise SourceError(f"torchvision dataset {name!r} is not supported; choose one of {sorted(TORCHVISION_SPLITS)}")
+    import torchvision  # late import: only this source needs it
     arg, train_value, test_value = TORCHVISION_SPLITS[name]
     cls = getattr(torchvision.datasets, name)
     try:

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+PARAMS_OK_FILE = Path("data/params.ok")  # params: written once params.yaml validates; its bytes never change
 RAW_DIR = Path("data/raw")  # download: the images and index.csv
 INDEX_FILE = RAW_DIR / "index.csv"
 SPLIT_DIR = Path("data/split")  # split: train/val/test.csv, classes.json, summary.json

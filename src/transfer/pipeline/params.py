@@ -1,9 +1,17 @@
 """The params.yaml schema: every knob of the pipeline, its type, its range and its default.
 
-This is the one place a param is declared. Stages call `load_params()` first, so a typo, a wrong type
-or an out-of-range value fails before any work starts, with a message naming the key, what was given
-and what is allowed. Each section is a model of its own; a stage reads only the sections it depends
-on (the same ones dvc.yaml lists under its `params:`).
+This is the one place a param is declared. Every stage calls `load_params()` first, which validates the
+whole file (every section, unknown top-level keys included), so a typo, a wrong type or an out-of-range
+value fails before any work starts, with a message naming the key, what was given and what is allowed.
+A stage reads only the keys dvc.yaml lists under its `params:` (tests/test_dvc_deps.py checks that).
+
+DVC runs a stage only when its deps or params changed, so a misspelt new key (`seeed: 1`) would re-run no
+stage and be checked by none: the `params` stage (stages/params.py) depends on the whole params.yaml and
+runs this validation whenever the file changes, before every other stage.
+
+The schema imports nothing heavy and nothing else from this package (deps stay exact): values checked
+against a registry (a backbone name, a torchvision dataset) are checked by the stage that uses them,
+which a change of that value re-runs.
 """
 
 from __future__ import annotations
@@ -71,11 +79,6 @@ class DataParams(Section):
         missing = [key for key in needs.get(self.source, []) if not getattr(self, key)]
         if missing:
             raise ValueError(f"source {self.source!r} needs data.{' and data.'.join(missing)}")
-        if self.source == "torchvision":
-            from transfer.data.sources import TORCHVISION_SPLITS  # late import: keeps params light
-
-            if self.name not in TORCHVISION_SPLITS:
-                raise ValueError(f"unknown torchvision dataset {self.name!r}; choose one of {sorted(TORCHVISION_SPLITS)}")
         return self
 
 
@@ -102,14 +105,6 @@ class BackboneParams(Section):
     weights: str = Field("imagenet", description="'imagenet', 'none' (random init) or a path to a .pth state_dict")
     image_size: int | None = Field(None, ge=16, le=1024,
                                    description="input side in pixels; null uses the backbone's pretrained config")
-
-    @model_validator(mode="after")
-    def _known_backbone(self) -> "BackboneParams":
-        from transfer.models.backbones import BACKBONES  # late import: the registry pulls in torch
-
-        if self.name not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.name!r}; choose one of {sorted(BACKBONES)}")
-        return self
 
 
 class FeatureParams(Section):
