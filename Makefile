@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Stage commands run `python`: put the project's environment first on PATH for DVC.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro server server-stop test test-fast ui bench clean
+.PHONY: setup repro server server-stop test test-fast ui server-mlflow server-url report compare bench clean
 
 setup: $(VENV)/.installed
 
@@ -34,7 +34,33 @@ test-fast: setup  ## unit tests only
 	$(BIN)/python -m pytest -m "not slow"
 
 ui: setup  ## the MLflow UI over every run of this repository (http://127.0.0.1:5000)
+	@echo "runs view: $$(MLFLOW_TRACKING_URI= $(BIN)/python -m transfer.tracking url)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts
+
+# A tracking server for a team (README, "Team workflow"): runs in a SQLite database, artifacts uploaded
+# through the server into MLFLOW_SERVER_DIR. Clients set MLFLOW_TRACKING_URI=http://HOST:PORT. For other
+# machines, bind a reachable address (MLFLOW_HOST=0.0.0.0) behind a proxy with authentication, and a
+# Postgres/MySQL URI in MLFLOW_BACKEND for many concurrent writers.
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5001
+MLFLOW_WORKERS ?= 2
+MLFLOW_SERVER_DIR ?= mlruns/server
+MLFLOW_BACKEND ?= sqlite:///$(MLFLOW_SERVER_DIR)/mlflow.db
+server-mlflow: setup  ## start an MLflow tracking server (foreground; Ctrl-C stops it)
+	mkdir -p $(MLFLOW_SERVER_DIR)
+	@echo "clients: export MLFLOW_TRACKING_URI=http://$(MLFLOW_HOST):$(MLFLOW_PORT); runs view: make server-url"
+	$(BIN)/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS) \
+		--backend-store-uri $(MLFLOW_BACKEND) --artifacts-destination $(MLFLOW_SERVER_DIR)/artifacts
+
+server-url:  ## the runs view of the experiment on the server in MLFLOW_TRACKING_URI
+	@$(BIN)/python -m transfer.tracking url
+
+BASE ?= main
+report: setup  ## markdown report of the workspace against BASE (reports/pr/report.md; CI posts it on PRs)
+	$(BIN)/transfer report --base $(BASE)
+
+compare: setup  ## experiments side by side: changed params and key metrics
+	$(BIN)/transfer compare
 
 bench: setup  ## speed figures of the pipeline (bench/README.md)
 	$(BIN)/python bench/pipeline_speed.py

@@ -87,6 +87,7 @@ def main() -> None:
 
     with tracking.reopen_run(read_json(RUN_FILE)["run_id"], params.tracking.experiment):
         tracking.log_metrics(metrics, prefix="test")
+        tracking.log_key_metrics(test_acc=metrics["accuracy"], test_f1=metrics["macro_f1"])
         tracking.log_artifacts([Path("params.yaml"), Path("dvc.lock"), REPORTS_DIR / "metrics.json",
                                 REPORTS_DIR / "confusion.csv", REPORTS_DIR / "history.csv"])
         # fit.*, topk.*: sortable in the MLflow UI (the train stage logs weight_change/<group>)

@@ -15,7 +15,7 @@ from transfer import __version__
 from transfer.pipeline.errors import UserError
 
 # Modules with a `register(subparsers)` function, in the order `transfer --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("transfer.evaluate.compare", "transfer.evaluate.pr_report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,12 +8,18 @@ creation and a generous SQLite busy timeout makes concurrent writers wait instea
 
 A pipeline run is one MLflow run: the train stage opens it (params, tags, per-epoch metrics, model) and
 records its id next to the model; the evaluate stage reopens that run to add the test metrics.
+
+MLFLOW_TRACKING_URI=http://... sends everything to a team server (`make server-mlflow`) instead; the server
+then chooses where artifacts go. Every run has a name (the DVC experiment's, or one read from its params),
+and the experiment carries a shared view of the runs table (`runs_view_url`) that opens on the key params
+and metrics rather than on MLflow's 100-odd columns.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -21,12 +27,25 @@ from typing import Any, Iterator
 
 import mlflow
 import numpy as np
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from transfer.pipeline.runtime import single_threaded
 
 # Seconds a writer waits for SQLite's lock before giving up; queue workers only hold it for milliseconds.
 SQLITE_BUSY_TIMEOUT = 120
+
+# What the runs view shows first. The evaluate stage logs the key metrics under these short names
+# (the full set is there too: test.*, fit.*, topk.*); the view sorts by the first one.
+KEY_METRICS = ("test_acc", "test_f1")
+KEY_PARAMS = ("backbone.name", "freeze_layers", "head.lr", "finetune.lr", "finetune.epochs")
+KEY_TAGS = ("fit_verdict",)
+# MLflow 3 shows an experiment as GenAI (traces) or classical training by this tag (UIs before 3.5 read
+# it; later ones also take `?workflowType=machine_learning` from the URL, see `runs_view_url`).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# A view of the runs table stored on the experiment, as the UI's "share view" stores one; opened by
+# `?viewStateShareKey=<key>`.
+RUNS_VIEW_KEY = "key-columns"
 
 
 def repository_root() -> Path:
@@ -63,18 +82,50 @@ def _store_lock(root: Path | None) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _column(kind: str, key: str) -> str:
+    return f"{kind}.`{key}`"  # the runs table's column ids
+
+
+def experiment_tags() -> dict[str, str]:
+    """Tags that make the experiment open on comparable runs: its kind and the key-columns view."""
+    view = {"selectedColumns": [_column("metrics", key) for key in KEY_METRICS]
+            + [_column("params", key) for key in KEY_PARAMS] + [_column("tags", key) for key in KEY_TAGS],
+            "orderByKey": _column("metrics", KEY_METRICS[0]), "orderByAsc": False}
+    return {**EXPERIMENT_KIND, f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": json.dumps(view)}
+
+
+def runs_view_url(server_url: str, experiment_id: str) -> str:
+    """The experiment's runs table with the key columns, on a UI or server at `server_url`."""
+    return (f"{server_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW_KEY}")
+
+
+def _get_or_create_experiment(client: MlflowClient, name: str, root: Path | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        # The repository store keeps artifacts beside its database; a server decides for itself.
+        local = not os.environ.get("MLFLOW_TRACKING_URI")
+        artifacts = (store_dir(root) / "artifacts").resolve().as_uri() if local else None
+        try:
+            return client.create_experiment(name, artifact_location=artifacts, tags=experiment_tags())
+        except MlflowException:
+            # Another queue worker created it first (on a server the file lock below does not reach).
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    for key, value in experiment_tags().items():  # experiments created before these tags existed
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
+
+
 def use_experiment(name: str, root: Path | None = None) -> str:
-    """Point MLflow at the repository store and make sure the experiment exists; returns its id."""
+    """Point MLflow at the repository store (or MLFLOW_TRACKING_URI) and make sure the experiment exists;
+    returns its id."""
     mlflow.set_tracking_uri(tracking_uri(root))
     # Creating the schema (first use) and the experiment must not race between queue workers.
     with _store_lock(root):
-        client = MlflowClient()
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            artifacts = (store_dir(root) / "artifacts").resolve().as_uri()
-            experiment_id = client.create_experiment(name, artifact_location=artifacts)
-        else:
-            experiment_id = experiment.experiment_id
+        experiment_id = _get_or_create_experiment(MlflowClient(), name, root)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
@@ -94,13 +145,26 @@ def run_tags(backbone: str, data_hash: str) -> dict[str, str]:
     return tags
 
 
+def readable_run_name(params: dict[str, Any]) -> str:
+    """A name for a run outside `dvc exp run` (plain `dvc repro`), from its flattened params:
+    `efficientnet_lite0 probe lr=0.01`, `resnet18 k=3 lr=0.002 5ep`."""
+    backbone = params.get("backbone.name", "model")
+    if str(params.get("freeze_layers", "all")) == "all":
+        return f"{backbone} probe lr={params.get('head.lr')}"
+    return f"{backbone} k={params['freeze_layers']} lr={params.get('finetune.lr')} {params.get('finetune.epochs')}ep"
+
+
+def run_name(params: dict[str, Any]) -> str:
+    """The DVC experiment's name inside `dvc exp run` (queued ones too), else one read from the params."""
+    return os.environ.get("DVC_EXP_NAME") or readable_run_name(params)
+
+
 @contextlib.contextmanager
 def training_run(experiment: str, params: dict[str, Any], tags: dict[str, str],
                  run_id: str | None = None) -> Iterator[str]:
     """Open (or, given run_id, reopen) the pipeline's MLflow run; yields its id."""
     use_experiment(experiment)
-    name = os.environ.get("DVC_EXP_NAME")  # None lets MLflow pick a name outside `dvc exp run`
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else name, tags=tags) as run:
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name(params), tags=tags) as run:
         if run_id is None:
             mlflow.log_params(params)
         yield run.info.run_id
@@ -134,6 +198,11 @@ def log_metrics(metrics: dict[str, Any], prefix: str = "") -> None:
     walk(prefix, metrics)
     # MLflow metric keys allow only alphanumerics and _-. /; class names may have others.
     mlflow.log_metrics({"".join(c if c.isalnum() or c in "_-./ " else "_" for c in k): v for k, v in flat.items()})
+
+
+def log_key_metrics(test_acc: float, test_f1: float) -> None:
+    """The metrics the runs view shows first, under short names (KEY_METRICS)."""
+    mlflow.log_metrics({"test_acc": float(test_acc), "test_f1": float(test_f1)})
 
 
 def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
@@ -170,3 +239,22 @@ def find_runs(experiment: str, root: Path | None = None):
     """All runs of an experiment as a pandas DataFrame (for tests and notebooks)."""
     use_experiment(experiment, root)
     return mlflow.search_runs(experiment_names=[experiment])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m transfer.tracking url [EXPERIMENT]`: the runs view of the configured store's experiment."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m transfer.tracking", description=main.__doc__)
+    parser.add_argument("command", choices=["url"])
+    parser.add_argument("experiment", nargs="?", default="transfer")
+    parser.add_argument("--ui", default="http://127.0.0.1:5000", help="the UI's address when the store is a file")
+    args = parser.parse_args(argv)
+    uri = tracking_uri()
+    server = uri if uri.startswith(("http://", "https://")) else args.ui
+    print(runs_view_url(server, use_experiment(args.experiment)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

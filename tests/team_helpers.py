@@ -1,0 +1,150 @@
+"""Helpers of the team-workflow tests: a small real git + DVC project, a project copy, an MLflow server.
+
+The small project has one stage, a Python script that writes the files the real pipeline's evaluate and
+train stages write (reports/metrics.json, train.json, history.csv, confusion.csv) as a function of its
+params, so commands that read DVC's params, metrics and plots run against real DVC in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DVC = [sys.executable, "-m", "dvc"]
+
+SMALL_STAGE = '''
+import json, yaml
+from pathlib import Path
+params = yaml.safe_load(open("params.yaml"))
+lr = params["head"]["lr"]
+accuracy = round(0.9 - abs(lr - 0.02) * 2, 4)
+Path("reports").mkdir(exist_ok=True)
+json.dump({"accuracy": accuracy, "macro_f1": accuracy - 0.01, "fit": {"verdict": "good"}},
+          open("reports/metrics.json", "w"), indent=2)
+json.dump({"best_epoch": 3, "val_acc": accuracy + 0.01}, open("reports/train.json", "w"), indent=2)
+rows = ["epoch,phase,lr,train_loss,train_acc,val_loss,val_acc"]
+rows += [f"{e},probe,{lr},{1 / e:.4f},{accuracy - 0.1 / e:.4f},{1.2 / e:.4f},{accuracy - 0.12 / e:.4f}" for e in range(1, 5)]
+Path("reports/history.csv").write_text("\\n".join(rows) + "\\n")
+labels = ["cat", "dog", "fox"]
+wrong = 1 if lr > 0.05 else 0
+pairs = [(f"data/{i}.png", labels[i % 3], labels[(i + (i < 3 * wrong)) % 3]) for i in range(12)]
+Path("reports/confusion.csv").write_text("path,actual,predicted\\n" + "".join(f"{p},{a},{b}\\n" for p, a, b in pairs))
+'''
+
+SMALL_DVC_YAML = '''
+stages:
+  train:
+    cmd: python stage.py
+    deps: [stage.py]
+    params: [head, freeze_layers, backbone]
+    metrics:
+      - reports/metrics.json: {cache: false}
+      - reports/train.json: {cache: false}
+    plots:
+      - reports/history.csv: {cache: false}
+      - reports/confusion.csv: {cache: false}
+'''
+
+SMALL_PARAMS = '''
+backbone:
+  name: efficientnet_lite0
+  image_size: 112
+freeze_layers: all
+head:
+  lr: 0.01
+  epochs: 40
+'''
+
+
+def git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The test process's environment without MLflow/DVC variables, with a git identity and the venv first."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1",
+               GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@localhost", GIT_COMMITTER_NAME="test",
+               GIT_COMMITTER_EMAIL="test@localhost", **(extra or {}))
+    return env
+
+
+def run(args: list[str], cwd: Path, env: dict, timeout: int = 300) -> str:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(map(str, args))} failed ({done.returncode}):\n{output[-4000:]}"
+    return output
+
+
+def small_dvc_project(repo: Path, env: dict) -> Path:
+    """A git + DVC repository with one stage and the real pipeline's metrics and plot files, committed."""
+    repo.mkdir(parents=True, exist_ok=True)
+    (repo / "stage.py").write_text(SMALL_STAGE)
+    (repo / "dvc.yaml").write_text(SMALL_DVC_YAML)
+    (repo / "params.yaml").write_text(SMALL_PARAMS)
+    run(["git", "init", "-q", "-b", "main"], repo, env)
+    run(DVC + ["init", "-q"], repo, env)
+    run(DVC + ["repro", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "baseline"], repo, env)
+    return repo
+
+
+def copy_project(repo: Path) -> Path:
+    """This project's files (tracked and new, never ignored ones, no outputs) in `repo`."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO_ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = REPO_ROOT / name
+        if source.is_file() and not name.startswith(("data/", "reports/", "mlruns/", "dvc.lock")):
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, repo / name)
+    return repo
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(store: Path, timeout: float = 120) -> Iterator[str]:
+    """A real `mlflow server` on loopback (SQLite backend, artifacts served), stopped on exit; yields its URL."""
+    store.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+               "--artifacts-destination", str(store / "artifacts")]
+    log = open(store / "server.log", "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              env=git_env())
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, (store / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server did not answer /health in time"
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
