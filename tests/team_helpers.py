@@ -67,9 +67,11 @@ head:
 
 
 def git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The test process's environment without MLflow/DVC variables, with a git identity and the venv first."""
+    """The test process's environment without MLflow/DVC variables, with a git identity, the venv first
+    and this checkout's package importable (`python -m transfer.cli`)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1",
+               PYTHONPATH=str(REPO_ROOT / "src"),
                GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@localhost", GIT_COMMITTER_NAME="test",
                GIT_COMMITTER_EMAIL="test@localhost", **(extra or {}))
     return env
