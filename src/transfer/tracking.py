@@ -24,6 +24,7 @@ import os
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlparse
 
 import mlflow
 import numpy as np
@@ -38,8 +39,8 @@ SQLITE_BUSY_TIMEOUT = 120
 # What the runs view shows first. The evaluate stage logs the key metrics under these short names
 # (the full set is there too: test.*, fit.*, topk.*); the view sorts by the first one.
 KEY_METRICS = ("test_acc", "test_f1")
-KEY_PARAMS = ("backbone.name", "freeze_layers", "head.lr", "finetune.lr", "finetune.epochs")
-KEY_TAGS = ("fit_verdict",)
+KEY_PARAMS = ("backbone.name", "freeze_layers", "head.lr", "finetune.lr")
+KEY_TAGS = ("fit_verdict",)  # off screen on a laptop, one scroll away
 # MLflow 3 shows an experiment as GenAI (traces) or classical training by this tag (UIs before 3.5 read
 # it; later ones also take `?workflowType=machine_learning` from the URL, see `runs_view_url`).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -63,11 +64,23 @@ def store_dir(root: Path | None = None) -> Path:
     return (root or repository_root()) / "mlruns"
 
 
+# mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; the repository store set that way is not the
+# user's choice and must not stick to the next repository used in the same process.
+_exported_store_uri: str | None = None
+
+
+def _user_tracking_uri() -> str | None:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri if uri and uri != _exported_store_uri else None
+
+
 def tracking_uri(root: Path | None = None) -> str:
     """MLFLOW_TRACKING_URI wins (a team server); otherwise the repository's SQLite store."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{store_dir(root) / 'mlflow.db'}?timeout={SQLITE_BUSY_TIMEOUT}"
+    return _user_tracking_uri() or f"sqlite:///{store_dir(root) / 'mlflow.db'}?timeout={SQLITE_BUSY_TIMEOUT}"
+
+
+def _is_server(uri: str) -> bool:
+    return urlparse(uri).scheme not in ("sqlite", "file", "")
 
 
 @contextlib.contextmanager
@@ -104,8 +117,8 @@ def _get_or_create_experiment(client: MlflowClient, name: str, root: Path | None
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         # The repository store keeps artifacts beside its database; a server decides for itself.
-        local = not os.environ.get("MLFLOW_TRACKING_URI")
-        artifacts = (store_dir(root) / "artifacts").resolve().as_uri() if local else None
+        server = _is_server(mlflow.get_tracking_uri())
+        artifacts = None if server else (store_dir(root) / "artifacts").resolve().as_uri()
         try:
             return client.create_experiment(name, artifact_location=artifacts, tags=experiment_tags())
         except MlflowException:
@@ -122,7 +135,11 @@ def _get_or_create_experiment(client: MlflowClient, name: str, root: Path | None
 def use_experiment(name: str, root: Path | None = None) -> str:
     """Point MLflow at the repository store (or MLFLOW_TRACKING_URI) and make sure the experiment exists;
     returns its id."""
-    mlflow.set_tracking_uri(tracking_uri(root))
+    global _exported_store_uri
+    uri = tracking_uri(root)
+    if _user_tracking_uri() is None:
+        _exported_store_uri = uri
+    mlflow.set_tracking_uri(uri)
     # Creating the schema (first use) and the experiment must not race between queue workers.
     with _store_lock(root):
         experiment_id = _get_or_create_experiment(MlflowClient(), name, root)

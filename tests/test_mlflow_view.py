@@ -1,0 +1,113 @@
+"""The MLflow side of comparing runs: run names, the experiment's kind and key-columns view, and the UI.
+
+The UI test starts a real `mlflow server` on loopback, records two runs through transfer.tracking as the
+pipeline does, and loads the runs view in headless Chromium: the table must show the key metric and param
+columns without the user picking any. A screenshot is kept next to the test's files (and attached to the
+assertion message) for a human look.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from team_helpers import mlflow_server
+from transfer import tracking
+
+PARAMS = {"backbone.name": "efficientnet_lite0", "freeze_layers": "all", "head.lr": 0.01, "finetune.lr": 0.002,
+          "finetune.epochs": 5, "head.epochs": 40}
+
+
+def test_readable_run_names():
+    assert tracking.readable_run_name(PARAMS) == "efficientnet_lite0 probe lr=0.01"
+    fine_tuned = {**PARAMS, "freeze_layers": 3, "backbone.name": "resnet18"}
+    assert tracking.readable_run_name(fine_tuned) == "resnet18 k=3 lr=0.002 5ep"
+
+
+def test_run_name_is_the_dvc_experiment_name_inside_dvc_exp_run(monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "lofty-pram")
+    assert tracking.run_name(PARAMS) == "lofty-pram"
+    monkeypatch.delenv("DVC_EXP_NAME")
+    assert tracking.run_name(PARAMS) == "efficientnet_lite0 probe lr=0.01"
+
+
+def record_runs(experiment: str = "transfer") -> None:
+    """Two runs as the train and evaluate stages record them (a plain repro and a DVC experiment)."""
+    for exp_name, lr, accuracy in ((None, 0.01, 0.8267), ("bushy-tile", 0.03, 0.8433)):
+        os.environ.pop("DVC_EXP_NAME", None)
+        if exp_name:
+            os.environ["DVC_EXP_NAME"] = exp_name
+        try:
+            with tracking.training_run(experiment, {**PARAMS, "head.lr": lr}, {"backbone": "efficientnet_lite0"}):
+                tracking.log_epoch({"epoch": 1, "phase": "probe", "val_acc": accuracy - 0.02})
+                tracking.log_key_metrics(test_acc=accuracy, test_f1=accuracy - 0.01)
+                tracking.log_tags({"fit_verdict": "good"})
+        finally:
+            os.environ.pop("DVC_EXP_NAME", None)
+
+
+def test_local_store_experiment_has_kind_view_and_named_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # the repository store of a repository at tmp_path
+    record_runs()
+    experiment = MlflowClient(tracking.tracking_uri()).get_experiment_by_name("transfer")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{tracking.RUNS_VIEW_KEY}"])
+    assert view["selectedColumns"][:2] == ["metrics.`test_acc`", "metrics.`test_f1`"]
+    assert "params.`head.lr`" in view["selectedColumns"] and view["orderByKey"] == "metrics.`test_acc`"
+    assert experiment.artifact_location == (tmp_path / "mlruns" / "artifacts").as_uri()
+    runs = tracking.find_runs("transfer", root=tmp_path)
+    assert sorted(runs["tags.mlflow.runName"]) == ["bushy-tile", "efficientnet_lite0 probe lr=0.01"]
+    assert sorted(runs["metrics.test_acc"]) == [0.8267, 0.8433]
+    # An experiment made before these tags existed gets them on next use.
+    client = MlflowClient(tracking.tracking_uri())
+    client.delete_experiment_tag(experiment.experiment_id, "mlflow.experimentKind")
+    tracking.use_experiment("transfer")
+    assert client.get_experiment(experiment.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def headless(browser: str, profile: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+               f"--user-data-dir={profile}", "--window-size=1600,1000", "--virtual-time-budget=30000", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_runs_view_shows_key_columns_in_headless_chromium(tmp_path, monkeypatch):
+    browser = chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (CI installs it: .ci/run)")
+    with mlflow_server(tmp_path / "server") as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+        record_runs()
+        experiment = MlflowClient(url).get_experiment_by_name("transfer")
+        # On a server the server places artifacts (mlflow-artifacts:), not the client's local folder.
+        assert experiment.artifact_location.startswith("mlflow-artifacts:")
+        view = tracking.runs_view_url(url, experiment.experiment_id)
+
+        shot = tmp_path / "runs_view.png"
+        dom = headless(browser, tmp_path / "profile", f"--screenshot={shot}", "--dump-dom", view).stdout
+
+    with Image.open(shot) as png:
+        assert png.size == (1600, 1000)
+        assert len(png.convert("L").getcolors(maxcolors=1 << 16) or range(999)) > 20  # drawn, not blank
+    text = dom.replace("\u200b", "")
+    # The runs table (not the GenAI overview) with the key columns and both runs, by name.
+    assert "Run Name" in text, f"runs table missing; screenshot: {shot}"
+    for column in ("test_acc", "test_f1", "backbone.name", "finetune.lr", "freeze_layers", "head.lr"):
+        assert f">{column}<" in text, f"column {column} missing; screenshot: {shot}"
+    assert "bushy-tile" in text and "efficientnet_lite0 probe lr=0.01" in text
+    assert ">0.8433<" in text
