@@ -41,8 +41,9 @@ SQLITE_BUSY_TIMEOUT = 120
 KEY_METRICS = ("test_acc", "test_f1")
 KEY_PARAMS = ("backbone.name", "freeze_layers", "head.lr", "finetune.lr")
 KEY_TAGS = ("fit_verdict",)  # off screen on a laptop, one scroll away
-# MLflow 3 shows an experiment as GenAI (traces) or classical training by this tag (UIs before 3.5 read
-# it; later ones also take `?workflowType=machine_learning` from the URL, see `runs_view_url`).
+# MLflow 3 UIs show an experiment as classical training, not GenAI (traces), by this tag. The 3.17 UI
+# decides by its GenAI / Model training switch instead, which `?workflowType=machine_learning` sets
+# (`runs_view_url`).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # A view of the runs table stored on the experiment, as the UI's "share view" stores one; opened by
 # `?viewStateShareKey=<key>`.
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ui", default="http://127.0.0.1:5000", help="the UI's address when the store is a file")
     args = parser.parse_args(argv)
     uri = tracking_uri()
-    server = uri if uri.startswith(("http://", "https://")) else args.ui
+    server = uri if _is_server(uri) else args.ui
     print(runs_view_url(server, use_experiment(args.experiment)))
     return 0
 
