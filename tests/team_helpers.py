@@ -16,8 +16,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DVC = [sys.executable, "-m", "dvc"]
@@ -33,7 +33,8 @@ json.dump({"accuracy": accuracy, "macro_f1": accuracy - 0.01, "fit": {"verdict":
           open("reports/metrics.json", "w"), indent=2)
 json.dump({"best_epoch": 3, "val_acc": accuracy + 0.01}, open("reports/train.json", "w"), indent=2)
 rows = ["epoch,phase,lr,train_loss,train_acc,val_loss,val_acc"]
-rows += [f"{e},probe,{lr},{1 / e:.4f},{accuracy - 0.1 / e:.4f},{1.2 / e:.4f},{accuracy - 0.12 / e:.4f}" for e in range(1, 5)]
+rows += [f"{e},probe,{lr},{1 / e:.4f},{accuracy - 0.1 / e:.4f},{1.2 / e:.4f},{accuracy - 0.12 / e:.4f}"
+         for e in range(1, 5)]
 Path("reports/history.csv").write_text("\\n".join(rows) + "\\n")
 labels = ["cat", "dog", "fox"]
 wrong = 1 if lr > 0.05 else 0

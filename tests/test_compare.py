@@ -6,7 +6,6 @@ The table functions are checked on `dvc exp show --json` output as DVC 3 prints 
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -20,7 +19,8 @@ from transfer.evaluate.compare import CompareError, changed_params, comparison_t
 
 def revision(rev: str, name: str | None, lr: float, accuracy: float | None, error=None) -> dict:
     metrics = {} if accuracy is None else {
-        "reports/metrics.json": {"data": {"accuracy": accuracy, "macro_f1": accuracy - 0.01, "fit": {"verdict": "good"}}},
+        "reports/metrics.json": {"data": {"accuracy": accuracy, "macro_f1": accuracy - 0.01,
+                                          "fit": {"verdict": "good"}}},
         "reports/train.json": {"data": {"best_epoch": 3, "val_acc": 0.8}}}
     params = {"params.yaml": {"data": {"backbone": {"name": "efficientnet_lite0", "image_size": 112},
                                        "freeze_layers": "all", "head": {"lr": lr, "epochs": 40}}}}

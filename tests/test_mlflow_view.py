@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from team_helpers import mlflow_server
+
 from transfer import tracking
 
 PARAMS = {"backbone.name": "efficientnet_lite0", "freeze_layers": "all", "head.lr": 0.01, "finetune.lr": 0.002,

@@ -34,7 +34,8 @@ class ReportError(UserError):
 
 
 def dvc(args: list[str], repo: Path) -> str:
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True,
+                          check=False)
     if done.returncode != 0:
         raise ReportError(f"`dvc {' '.join(args)}` failed in {repo}:\n{done.stderr.strip()[-2000:]}")
     return done.stdout
@@ -42,7 +43,7 @@ def dvc(args: list[str], repo: Path) -> str:
 
 def check_revision(base: str, repo: Path) -> None:
     done = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}"], cwd=repo,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise ReportError(f"base revision {base!r} is not a commit of {repo}: fetch it first "
                           f"(`git fetch origin {base.removeprefix('origin/')}`; in GitHub Actions check out "
