@@ -129,6 +129,7 @@ def test_queue_on_two_workers_logs_to_the_server_and_experiments_travel(team):
     assert named["lr-low"].data.tags["dvc_exp_name"] == "lr-low"
 
     table = run([sys.executable, "-m", "transfer.cli", "compare"], team.repo, env)
+    print(table)  # the README's example
     assert re.search(r"^lr-high\s+success\s+0\.05\s+0\.\d+", table, re.MULTILINE), table
 
     # The experiments travel: git refs to the shared repository, outputs to the DVC remote.
