@@ -182,16 +182,32 @@ def training_run(experiment: str, params: dict[str, Any], tags: dict[str, str],
                  run_id: str | None = None) -> Iterator[str]:
     """Open (or, given run_id, reopen) the pipeline's MLflow run; yields its id."""
     use_experiment(experiment)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name(params), tags=tags) as run:
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name(params), tags=tags) as run, \
+            _killed_on_interrupt(run.info.run_id):
         if run_id is None:
             mlflow.log_params(params)
         yield run.info.run_id
 
 
 @contextlib.contextmanager
+def _killed_on_interrupt(run_id: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM (KeyboardInterrupt) ends the run as KILLED, other errors as FAILED (MLflow's own);
+    the interruption carries a note saying so, which the stage prints."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        mlflow.end_run("KILLED")
+        exc.add_note(f"MLflow run {run_id} is marked KILLED")
+        raise
+    except Exception as exc:
+        exc.add_note(f"MLflow run {run_id} is marked FAILED")
+        raise
+
+
+@contextlib.contextmanager
 def reopen_run(run_id: str, experiment: str) -> Iterator[str]:
     use_experiment(experiment)
-    with mlflow.start_run(run_id=run_id) as run:
+    with mlflow.start_run(run_id=run_id) as run, _killed_on_interrupt(run.info.run_id):
         yield run.info.run_id
 
 
