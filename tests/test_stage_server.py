@@ -11,8 +11,11 @@ import os
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -152,3 +155,104 @@ def test_without_a_server_the_launcher_runs_the_script_itself(scripts, tmp_path)
     env = environment(tmp_path / "none")
     done = launch(scripts / "probe.py", ["5"], env, scripts, stdin="")
     assert done.returncode == 5 and json.loads(done.stdout)["preloaded"] is False
+
+
+# Prints the global RNGs' first draws and the temporary folder, as a stage would see them.
+RNG_PROBE = '''
+import json, random, tempfile
+import numpy, torch
+print(json.dumps({"random": random.random(), "numpy": float(numpy.random.random()),
+                  "torch": float(torch.rand(1)), "tmp": tempfile.gettempdir()}))
+'''
+
+
+def test_each_child_has_fresh_global_rngs_like_a_cold_process(server, scripts):
+    _, env = server
+    (scripts / "rng.py").write_text(RNG_PROBE)
+    served = [json.loads(launch(scripts / "rng.py", [], env, scripts).stdout) for _ in range(2)]
+    cold = json.loads(launch(scripts / "rng.py", [], {**env, "TRANSFER_STAGE_SERVER": "off"}, scripts).stdout)
+    for generator in ("random", "numpy", "torch"):  # each seeded from the OS in a fresh process
+        assert served[0][generator] != served[1][generator] != cold[generator]
+    assert served[0]["tmp"] == cold["tmp"]
+
+
+@pytest.mark.parametrize("variable", ["TMPDIR", "MPLCONFIGDIR", "HOME"])
+def test_a_different_temporary_or_config_folder_runs_cold(server, scripts, tmp_path, variable):
+    _, env = server
+    done = launch(scripts / "probe.py", ["0"], {**env, variable: str(tmp_path)}, scripts)
+    assert done.returncode == 0 and json.loads(done.stdout)["preloaded"] is False
+
+
+def test_a_socket_folder_others_can_reach_is_refused(scripts, tmp_path):
+    folder = tmp_path / "shared"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    env = environment(folder)
+    refused = subprocess.run([sys.executable, "-m", "transfer.pipeline.stage_server", "start"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "has mode 0o755" in refused.stderr and "chmod 700" in refused.stderr
+    assert not list(folder.iterdir())
+    done = launch(scripts / "probe.py", ["0"], env, scripts)  # the launcher will not use it either
+    assert done.returncode == 0 and json.loads(done.stdout)["preloaded"] is False
+    assert "has mode 0o755" in done.stderr and "running without it" in done.stderr
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
+def test_another_users_folder_and_connections_are_refused(scripts, tmp_path):
+    nobody = 65534
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, nobody, nobody)
+    refused = subprocess.run([sys.executable, "-m", "transfer.pipeline.stage_server", "start"],
+                             env=environment(theirs), capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and f"belongs to user id {nobody}" in refused.stderr
+
+    mine = Path(tempfile.mkdtemp(prefix="transfer-server-test-", dir="/tmp"))  # reachable: pytest's tmp is 0700
+    env = environment(mine)
+    server_command("start", env, "--idle", "120")
+    try:
+        # Open the way to the socket (as a careless chmod would) for a process of another user.
+        mine.chmod(0o711)
+        socket_file = next(mine.glob("*.sock"))
+        socket_file.chmod(0o777)
+        marker = mine / "ran"
+        (scripts / "touch.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the intruder: another user, connecting and asking for a run
+            try:
+                os.setgid(nobody)
+                os.setuid(nobody)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(str(socket_file))
+                data = json.dumps({"command": "run", "argv": [str(scripts / "touch.py")], "cwd": "/", "env": {},
+                                   "path": sys.path, "fds": []}).encode()
+                sock.sendall(struct.pack("!I", len(data)) + data)
+                os.write(write_end, repr(sock.recv(100)).encode())
+            except BaseException as exc:  # noqa: BLE001 - reported through the pipe
+                os.write(write_end, repr(exc).encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        os.waitpid(pid, 0)
+        answer = os.read(read_end, 200)
+        assert answer == b"b''" or answer.startswith(b"ConnectionResetError"), answer  # closed unanswered
+        os.close(read_end)
+        time.sleep(0.5)
+        assert not marker.exists()
+        assert f"refused a connection from user id {nobody}" in (mine / (socket_file.stem + ".log")).read_text()
+    finally:
+        mine.chmod(0o700)
+        server_command("stop", env)
+        shutil.rmtree(mine, ignore_errors=True)
+
+
+@pytest.mark.parametrize("stage", ["params", "download", "split"])
+def test_light_stages_start_without_torch_or_mlflow(stage):
+    """What a stage imports before main() runs: the data stages need neither torch nor MLflow."""
+    check = (f"import runpy, sys; runpy.run_path({str(REPO_ROOT / 'stages' / (stage + '.py'))!r}, run_name='probe'); "
+             "print(sorted(m for m in ('torch', 'mlflow', 'torchvision', 'timm') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", check], env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

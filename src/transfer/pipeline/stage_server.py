@@ -13,11 +13,22 @@ What keeps a served run identical to a cold one:
   child from the caller's `sys.path`, so edited code and DVC's temporary experiment copies
   (`--temp`, `--queue`) run their own files.
 - The server answers only callers whose interpreter, installed packages and import-time environment
-  (thread counts, CUDA and PyTorch variables, the hash seed) match its own, see `fingerprint`;
-  any other caller runs cold.
-- The parent never computes, so no thread pool exists when it forks.
+  (thread counts, CUDA and PyTorch variables, the hash seed, temporary and config folders such as
+  TMPDIR, HOME, XDG_*, MPLCONFIGDIR, the locale) match its own, see `fingerprint`; any other caller runs
+  cold. The child also forgets the server's cached temporary folder.
+- Each child reseeds the global RNGs of Python, NumPy and torch from the OS, as a fresh process does
+  (forked children would otherwise all start from the server's state).
+- The parent never computes. Libraries start a few idle native threads when imported (on the reference
+  machine: one by torch, jemalloc's background thread via MLflow's pyarrow, OpenBLAS's pool via
+  scikit-learn); only the forking thread exists in a child, and these libraries register fork handlers, so a
+  child starts its own pools on first use. No Python thread runs in the parent.
 - A child whose caller dies (`kill -9` of the stage) is killed with its process group, as the
   stage would have been. Signals the caller receives are forwarded to the child's group.
+
+Who may talk to whom: the socket folder must be a real folder owned by the user with mode 0700 (the
+server refuses to start, and callers refuse to use it, otherwise), and both ends check the other's user
+id with SO_PEERCRED: a caller hands over its environment and terminal only to its own user's server, and
+the server runs code only for its own user.
 
     python -m transfer.pipeline.stage_server start      # make server; exits after --idle seconds unused
     python -m transfer.pipeline.stage_server status
@@ -36,13 +47,16 @@ import hashlib
 import importlib
 import json
 import os
+import random
 import runpy
 import selectors
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -60,8 +74,11 @@ PRELOAD = (
 PROJECT_PACKAGE = (__package__ or "transfer").split(".")[0]
 # Environment read when libraries load (OpenMP/MKL thread counts, CUDA, PyTorch, hash seed): a caller
 # whose values differ from the server's would not get the same process, so it runs cold.
+# Temporary, cache and config folders are read once too (tempfile caches TMPDIR; matplotlib its config and
+# font cache), and so is the locale.
 IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "CUDA_", "PYTORCH_", "TORCH_", "NCCL_", "LD_",
-                   "PYTHONHASHSEED", "PYTHONOPTIMIZE", "MPLBACKEND")
+                   "PYTHONHASHSEED", "PYTHONOPTIMIZE", "PYTHONWARNINGS", "MPL", "TMPDIR", "TEMP", "TMP", "HOME",
+                   "XDG_", "LANG", "LC_", "TZ")
 DEFAULT_IDLE_SECONDS = 30 * 60
 UNIX_PATH_MAX = 107
 
@@ -89,7 +106,35 @@ def server_dir() -> Path:
     return Path("/tmp") / f"transfer-server-{os.getuid()}"
 
 
+def check_private_dir(path: Path) -> None:
+    """Refuse a socket folder that someone else could use: it must be our own real folder, mode 0700."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(info.st_mode):
+        raise ServerError(f"{path} is not a folder (a symlink or a file); remove it or set TRANSFER_SERVER_DIR")
+    if info.st_uid != os.getuid():
+        raise ServerError(f"{path} belongs to user id {info.st_uid}, not to you ({os.getuid()}); "
+                          "set TRANSFER_SERVER_DIR to a folder of your own")
+    if info.st_mode & 0o077:
+        raise ServerError(f"{path} has mode {oct(info.st_mode & 0o777)}: others could reach the stage server's "
+                          f"socket; chmod 700 {path}, or set TRANSFER_SERVER_DIR")
+
+
+def _make_private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_private_dir(path)
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The user id of the process at the other end of a Unix socket (SO_PEERCRED: pid, uid, gid)."""
+    credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", credentials)[1]
+
+
 def socket_path() -> Path:
+    check_private_dir(server_dir())
     path = server_dir() / f"{fingerprint()}.sock"
     if len(str(path)) > UNIX_PATH_MAX:
         raise ServerError(f"socket path {path} is longer than {UNIX_PATH_MAX} characters: "
@@ -141,6 +186,9 @@ def _connect(path: Path) -> socket.socket | None:
     except OSError:  # no server, or a stale socket file left by a killed one
         sock.close()
         return None
+    if peer_uid(sock) != os.getuid():  # not our server: it gets neither our environment nor our terminal
+        sock.close()
+        raise ServerError(f"the process listening on {path} belongs to another user; not using it")
     return sock
 
 
@@ -162,7 +210,8 @@ def run_in_server(script: str, args: list[str]) -> int | None:
     """The script's exit code as run by the server; None when no server took it (run it yourself)."""
     try:
         sock = _connect(socket_path())
-    except ServerError:
+    except ServerError as exc:
+        print(f"stage server: {exc}; running without it", file=sys.stderr)
         return None
     if sock is None:
         return None
@@ -217,8 +266,8 @@ def preload() -> float:
 
 def serve(idle_seconds: float) -> None:
     """Import the libraries, then run stage requests until idle for `idle_seconds` or SIGTERM."""
+    _make_private_dir(server_dir())
     path = socket_path()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if (existing := _connect(path)) is not None:
         existing.close()
         raise ServerError(f"a stage server already listens on {path}")
@@ -256,6 +305,11 @@ def serve(idle_seconds: float) -> None:
                         wake_read.recv(4096)
                     continue
                 conn, _ = listener.accept()
+                if peer_uid(conn) != os.getuid():  # the folder is private; this is the second lock
+                    print(f"stage server {os.getpid()}: refused a connection from user id {peer_uid(conn)}",
+                          flush=True)
+                    conn.close()
+                    continue
                 pid = _handle(conn, children, server_sockets, stopping, served)
                 if pid:  # only stage runs count as use; `status` does not keep the server alive
                     last_active = time.monotonic()
@@ -345,6 +399,8 @@ def _run_child(conn: socket.socket, request: dict, fds: dict[int, int], inherite
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    tempfile.tempdir = None  # computed again from the caller's TMPDIR on first use
+    _reseed()
     _rebind_stdio()
     sys.argv = list(request["argv"])
     sys.path[:] = request["path"]
@@ -372,6 +428,15 @@ def _run_child(conn: socket.socket, request: dict, fds: dict[int, int], inherite
         with contextlib.suppress(Exception):
             stream.flush()
     return code
+
+
+def _reseed() -> None:
+    """The global RNGs as a fresh interpreter has them, not the server's state shared by every child."""
+    random.seed()  # from os.urandom, as at interpreter start
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()  # from the OS, as at numpy's import
+    if "torch" in sys.modules:
+        sys.modules["torch"].seed()  # from the OS, as at torch's import
 
 
 def _rebind_stdio() -> None:
@@ -405,12 +470,12 @@ def _die_with_caller(conn: socket.socket) -> None:
 # --- start / stop / status -----------------------------------------------------------------------
 
 def start(idle_seconds: float, wait_seconds: float = 120) -> int:
+    _make_private_dir(server_dir())
     path = socket_path()
     if (sock := _connect(path)) is not None:
         sock.close()
         print(f"stage server already running on {path}")
         return 0
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     log = path.with_suffix(".log")
     with open(log, "ab") as out:
         process = subprocess.Popen([sys.executable, "-m", f"{PROJECT_PACKAGE}.pipeline.stage_server", "serve",
@@ -443,6 +508,7 @@ def _ask(path: Path, command: str) -> dict | None:
 
 
 def status() -> int:
+    check_private_dir(server_dir())
     sockets = sorted(server_dir().glob("*.sock")) if server_dir().is_dir() else []
     mine = socket_path()
     found = 0
@@ -460,6 +526,7 @@ def status() -> int:
 
 
 def stop() -> int:
+    check_private_dir(server_dir())
     sockets = sorted(server_dir().glob("*.sock")) if server_dir().is_dir() else []
     for path in sockets:
         reply = _ask(path, "stop")
