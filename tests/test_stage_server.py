@@ -256,3 +256,18 @@ def test_light_stages_start_without_torch_or_mlflow(stage):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_ctrl_c_of_a_served_stage_ends_it_with_one_line(server, scripts):
+    _, env = server
+    (scripts / "stage.py").write_text(
+        "import time\nfrom transfer.pipeline.errors import run_stage\n\n"
+        "def main():\n    print('working', flush=True)\n    time.sleep(120)\n\nrun_stage('features', main)\n")
+    caller = subprocess.Popen([sys.executable, "-m", "transfer.pipeline.stage", str(scripts / "stage.py")],
+                              cwd=scripts, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert caller.stdout.readline().strip() == "working"
+    caller.send_signal(signal.SIGINT)
+    _, err = caller.communicate(timeout=60)
+    assert caller.returncode == 130
+    assert err.startswith("features: interrupted by Ctrl-C (SIGINT); no MLflow run was open; `dvc repro` resumes")
+    assert len(err.strip().splitlines()) == 1
