@@ -159,7 +159,9 @@ def test_repro_twice_gives_identical_metrics(project):
     # Through the stage server (every stage a fork of a process with the libraries imported), the
     # same files again, byte for byte.
     server = [sys.executable, "-m", "transfer.pipeline.stage_server"]
-    run(server + ["start", "--idle", "300"], repo, env)
+    # Started as dvc.yaml starts stages (PYTHONPATH=src): the server runs this checkout's launcher code, whose
+    # fingerprint the stages compute (an installed copy of the package elsewhere may differ).
+    run(server + ["start", "--idle", "300"], repo, {**env, "PYTHONPATH": "src"})
     try:
         output = run(dvc + ["repro", "-f"], repo, env)
         status = run(server + ["status"], repo, env)
