@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from transfer import tracking
-from transfer.models.backbones import Classifier, load_backbone
+from transfer.models.backbones import Classifier, load_backbones
 from transfer.data.datasets import load_split_dataset
 from transfer.evaluate.diagnostics import image_batch, write_run_diagnostics
 from transfer.pipeline.errors import run_stage
@@ -28,7 +28,8 @@ from transfer.data.transforms import eval_transform
 
 def load_model(path: Path) -> tuple[Classifier, dict]:
     checkpoint = load_torch(path, "model file", "rerun the train stage (dvc repro -f train) to write it again")
-    loaded = load_backbone(checkpoint["backbone"], "none", checkpoint["image_size"])
+    specs = [(name, "none", image_size) for name, image_size in checkpoint["backbones"]]
+    loaded = load_backbones(specs, checkpoint["layers"])
     model = Classifier(loaded.backbone, len(checkpoint["classes"]))
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval(), {**checkpoint, "data_config": loaded.data_config}

