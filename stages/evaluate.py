@@ -13,6 +13,7 @@ import torch
 
 from transfer import tracking
 from transfer.models.backbones import Classifier, load_backbones
+from transfer.models.heads import LINEAR_PROBE, FittedHead, load_feature_head
 from transfer.data.datasets import load_split_dataset
 from transfer.evaluate.diagnostics import image_batch, write_run_diagnostics
 from transfer.pipeline.errors import run_stage
@@ -20,7 +21,15 @@ from transfer.evaluate.metrics import classification_metrics, confusion_pairs, p
 from transfer.features import load_feature_cache
 from transfer.pipeline.files import load_torch, read_json, write_csv, write_json
 from transfer.data.images import load_rgb
-from transfer.pipeline.layout import DIAGNOSTICS_DIR, FEATURES_DIR, MODEL_FILE, REPORTS_DIR, RUN_FILE, SPLIT_DIR
+from transfer.pipeline.layout import (
+    DIAGNOSTICS_DIR,
+    FEATURES_DIR,
+    HEAD_FILE,
+    MODEL_FILE,
+    REPORTS_DIR,
+    RUN_FILE,
+    SPLIT_DIR,
+)
 from transfer.pipeline.params import load_params
 from transfer.pipeline.runtime import resolve_device
 from transfer.data.transforms import eval_transform
@@ -32,7 +41,10 @@ def load_model(path: Path) -> tuple[Classifier, dict]:
     loaded = load_backbones(specs, checkpoint["layers"])
     model = Classifier(loaded.backbone, len(checkpoint["classes"]))
     model.load_state_dict(checkpoint["state_dict"])
-    return model.eval(), {**checkpoint, "data_config": loaded.data_config}
+    kind = checkpoint.get("head_kind", LINEAR_PROBE)
+    if kind != LINEAR_PROBE:  # a scikit-learn head, saved next to the model
+        model.head = FittedHead(load_feature_head(path.parent / HEAD_FILE.name), kind)
+    return model.eval(), {**checkpoint, "head_kind": kind, "data_config": loaded.data_config}
 
 
 def layer_movement() -> dict[str, float]:
@@ -59,7 +71,8 @@ def diagnose(model: Classifier, checkpoint: dict, params, test, logits: torch.Te
         weight_change=layer_movement(),
         thresholds=params.diagnostics.thresholds(), best_epoch=read_json(REPORTS_DIR / "train.json")["best_epoch"],
         summary={"accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"]},
-        title=f"Run report: {checkpoint['backbone']}, freeze_layers={checkpoint['freeze_layers']}",
+        title=f"Run report: {checkpoint['backbone']}, head {checkpoint['head_kind']}, "
+              f"freeze_layers={checkpoint['freeze_layers']}",
         projection=params.diagnostics.projection, max_mistakes=params.diagnostics.mistakes)
 
 

@@ -1,4 +1,8 @@
-"""Stage train: a linear probe on the cached features, then fine-tuning when `freeze_layers` is an integer.
+"""Stage train: the head.kind head on the cached features, then fine-tuning when `freeze_layers` is an integer.
+
+A scikit-learn head (head.kind other than linear) is saved in data/model/head.skops and logged to MLflow in
+the sklearn flavour (predicting from features); fine-tuning starts from the linear or logreg head, and from
+a linear probe for the other kinds.
 
 Params: freeze_layers, head, finetune, seed, backbone. Opens the pipeline run in MLflow (params, tags,
 per-epoch metrics, the model) and records its id in data/model/run.json for the evaluate stage.
@@ -26,25 +30,58 @@ from transfer.train.distributed import DistContext, device_for, init_from_env, r
 from transfer.pipeline.errors import run_stage
 from transfer.features import load_feature_cache
 from transfer.pipeline.files import read_json, save_torch, write_csv, write_json
-from transfer.models.heads import imagenet_overlap_head, xavier_head
+from transfer.models.heads import (
+    FEATURE_HEADS,
+    FINETUNE_INIT_KINDS,
+    LINEAR_PROBE,
+    TRUSTED_TYPES,
+    fold_into_linear,
+    imagenet_overlap_head,
+    save_feature_head,
+    xavier_head,
+)
 from transfer.train.layer_stats import relative_weight_change
-from transfer.pipeline.layout import CHECKPOINT_DIR, FEATURES_DIR, MODEL_FILE, RAW_DIR, REPORTS_DIR, RUN_FILE, SPLIT_DIR
+from transfer.pipeline.layout import (
+    CHECKPOINT_DIR,
+    FEATURES_DIR,
+    HEAD_FILE,
+    MODEL_FILE,
+    RAW_DIR,
+    REPORTS_DIR,
+    RUN_FILE,
+    SPLIT_DIR,
+)
 from transfer.pipeline.params import Params, flatten, load_params
 from transfer.train.finetune import fine_tune
 from transfer.pipeline.runtime import resolve_device
-from transfer.train.probe import train_linear_probe
+from transfer.train.probe import FittedFeatureHead, fit_feature_head, train_linear_probe
 from transfer.data.transforms import eval_transform, train_transform
 
 
-def probe_head(model: Classifier, params: Params, classes: list[str], log) -> tuple[list[dict], int, dict]:
-    """The linear probe on cached features; the head takes its weights. Returns (history, best epoch, head init)."""
+def probe_head(model: Classifier, params: Params, classes: list[str], log,
+               fine_tuning: bool) -> tuple[list[dict], int, dict, FittedFeatureHead | None]:
+    """The head.kind head on cached features; a linear one becomes model.head. Returns (history, best epoch,
+    the head's state before fitting, the fitted scikit-learn head when it is the model's head)."""
     train_features = load_feature_cache(FEATURES_DIR / "train.pt")
     val_features = load_feature_cache(FEATURES_DIR / "val.pt")
+    kind = params.head.kind
+    if kind != LINEAR_PROBE and (not fine_tuning or kind in FINETUNE_INIT_KINDS):
+        fitted = fit_feature_head(kind, train_features, val_features, params.seed, on_epoch=log)
+        if FEATURE_HEADS[kind].linear:
+            fold_into_linear(fitted.estimator, kind, model.head)  # the torch head gives the same logits
+        best = fitted.history[fitted.best_epoch - 1]
+        print(f"train: head {kind}, {FEATURE_HEADS[kind].hyperparameter}={fitted.chosen} chosen on val (val accuracy "
+              f"{best['val_acc']:.4f}), refitted on train + val in {fitted.fit_seconds:.1f} s"
+              + ("; fine-tuning starts from its weights" if fine_tuning else ""))
+        return fitted.history, fitted.best_epoch, {}, None if fine_tuning else fitted
+    if kind != LINEAR_PROBE:
+        print(f"train: head.kind {kind} cannot start fine-tuning (only {' or '.join(FINETUNE_INIT_KINDS)} can): "
+              f"the head starts from a linear probe (head.kind: linear) instead")
     probe = train_linear_probe(train_features, val_features, len(classes), params.head, params.seed, on_epoch=log)
     model.head.load_state_dict(probe.model.state_dict())
     print(f"train: linear probe, best val accuracy {max(r['val_acc'] for r in probe.history):.4f} "
           f"at epoch {probe.best_epoch}")
-    return probe.history, probe.best_epoch, {f"head.{k}": v for k, v in probe.initial_state.items()}
+    return probe.history, probe.best_epoch, {f"head.{k}": v for k, v in probe.initial_state.items()}, None
 
 
 def init_head(model: Classifier, params: Params, classes: list[str], loaded: LoadedBackbone) -> None:
@@ -85,14 +122,18 @@ def train(params: Params, context: DistContext) -> None:
         if saved is None and context.is_main:
             # What the download stage skipped or ignored, and why (see transfer.data_report).
             tracking.log_artifacts([RAW_DIR / "data_report.json"], artifact_path="data")
+        feature_head = None
         if saved is not None:
             history, best_epoch = saved["extra"]["probe_history"], saved["extra"]["probe_best_epoch"]
             # Without initial.pt (deleted by hand), movement is measured from the pretrained backbone.
             initial_state = checkpointer.load_initial() or cpu_state_dict(model)
         elif not fine_tuning or params.finetune.head_init == "probe":
-            history, best_epoch, probe_initial = probe_head(model, params, classes, log)
-            # What moved: from the pretrained backbone (and the head before it was fitted, for a probe).
+            history, best_epoch, probe_initial, feature_head = probe_head(model, params, classes, log, fine_tuning)
+            # What moved: from the pretrained backbone (and the head before it was fitted, for a probe;
+            # a scikit-learn head has no initial weights, so it is left out).
             initial_state = cpu_state_dict(model) if fine_tuning else {**cpu_state_dict(model), **probe_initial}
+            if feature_head is not None:
+                initial_state = {k: v for k, v in initial_state.items() if not k.startswith("head.")}
         else:
             init_head(model, params, classes, loaded)
             history, best_epoch, initial_state = [], 0, cpu_state_dict(model)
@@ -118,7 +159,10 @@ def train(params: Params, context: DistContext) -> None:
         save_torch(MODEL_FILE, {
             "backbone": backbone_name, "image_size": loaded.data_config.image_size,
             "backbones": [(b.name, b.image_size) for b in params.backbones], "layers": params.features.layers,
-            "classes": classes, "freeze_layers": params.freeze_layers, "state_dict": model.state_dict()})
+            "classes": classes, "freeze_layers": params.freeze_layers, "state_dict": model.state_dict(),
+            "head_kind": feature_head.kind if feature_head else LINEAR_PROBE})
+        if feature_head is not None:
+            save_feature_head(HEAD_FILE, feature_head.estimator)
         write_csv(REPORTS_DIR / "history.csv", pd.DataFrame(history))
         best = next(row for row in history if row["epoch"] == best_epoch)
         write_json(REPORTS_DIR / "train.json", {"best_epoch": best_epoch, "val_acc": best["val_acc"],
@@ -127,8 +171,14 @@ def train(params: Params, context: DistContext) -> None:
         write_json(REPORTS_DIR / "layer_movement.json", movement)
         tracking.log_metrics({f"weight_change/{group}": value for group, value in movement.items()
                               if value is not None})
-        example = val_data[0][0].unsqueeze(0).numpy().astype(np.float32)
-        tracking.log_model(model, example)
+        if feature_head is None:
+            example = val_data[0][0].unsqueeze(0).numpy().astype(np.float32)
+            tracking.log_model(model, example)
+        else:  # the scikit-learn head alone, predicting from features (skops, not pickle)
+            example = load_feature_cache(FEATURES_DIR / "val.pt").features[:2].numpy()
+            tracking.log_feature_head(feature_head.estimator, example, TRUSTED_TYPES)
+            tracking.log_metrics({"head_fit_seconds": feature_head.fit_seconds})
+            tracking.log_tags({f"head_{FEATURE_HEADS[feature_head.kind].hyperparameter}": str(feature_head.chosen)})
         write_json(RUN_FILE, {"run_id": run_id})
         checkpointer.finish()
     print(f"train: model -> {MODEL_FILE}, MLflow run {run_id}")

@@ -269,6 +269,17 @@ def log_model(model, input_example: np.ndarray) -> None:
                                  serialization_format="pickle")
 
 
+def log_feature_head(estimator, input_example: np.ndarray, trusted_types: list[str]) -> None:
+    """A scikit-learn head (head.kind), predicting classes from cached features: sklearn flavour, stored with
+    skops (no pickle); load it with mlflow.sklearn.load_model(uri) (the trusted types are recorded)."""
+    import sklearn
+
+    with single_threaded():
+        mlflow.sklearn.log_model(estimator, name="model", input_example=input_example, serialization_format="skops",
+                                 skops_trusted_types=trusted_types,
+                                 pip_requirements=[f"scikit-learn=={sklearn.__version__}", "skops"])
+
+
 def find_runs(experiment: str, root: Path | None = None):
     """All runs of an experiment as a pandas DataFrame (for tests and notebooks)."""
     use_experiment(experiment, root)

@@ -10,6 +10,7 @@ FEATURES_DIR = Path("data/features")  # features: train/val/test.pt
 MODEL_DIR = Path("data/model")  # train: model.pt, run.json (the MLflow run id)
 MODEL_FILE = MODEL_DIR / "model.pt"
 RUN_FILE = MODEL_DIR / "run.json"
+HEAD_FILE = MODEL_DIR / "head.skops"  # a scikit-learn head (head.kind other than linear), without pickle
 CHECKPOINT_DIR = Path("data/checkpoints")  # train: per-epoch checkpoints, kept across runs to resume
 REPORTS_DIR = Path("reports")  # metrics (JSON) and plots (CSV), small files kept in git
 DIAGNOSTICS_DIR = REPORTS_DIR / "diagnostics"  # evaluate: pictures, per-class CSV, report.html (DVC-cached)

@@ -121,7 +121,12 @@ class FeatureParams(Section):
 
 
 class HeadParams(Section):
-    """The linear probe: a linear classifier fitted on the cached features."""
+    """The head fitted on the cached features (train stage); lr, epochs, batch_size, weight_decay: the linear probe."""
+
+    kind: Literal["linear", "logreg", "svm", "knn", "forest", "bayes"] = Field(
+        "linear", description="linear: AdamW linear probe; logreg: logistic regression (L-BFGS), L2 chosen on val; "
+                              "svm: linear SVM, C chosen on val; knn: cosine k-NN, k chosen on val; forest: random "
+                              "forest; bayes: Gaussian naive Bayes (README: Heads on cached features)")
 
     lr: float = Field(0.01, gt=0, le=10, description="AdamW learning rate of the linear probe")
     epochs: int = Field(40, ge=1, le=10_000, description="epochs of the linear probe (the best epoch by val accuracy "
