@@ -39,7 +39,21 @@ def _format_value(value: Any) -> str:
     return f"`{value}`"
 
 
+def _unwrap(annotation: Any) -> Any:
+    """Annotated[X, ...] -> X (tagged union members, discriminators)."""
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
 def _type_name(annotation: Any) -> str:
+    annotation = _unwrap(annotation)
+    if _is_model(annotation):
+        return "mapping"
     origin = typing.get_origin(annotation)
     if origin is Literal:
         return " \\| ".join(_format_value(choice) for choice in typing.get_args(annotation))
@@ -66,11 +80,15 @@ def _bounds(info: FieldInfo) -> str:
 def _rows(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
     for name, info in model.model_fields.items():
         key = f"{prefix}{name}"
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        annotation = _unwrap(info.annotation)
+        if _is_model(annotation):
             yield from _rows(annotation, f"{key}.")
-        else:
-            yield key, info
+            continue
+        yield key, info
+        if typing.get_origin(annotation) in (Union, types.UnionType):  # one mapping or a list of them: its keys
+            models = [_unwrap(arg) for arg in typing.get_args(annotation) if _is_model(_unwrap(arg))]
+            for model_type in models[:1]:
+                yield from _rows(model_type, f"{key}.")
 
 
 def _used_by(dvc_yaml: Path) -> dict[str, list[str]]:
