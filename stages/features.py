@@ -14,14 +14,14 @@ from transfer.data.datasets import load_split_dataset
 from transfer.pipeline.errors import run_stage
 from transfer.features import FeatureCache, extract_features, save_feature_cache
 from transfer.pipeline.layout import FEATURES_DIR, SPLIT_DIR
-from transfer.pipeline.params import load_params
+from transfer.pipeline.params import backbone_specs, load_params
 from transfer.pipeline.runtime import resolve_device
 from transfer.data.transforms import eval_transform
 
 
 def main() -> None:
     params = load_params()
-    loaded = load_backbones(params.backbone_specs(), params.features.layers)
+    loaded = load_backbones(backbone_specs(params.backbone), params.features.layers)
     device = resolve_device(params.device)
     for split in SPLITS:
         dataset = load_split_dataset(SPLIT_DIR, split, Path.cwd(), eval_transform(loaded.data_config))

@@ -51,7 +51,7 @@ from transfer.pipeline.layout import (
     RUN_FILE,
     SPLIT_DIR,
 )
-from transfer.pipeline.params import Params, flatten, load_params
+from transfer.pipeline.params import Params, backbone_list, backbone_specs, flatten, load_params
 from transfer.train.finetune import fine_tune
 from transfer.pipeline.runtime import resolve_device
 from transfer.train.probe import FittedFeatureHead, fit_feature_head, train_linear_probe
@@ -102,13 +102,14 @@ def layer_movement(initial_state: dict, model: Classifier) -> dict[str, float | 
 def train(params: Params, context: DistContext) -> None:
     root = Path.cwd()
     classes = read_classes(SPLIT_DIR)
-    loaded = load_backbones(params.backbone_specs(), params.features.layers)
+    loaded = load_backbones(backbone_specs(params.backbone), params.features.layers)
     model = Classifier(loaded.backbone, len(classes))
     fine_tuning = params.freeze_layers != "all"
     if fine_tuning:
         freeze_first_groups(model, params.freeze_layers)  # fails fast, listing the groups, on a bad k
     data_hash = read_json(SPLIT_DIR / "summary.json")["data_hash"]
-    backbone_name = "+".join(backbone.name for backbone in params.backbones)
+    backbones = backbone_list(params.backbone)
+    backbone_name = "+".join(backbone.name for backbone in backbones)
     tags = tracking.run_tags(backbone_name, data_hash)
     checkpointer = Checkpointer(CHECKPOINT_DIR, training_fingerprint(params, data_hash), writer=context.is_main)
     saved = checkpointer.load_last() if fine_tuning and params.finetune.resume else None
@@ -148,7 +149,7 @@ def train(params: Params, context: DistContext) -> None:
             result = fine_tune(model, params.freeze_layers, train_data, val_data, finetune, params.seed,
                                device_for(context, resolve_device(params.device)), first_epoch=len(history) + 1,
                                on_epoch=log, checkpointer=checkpointer, context=context,
-                               pretrained=params.backbones[0].weights != "none")
+                               pretrained=backbones[0].weights != "none")
             history, best_epoch = history + result.history, result.best_epoch
             print(f"train: fine-tuned with {params.freeze_layers} frozen group(s), best val accuracy "
                   f"{max(r['val_acc'] for r in result.history):.4f} at epoch {best_epoch}")
@@ -158,7 +159,7 @@ def train(params: Params, context: DistContext) -> None:
         model.cpu().eval()
         save_torch(MODEL_FILE, {
             "backbone": backbone_name, "image_size": loaded.data_config.image_size,
-            "backbones": [(b.name, b.image_size) for b in params.backbones], "layers": params.features.layers,
+            "backbones": [(b.name, b.image_size) for b in backbones], "layers": params.features.layers,
             "classes": classes, "freeze_layers": params.freeze_layers, "state_dict": model.state_dict(),
             "head_kind": feature_head.kind if feature_head else LINEAR_PROBE})
         if feature_head is not None:

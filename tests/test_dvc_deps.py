@@ -184,7 +184,7 @@ def test_stage_params_are_exactly_the_keys_it_reads(stage):
 def test_the_analysis_sees_what_the_train_stage_reads():
     """The derivation itself: keys read directly, through a function in the script and through the package."""
     read = params_read(ROOT / "stages/train.py")
-    assert {"device", "seed", "freeze_layers", "backbone.name", "tracking.experiment"} <= read
+    assert {"device", "seed", "freeze_layers", "backbone", "tracking.experiment"} <= read
     assert {"head", "finetune"} <= read  # read whole by training_fingerprint (train/checkpoint.py)
     assert not any(key.startswith(("data", "split", "evaluate")) for key in read)
     assert SRC / "transfer/data/images.py" in import_closure(ROOT / "stages/features.py")

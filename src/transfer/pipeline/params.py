@@ -254,14 +254,16 @@ class Params(Section):
                                  f"features) or a single backbone")
         return self
 
-    @property
-    def backbones(self) -> list[BackboneParams]:
-        """backbone as a list (one entry unless several were given)."""
-        return list(self.backbone) if isinstance(self.backbone, list) else [self.backbone]
 
-    def backbone_specs(self) -> list[tuple[str, str, int | None]]:
-        """(name, weights, image_size) per backbone, as transfer.models.backbones.load_backbones takes them."""
-        return [(b.name, b.weights, b.image_size) for b in self.backbones]
+
+def backbone_list(backbone: BackboneParams | list[BackboneParams]) -> list[BackboneParams]:
+    """The `backbone` section as a list (one entry unless several were given)."""
+    return list(backbone) if isinstance(backbone, list) else [backbone]
+
+
+def backbone_specs(backbone: BackboneParams | list[BackboneParams]) -> list[tuple[str, str, int | None]]:
+    """(name, weights, image_size) per backbone, as transfer.models.backbones.load_backbones takes them."""
+    return [(b.name, b.weights, b.image_size) for b in backbone_list(backbone)]
 
 
 class ParamsError(UserError, ValueError):

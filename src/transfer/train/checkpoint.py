@@ -119,7 +119,8 @@ class Checkpointer:
 def training_fingerprint(params, data_hash: str) -> str:
     """Fingerprint of a train-stage configuration (transfer.params.Params) on data with `data_hash`."""
     finetune = {key: value for key, value in params.finetune.model_dump().items() if key not in RUNTIME_KEYS}
-    shaping = {"backbone": [b.model_dump() for b in params.backbones], "layers": params.features.layers,
+    backbones = params.backbone if isinstance(params.backbone, list) else [params.backbone]
+    shaping = {"backbone": [b.model_dump() for b in backbones], "layers": params.features.layers,
                "freeze_layers": params.freeze_layers,
                "head": params.head.model_dump(), "finetune": finetune, "seed": params.seed}
     return fingerprint(shaping, data_hash)
