@@ -121,7 +121,7 @@ def _logreg(c: float, seed: int):
     from sklearn.preprocessing import StandardScaler
 
     # warm_start: each C of the grid starts from the previous solution (the same estimator is refitted).
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000, warm_start=True, random_state=seed))
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=300, warm_start=True, random_state=seed))
 
 
 def _svm(c: float, seed: int):
@@ -156,7 +156,7 @@ def _bayes(smoothing: float, seed: int):
 
 
 FEATURE_HEADS: dict[str, FeatureHead] = {
-    "logreg": FeatureHead(_logreg, "C", tuple(10.0 ** k for k in range(-4, 4)), "decision", linear=True),
+    "logreg": FeatureHead(_logreg, "C", tuple(10.0 ** k for k in range(-3, 3)), "decision", linear=True),
     "svm": FeatureHead(_svm, "C", tuple(10.0 ** k for k in range(-5, 1)), "decision", linear=True),
     "knn": FeatureHead(_knn, "k", (1, 3, 5, 10, 20, 50), "proba", linear=False),
     "forest": FeatureHead(_forest, "trees", (200,), "proba", linear=False),
