@@ -83,6 +83,7 @@ def _scores(estimator, kind: str, cache: FeatureCache) -> tuple[float, float]:
     return _loss_and_accuracy(logits, cache.labels)
 
 
+@single_threaded()  # BLAS threads spin-wait for each other on a busy 2-core machine (a fit took 10x longer)
 def fit_feature_head(kind: str, train: FeatureCache, val: FeatureCache, seed: int,
                      on_epoch: EpochCallback | None = None) -> FittedFeatureHead:
     """Fit head.kind on cached features: each value of its grid on train, the best on val, refitted on train + val.
