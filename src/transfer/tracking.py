@@ -20,14 +20,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import mlflow
 import numpy as np
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -284,6 +287,111 @@ def find_runs(experiment: str, root: Path | None = None):
     """All runs of an experiment as a pandas DataFrame (for tests and notebooks)."""
     use_experiment(experiment, root)
     return mlflow.search_runs(experiment_names=[experiment])
+
+
+# --- Tuning: one parent run per Optuna study, one child run per trial ----------------------------
+
+TRIAL_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
+
+
+class StudyTracker:
+    """The MLflow side of `transfer tune`: a parent run per study, a child run per trial.
+
+    Runs are addressed by id through MlflowClient (no active-run state), so several worker processes,
+    possibly on several machines, add child runs to the one parent run of their shared study.
+    """
+
+    def __init__(self, experiment: str, study_name: str, root: Path | None = None):
+        self.experiment_id = use_experiment(experiment, root)
+        self.client = MlflowClient()
+        self.study_name = study_name
+        self.parent_run_id: str | None = None
+        self._pending: dict[str, list[Metric]] = {}  # metrics not sent yet, by run id
+
+    def create_parent(self, settings: dict[str, Any], tags: dict[str, str]) -> str:
+        """The study's parent run: the tune settings as params; returns its id."""
+        run = self.client.create_run(self.experiment_id, run_name=f"tune {self.study_name}",
+                                     tags={**tags, "tune.study": self.study_name, "tune.role": "study"})
+        _log_params(self.client, run.info.run_id, settings)
+        self.parent_run_id = run.info.run_id
+        return run.info.run_id
+
+    def start_trial(self, number: int, params: dict[str, Any], tags: dict[str, str]) -> str:
+        """A child run for trial `number`, holding the trial's training params; returns its id."""
+        run = self.client.create_run(self.experiment_id, run_name=f"{self.study_name} trial {number}", tags={
+            **tags, "mlflow.parentRunId": self.parent_run_id, "tune.study": self.study_name, "tune.role": "trial",
+            "tune.trial": str(number)})
+        _log_params(self.client, run.info.run_id, params)
+        return run.info.run_id
+
+    def log_trial_epoch(self, run_id: str, row: dict[str, Any]) -> None:
+        """One history row as metrics at step `epoch`; probe epochs (fractions of a second) are sent in one batch."""
+        timestamp, step = int(time.time() * 1000), int(row["epoch"])
+        self._pending.setdefault(run_id, []).extend(
+            Metric(key, float(value), timestamp, step) for key, value in row.items()
+            if key not in ("epoch", "phase") and isinstance(value, (int, float)) and not isinstance(value, bool))
+        if row.get("phase") != "probe":
+            self._flush(run_id)
+
+    def _flush(self, run_id: str, tags: list[RunTag] = ()) -> None:
+        metrics = self._pending.pop(run_id, [])
+        for start in range(0, max(len(metrics), 1), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(run_id, metrics=metrics[start:start + 1000], tags=tags if start == 0 else ())
+
+    def end_trial(self, run_id: str, state: str, value: float | None) -> None:
+        """Close a trial's run: tag tune.state (complete, pruned, failed), metric `objective`, status."""
+        if value is not None and not math.isnan(value):
+            self._pending.setdefault(run_id, []).append(Metric("objective", float(value), int(time.time() * 1000), 0))
+        self._flush(run_id, tags=[RunTag("tune.state", state)])
+        self.client.set_terminated(run_id, TRIAL_STATUS[state])
+
+    def log_study(self, metrics: dict[str, float], best: dict[str, Any], artifacts: list[Path]) -> None:
+        """The study's summary on the parent run (each worker's last word: the whole study so far)."""
+        run_id = self.parent_run_id
+        timestamp = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), timestamp, 0) for k, v in metrics.items()],
+                              tags=[RunTag(f"best.{k}", _param_text(v)) for k, v in best.items()])
+        for path in artifacts:
+            if Path(path).exists():
+                self.client.log_artifact(run_id, str(path), artifact_path="tune")
+        self.client.set_terminated(run_id, "FINISHED")
+
+
+def _param_text(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def _log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(key, _param_text(value)) for key, value in params.items()]
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
+def find_study_runs(experiment: str, study_name: str, root: Path | None = None):
+    """The parent and trial runs of a study as a pandas DataFrame (for tests and notebooks)."""
+    use_experiment(experiment, root)
+    return mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.`tune.study` = '{study_name}'")
+
+
+def log_lr_find(experiment: str, recipe: str, params: dict[str, Any], curve: list[tuple[float, float]],
+                metrics: dict[str, float], artifacts: list[Path], tags: dict[str, str], root: Path | None = None) -> str:
+    """One run for an LR sweep: the training params, loss per step (lr as its own metric), suggestions, plot."""
+    experiment_id = use_experiment(experiment, root)
+    client = MlflowClient()
+    run = client.create_run(experiment_id, run_name=f"lr-find {recipe}", tags={**tags, "lr_find.recipe": recipe})
+    run_id = run.info.run_id
+    _log_params(client, run_id, params)
+    timestamp = int(time.time() * 1000)
+    series = [Metric(name, float(value), timestamp, step) for step, (lr, loss) in enumerate(curve)
+              for name, value in (("lr_find.lr", lr), ("lr_find.loss", loss)) if not math.isnan(value)]
+    series += [Metric(k, float(v), timestamp, 0) for k, v in metrics.items()]
+    for start in range(0, len(series), 1000):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(run_id, metrics=series[start:start + 1000])
+    for path in artifacts:
+        if Path(path).exists():
+            client.log_artifact(run_id, str(path), artifact_path="lr_find")
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
 
 
 def main(argv: list[str] | None = None) -> int:

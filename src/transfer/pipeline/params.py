@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from transfer.pipeline.errors import UserError
 
@@ -208,6 +208,128 @@ class DiagnosticsParams(Section):
         return {"overfit_gap": self.overfit_gap, "underfit_acc": self.underfit_acc}
 
 
+# Keys `transfer tune` may search: what shapes training. Not backbone/data (the cached features depend on
+# them), not the seed (tuning it fits val noise), not finetune's runtime knobs (they do not change the model).
+TUNABLE_SECTIONS: dict[str, type[Section]] = {"head": HeadParams, "finetune": FinetuneParams}
+UNTUNABLE_FINETUNE_KEYS = ("num_workers", "amp", "channels_last", "compile", "nproc", "resume")
+Choice = Union[bool, int, float, str, None]
+
+
+class SearchDimension(Section):
+    """The range one key is searched over (a `tune.space` entry)."""
+
+    type: Literal["loguniform", "uniform", "int", "categorical"] = Field(
+        description="loguniform/uniform: a float in [low, high]; int: an integer in [low, high]; "
+                    "categorical: one of choices")
+    low: Union[int, float, None] = Field(None, description="smallest value (loguniform: > 0)")
+    high: Union[int, float, None] = Field(None, description="largest value")
+    step: Union[int, float, None] = Field(None, gt=0, description="uniform/int: only low + k x step")
+    log: bool = Field(False, description="int: sample on a log scale")
+    choices: list[Choice] | None = Field(None, min_length=1, description="categorical: the values to choose from")
+
+    @model_validator(mode="after")
+    def _range_is_complete(self) -> "SearchDimension":
+        if self.type == "categorical":
+            if self.choices is None or self.low is not None or self.high is not None:
+                raise ValueError("categorical takes choices: [...] (and no low/high)")
+            return self
+        if self.low is None or self.high is None or self.choices is not None:
+            raise ValueError(f"{self.type} takes low and high (and no choices)")
+        if not self.low < self.high:
+            raise ValueError(f"low must be below high (got low={self.low}, high={self.high})")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0 (got {self.low})")
+        if self.type == "int" and not all(float(v).is_integer() for v in (self.low, self.high, self.step or 1)):
+            raise ValueError("int takes integer low, high and step")
+        if self.type == "int" and self.log and (self.low < 1 or (self.step or 1) != 1):
+            raise ValueError("int with log: true needs low >= 1 and no step")
+        if self.type == "loguniform" and self.step is not None:
+            raise ValueError("loguniform takes no step (use int with log: true for integers)")
+        return self
+
+    def contains(self, value: Any) -> bool:
+        """Whether the space can draw `value` (steps aside)."""
+        if self.type == "categorical":
+            return any(value == choice and type(value) is type(choice) for choice in self.choices)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return self.low <= value <= self.high and (self.type != "int" or float(value).is_integer())
+
+    def values_to_check(self) -> list[Choice]:
+        """Values that must each be valid for the key: the choices, or both ends of the range."""
+        return list(self.choices) if self.type == "categorical" else [self.low, self.high]
+
+
+def check_tunable(key: str, dimension: SearchDimension) -> None:
+    """`key` may be tuned and every value of `dimension` passes the key's own schema; else ValueError."""
+    section, _, field = key.partition(".")
+    if key == "freeze_layers":
+        bad = [v for v in dimension.values_to_check() if v != "all" and (isinstance(v, bool) or not isinstance(v, int)
+                                                                         or v < 0)]
+        if bad or dimension.type in ("uniform", "loguniform"):
+            raise ValueError(f"{key}: values must be 'all' or integers >= 0 (use type int or categorical)")
+        return
+    model = TUNABLE_SECTIONS.get(section)
+    if model is None or field not in model.model_fields or field in UNTUNABLE_FINETUNE_KEYS:
+        raise ValueError(f"{key!r} cannot be tuned: use a key of head.* or finetune.* (not a runtime knob) "
+                         f"or freeze_layers, spelt as in the README's params reference")
+    if model.model_fields[field].annotation is int and dimension.type in ("uniform", "loguniform"):
+        raise ValueError(f"{key} is an integer: use type int or categorical")
+    for value in dimension.values_to_check():
+        try:
+            model.model_validate({field: value})
+        except ValidationError as exc:
+            raise ValueError(f"{key}={value!r} is not a valid value: {exc.errors()[0]['msg']}") from None
+
+
+class TuneParams(Section):
+    """`transfer tune`: an Optuna study over `space`, scored on the validation split (never the test split)."""
+
+    space: dict[str, SearchDimension] = Field(
+        default_factory=lambda: {
+            "head.lr": SearchDimension(type="loguniform", low=1e-4, high=0.3),
+            "head.weight_decay": SearchDimension(type="loguniform", low=1e-6, high=0.1)},
+        description="dotted key (head.lr, finetune.lr, freeze_layers...) -> its range")
+    metric: Literal["val_acc", "val_macro_f1", "val_loss"] = Field(
+        "val_acc", description="what a trial scores: the validation metric of the model training keeps")
+    direction: Literal["maximize", "minimize"] = Field("maximize", description="maximize (acc, F1) or minimize (loss)")
+    n_trials: int | None = Field(40, ge=1, description="the study's trial budget (all workers together); "
+                                                       "null = until timeout_min")
+    timeout_min: float | None = Field(None, gt=0, description="this worker starts no trial after this many minutes")
+    baseline_first: bool = Field(True, description="trial 0 trains params.yaml's own values of the searched keys "
+                                                   "(those inside the space): the baseline a tuned value must beat")
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler (seeded with seed)")
+    seed: int = Field(0, description="sampler seed: the same seed proposes the same first trials")
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="stops fine-tuning trials whose val metric lags, epoch by epoch")
+    pruner_startup_trials: int = Field(2, ge=0, description="median: trials finished before any is pruned")
+    pruner_warmup_epochs: int = Field(1, ge=0, description="no trial is pruned before this many fine-tuning epochs "
+                                                         "(hyperband: its minimum resource)")
+    storage: str | None = Field(None, description="null: in memory (one process); a file path: an Optuna journal "
+                                                  "file several workers share; a database URL (postgresql://...)")
+    study_name: str = Field("transfer", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                            description="the study (workers with the same storage and name share it); "
+                                        "outputs go to data/tune/<study_name>/")
+
+    @field_validator("space")
+    @classmethod
+    def _searchable(cls, space: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
+        if not space:
+            raise ValueError("space is empty: give at least one key to search, e.g. head.lr")
+        for key, dimension in space.items():
+            check_tunable(key, dimension)
+        return space
+
+    @model_validator(mode="after")
+    def _has_budget_and_direction(self) -> "TuneParams":
+        if self.n_trials is None and self.timeout_min is None:
+            raise ValueError("set n_trials or timeout_min (or both): the study needs a budget")
+        wanted = "minimize" if self.metric == "val_loss" else "maximize"
+        if self.direction != wanted:
+            raise ValueError(f"metric {self.metric} is optimised with direction {wanted} (got {self.direction})")
+        return self
+
+
 class TrackingParams(Section):
     """MLflow: where runs are recorded."""
 
@@ -236,6 +358,7 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     diagnostics: DiagnosticsParams = DiagnosticsParams()
     tracking: TrackingParams = TrackingParams()
+    tune: TuneParams = TuneParams()
 
     @model_validator(mode="after")
     def _freeze_layers_non_negative(self) -> "Params":

@@ -1,0 +1,301 @@
+"""The learning-rate finder (fastai's `lr_find`, Lightning's LR finder) for the recipe in params.yaml.
+
+One short run of the chosen recipe in which the learning rate grows exponentially from `min_lr` to
+`max_lr`, one step per batch, recording the training loss; it stops early once the loss has diverged.
+The loss is smoothed (a bias-corrected moving average) and the suggestion is the LR of the steepest
+descent of the smoothed loss against log LR, before its minimum (Lightning's rule); the LR at the
+minimum / 10 (fastai's older rule) is reported too. The model is thrown away: nothing but the plot and
+the numbers are kept.
+
+Recipes: `probe` sweeps head.lr of the linear probe on the cached features (AdamW, as train_linear_probe);
+`finetune` sweeps finetune.lr (the base LR of the unfrozen groups; the head and layer-decayed groups keep
+their ratios to it) from the model the train stage would start fine-tuning from, with its optimiser,
+loss, augmentation and frozen groups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+from transfer.pipeline.errors import UserError
+from transfer.pipeline.params import Params
+from transfer.pipeline.runtime import seed_everything, single_threaded
+
+LR_FIND_DIR = Path("data/lr_find")  # data/lr_find/<recipe>.png and .json
+SMOOTHING = 0.98  # the moving average's beta (fastai's)
+DIVERGED = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum (fastai's)
+SKIP_START = 10  # steps ignored by the suggestion: the moving average is still settling (Lightning's skip_begin)
+
+
+class LRFindError(UserError, ValueError):
+    """An LR sweep that cannot run as asked (range, recipe, missing features)."""
+
+
+@dataclass
+class LRSweep:
+    lrs: list[float]  # the LR of each step taken
+    losses: list[float]  # raw training loss of each step
+    smoothed: list[float]
+    suggested_lr: float | None  # steepest descent before the minimum
+    min_loss_lr: float | None  # LR at the smoothed minimum (suggest / 10 of it: fastai's lr_min)
+    diverged: bool  # stopped early: the loss blew up
+
+    @property
+    def min_over_10(self) -> float | None:
+        return None if self.min_loss_lr is None else self.min_loss_lr / 10
+
+
+def exponential_lrs(min_lr: float, max_lr: float, steps: int) -> list[float]:
+    """`steps` LRs from min_lr to max_lr, equally spaced on a log scale."""
+    if not 0 < min_lr < max_lr:
+        raise LRFindError(f"need 0 < min_lr < max_lr (got {min_lr}, {max_lr})")
+    if steps < SKIP_START + 2:
+        raise LRFindError(f"steps must be at least {SKIP_START + 2} (got {steps})")
+    return [float(lr) for lr in np.geomspace(min_lr, max_lr, steps)]
+
+
+def smooth(losses: list[float], beta: float = SMOOTHING) -> list[float]:
+    """Bias-corrected exponential moving average (fastai's), so early values are not pulled toward 0."""
+    average, out = 0.0, []
+    for step, loss in enumerate(losses, start=1):
+        average = beta * average + (1 - beta) * loss
+        out.append(average / (1 - beta ** step))
+    return out
+
+
+def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float | None, float | None]:
+    """(steepest-descent LR before the minimum, LR at the minimum) of a smoothed loss curve."""
+    values = np.asarray(smoothed, dtype=float)
+    finite = np.isfinite(values)
+    if finite.sum() < SKIP_START + 2:
+        return None, None
+    lowest = int(np.nanargmin(np.where(finite, values, np.nan)))
+    window = values[SKIP_START:lowest + 1]
+    if len(window) < 2:
+        return None, lrs[lowest]
+    # Equal steps in log LR: the gradient against the index is the slope against log LR, up to a constant.
+    steepest = SKIP_START + int(np.argmin(np.gradient(window)))
+    return lrs[steepest], lrs[lowest]
+
+
+def sweep(step: Callable[[float], float], lrs: list[float], progress: bool = True) -> LRSweep:
+    """Call `step(lr)` (one training step at that LR, returning its loss) for each LR until the loss diverges."""
+    losses: list[float] = []
+    diverged, best, average = False, math.inf, 0.0
+    for lr in tqdm(lrs, desc="lr-find", unit="step", disable=not progress):
+        losses.append(step(lr))
+        average = SMOOTHING * average + (1 - SMOOTHING) * losses[-1]
+        current = average / (1 - SMOOTHING ** len(losses))  # = smooth(losses)[-1]
+        best = min(best, current)
+        if not math.isfinite(current) or (len(losses) > SKIP_START and current > DIVERGED * best):
+            diverged = True
+            break
+    smoothed = smooth(losses)
+    suggested, at_min = suggest(lrs[:len(losses)], smoothed)
+    return LRSweep(lrs[:len(losses)], losses, smoothed, suggested, at_min, diverged)
+
+
+def _cycle(loader: DataLoader):
+    return itertools.chain.from_iterable(itertools.repeat(loader))
+
+
+# --- Recipes: one training step at a given LR -------------------------------------------------------
+
+def probe_step(train_features, num_classes: int, batch_size: int, weight_decay: float, seed: int
+               ) -> Callable[[float], float]:
+    """A step of the linear probe (AdamW on the cached features, as train_linear_probe) at a given head LR."""
+    seed_everything(seed)
+    head = nn.Linear(train_features.features.shape[1], num_classes)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1.0, weight_decay=weight_decay)
+    batches = _cycle(DataLoader(TensorDataset(train_features.features, train_features.labels),
+                                batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)))
+
+    def step(lr: float) -> float:
+        features, labels = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = F.cross_entropy(head(features), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def finetune_step(params: Params, inputs) -> Callable[[float], float]:
+    """A fine-tuning step at base LR `lr`: the train stage's starting model, optimiser groups, loss and data."""
+    from transfer.data.transforms import batch_mixer, train_transform
+    from transfer.models.backbones import freeze_first_groups
+    from transfer.pipeline.runtime import resolve_device
+    from transfer.train.finetune import CLASS_BALANCE, batchnorm_frozen, freeze_batchnorm_stats, make_loss, runtime_for
+    from transfer.train.optim import build_optimizer
+    from transfer.train.recipe import initial_model
+
+    finetune = params.finetune
+    device = resolve_device(params.device)
+    runtime = runtime_for(finetune, device)
+    loaded = inputs.backbone(params.backbone.name, params.backbone.weights, params.backbone.image_size)
+    model, _, _ = initial_model(params, inputs, loaded)
+    freeze_first_groups(model, params.freeze_layers)
+    model.to(device)
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    data = inputs.images("train", train_transform(loaded.data_config, finetune.augment, finetune.crop_min_scale,
+                                                  finetune.hflip))
+    num_classes = len(inputs.classes)
+    loss_weights, _ = CLASS_BALANCE[finetune.class_balance](data.labels, num_classes)
+    loss_fn, mixer = make_loss(finetune, loss_weights), batch_mixer(finetune.mixup_alpha, finetune.cutmix_alpha,
+                                                                    num_classes)
+    seed_everything(params.seed)
+    optimizer = build_optimizer(model, finetune)
+    ratios = [group["initial_lr"] / finetune.lr for group in optimizer.param_groups]  # head and layer-decay ratios
+    batches = _cycle(DataLoader(data, batch_size=finetune.batch_size, shuffle=True, drop_last=True,
+                                generator=torch.Generator().manual_seed(params.seed)))
+    bn_frozen = batchnorm_frozen(finetune, params.backbone.weights != "none")
+
+    def step(lr: float) -> float:
+        model.train()
+        if bn_frozen:
+            freeze_batchnorm_stats(model)
+        images, labels = next(batches)
+        images, labels = runtime.prepare(images), labels.to(device)
+        targets = labels
+        if mixer is not None:
+            images, targets = mixer(images, labels)
+        for group, ratio in zip(optimizer.param_groups, ratios):
+            group["lr"] = lr * ratio
+        with runtime.autocast():
+            logits = model(images)
+        loss = loss_fn(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if finetune.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], finetune.grad_clip_norm)
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+# --- Output ---------------------------------------------------------------------------------------
+
+def plot_sweep(result: LRSweep, path: Path, title: str, current_lr: float | None = None) -> None:
+    """Loss (raw and smoothed) against LR on a log axis, the suggestions and the current value marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from transfer.pipeline.files import atomic_path
+
+    figure = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(result.lrs, result.losses, color="0.75", linewidth=0.8, label="loss")
+    axes.plot(result.lrs, result.smoothed, color="C0", linewidth=1.8, label="smoothed loss")
+    marks = [(result.suggested_lr, "C3", "suggested (steepest descent)"),
+             (result.min_over_10, "C2", "minimum / 10"), (current_lr, "0.3", "params.yaml")]
+    for lr, colour, label in marks:
+        if lr is not None:
+            axes.axvline(lr, color=colour, linestyle="--", linewidth=1, label=f"{label}: {lr:.2g}")
+    finite = [v for v in result.smoothed if math.isfinite(v)]
+    if finite:  # the divergence at the end would squash the interesting part
+        low, start = min(finite), finite[0]
+        axes.set_ylim(low - 0.1 * (start - low + 1e-8), start + 0.5 * (start - low + 1e-8))
+    axes.set_xscale("log")
+    axes.set_xlabel("learning rate")
+    axes.set_ylabel("training loss")
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "lr-find", help="sweep the learning rate exponentially and suggest one",
+        description="A short run of the recipe with an exponentially growing LR; suggests the LR of the "
+                    "steepest loss descent and saves the loss-vs-LR plot under data/lr_find/.")
+    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    parser.add_argument("--recipe", choices=("auto", "probe", "finetune"), default="auto",
+                        help="probe: head.lr on the cached features; finetune: finetune.lr; auto (default): "
+                             "probe for freeze_layers: all, else finetune")
+    parser.add_argument("--freeze-layers", type=int, help="finetune: groups frozen (default: params.yaml's)")
+    parser.add_argument("--steps", type=int, default=200, help="steps of the sweep (default 200)")
+    parser.add_argument("--min-lr", type=float, default=1e-6, help="first LR (default 1e-6)")
+    parser.add_argument("--max-lr", type=float, default=10.0, help="last LR (default 10)")
+    parser.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    from transfer import tracking
+    from transfer.pipeline.files import write_json
+    from transfer.pipeline.params import load_params
+    from transfer.train.recipe import load_training_inputs
+    from transfer.train.tune import exp_run_command, train_params, with_overrides
+
+    params = load_params(args.params)
+    recipe = args.recipe
+    if args.freeze_layers is not None:
+        params = with_overrides(params, {"freeze_layers": args.freeze_layers})
+        recipe = "finetune" if recipe == "auto" else recipe
+    if recipe == "auto":
+        recipe = "probe" if params.freeze_layers == "all" else "finetune"
+    if recipe == "finetune" and params.freeze_layers == "all":
+        raise LRFindError("--recipe finetune needs an integer freeze_layers: pass --freeze-layers k "
+                          "or set it in params.yaml")
+    lrs = exponential_lrs(args.min_lr, args.max_lr, args.steps)
+    try:
+        inputs = load_training_inputs()
+    except FileNotFoundError as exc:
+        raise LRFindError(f"{exc}; the LR finder starts from the cached features: run `dvc repro features`") from None
+    if recipe == "probe":
+        key, current = "head.lr", params.head.lr
+        step = probe_step(inputs.train_features, len(inputs.classes), params.head.batch_size,
+                          params.head.weight_decay, params.seed)
+    else:
+        key, current = "finetune.lr", params.finetune.lr
+        step = finetune_step(params, inputs)
+    # The probe's small matmuls run faster on one thread (see train_linear_probe).
+    with single_threaded() if recipe == "probe" else contextlib.nullcontext():
+        result = sweep(step, lrs)
+    out = LR_FIND_DIR / recipe
+    summary = {"recipe": recipe, "key": key, "current": current, "suggested_lr": result.suggested_lr,
+               "min_loss_lr": result.min_loss_lr, "min_loss_lr_over_10": result.min_over_10,
+               "steps": len(result.lrs), "diverged": result.diverged, "lrs": result.lrs, "losses": result.losses}
+    write_json(out.with_suffix(".json"), summary)
+    plot_sweep(result, out.with_suffix(".png"), f"LR finder: {key} ({recipe}, {len(result.lrs)} steps)", current)
+    metrics = {k: v for k, v in (("lr_find.suggested_lr", result.suggested_lr),
+                                 ("lr_find.min_loss_lr", result.min_loss_lr)) if v is not None}
+    run_id = tracking.log_lr_find(params.tracking.experiment, recipe,
+                                  {**train_params(params), "lr_find.steps": args.steps, "lr_find.min_lr": args.min_lr,
+                                   "lr_find.max_lr": args.max_lr},
+                                  list(zip(result.lrs, result.smoothed)), metrics,
+                                  [out.with_suffix(".png"), out.with_suffix(".json")],
+                                  tracking.run_tags(params.backbone.name, inputs.data_hash))
+    if result.suggested_lr is None:
+        print(f"lr-find: no suggestion after {len(result.lrs)} steps (too few before the loss diverged): "
+              f"lower --min-lr or raise --steps; plot: {out.with_suffix('.png')}")
+        return 1
+    print(f"lr-find: {key} suggested {result.suggested_lr:.3g} (steepest descent; minimum/10: "
+          f"{result.min_over_10:.3g}; params.yaml: {current:.3g}); {len(result.lrs)} steps"
+          f"{', stopped at divergence' if result.diverged else ''}")
+    print(f"lr-find: plot {out.with_suffix('.png')}, MLflow run {run_id}")
+    overrides = {key: float(f"{result.suggested_lr:.2g}")}
+    if recipe == "finetune":
+        overrides["freeze_layers"] = params.freeze_layers
+    print(f"lr-find: try it with\n  {exp_run_command(overrides)}")
+    return 0

@@ -1,0 +1,164 @@
+"""The train stage's recipe as in-process functions, for commands that train many times (tune, lr-find).
+
+`train_and_score` trains what the train stage would train for the same params (the same data, seeds and
+calls: `train_linear_probe`, then `fine_tune` for an integer `freeze_layers`) and scores the kept model on
+the validation split, writing nothing. Only the train and val splits are ever read: the test split stays
+for the evaluate stage. The cached features, the decoded images and the pretrained backbone are loaded
+once (`TrainingInputs`); every call starts from a fresh copy of the backbone.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from transfer.data.datasets import ImageDataset, load_split_dataset
+from transfer.data.split import read_classes
+from transfer.data.transforms import eval_transform, train_transform
+from transfer.evaluate.metrics import classification_metrics, predict_logits
+from transfer.features import FeatureCache, load_feature_cache
+from transfer.models.backbones import Classifier, LoadedBackbone, load_backbone
+from transfer.models.heads import imagenet_overlap_head, xavier_head
+from transfer.pipeline.files import read_json
+from transfer.pipeline.layout import FEATURES_DIR, SPLIT_DIR
+from transfer.pipeline.params import Params
+from transfer.pipeline.runtime import resolve_device
+from transfer.train.finetune import fine_tune
+from transfer.train.probe import train_linear_probe
+from transfer.train.result import EpochCallback
+
+logger = logging.getLogger(__name__)
+
+# Validation metrics a trial can be scored on (tune.metric); the history rows carry val_acc and val_loss.
+METRICS = ("val_acc", "val_macro_f1", "val_loss")
+
+# (value of the fine-tuning epoch, fine-tuning epoch index from 1): tune reports it to Optuna's pruner.
+ScoreCallback = Callable[[float, int], None]
+
+
+@dataclass
+class TrainingInputs:
+    """What every training run reads, loaded once: classes, train/val features, the data hash."""
+
+    root: Path
+    classes: list[str]
+    train_features: FeatureCache
+    val_features: FeatureCache
+    data_hash: str
+    _backbones: dict = field(default_factory=dict, repr=False)
+    _images: dict = field(default_factory=dict, repr=False)
+
+    def backbone(self, name: str, weights: str, image_size: int | None) -> LoadedBackbone:
+        """A fresh copy of the pretrained backbone (training changes the copy, never the loaded original)."""
+        key = (name, weights, image_size)
+        if key not in self._backbones:
+            self._backbones[key] = load_backbone(name, weights, image_size)
+        return copy.deepcopy(self._backbones[key])
+
+    def images(self, split: str, transform) -> ImageDataset:
+        """The split's images (decoded once) with `transform`."""
+        if split not in self._images:
+            self._images[split] = load_split_dataset(self.root / SPLIT_DIR, split, self.root, transform)
+        decoded = self._images[split]
+        return ImageDataset(decoded.images, decoded.labels, transform, decoded.paths)
+
+
+def load_training_inputs(root: Path | None = None) -> TrainingInputs:
+    """The split's classes and the cached train/val features under `root` (the pipeline must have run to features)."""
+    root = Path.cwd() if root is None else root
+    return TrainingInputs(
+        root=root, classes=read_classes(root / SPLIT_DIR),
+        train_features=load_feature_cache(root / FEATURES_DIR / "train.pt"),
+        val_features=load_feature_cache(root / FEATURES_DIR / "val.pt"),
+        data_hash=read_json(root / SPLIT_DIR / "summary.json")["data_hash"])
+
+
+@dataclass
+class TrialOutcome:
+    """A trained candidate: its validation score, the epochs it ran and the epoch training kept."""
+
+    value: float
+    history: list[dict]
+    best_epoch: int
+
+
+def _score_row(row: dict, metric: str, predict: Callable[[], tuple[np.ndarray, np.ndarray]],
+               classes: list[str]) -> float:
+    if metric in row:
+        return float(row[metric])
+    y_true, y_pred = predict()  # val_macro_f1: not in the history rows, computed from predictions
+    return classification_metrics(y_true, y_pred, classes)["macro_f1"]
+
+
+def initial_model(params: Params, inputs: TrainingInputs, loaded: LoadedBackbone,
+                  on_epoch: EpochCallback | None = None) -> tuple[Classifier, list[dict], int]:
+    """The model fine-tuning starts from, as the train stage builds it: (model, probe history, probe best epoch).
+
+    finetune.head_init probe (and freeze_layers all) fits the linear probe on the cached features first.
+    """
+    model = Classifier(loaded.backbone, len(inputs.classes))
+    if params.freeze_layers == "all" or params.finetune.head_init == "probe":
+        probe = train_linear_probe(inputs.train_features, inputs.val_features, len(inputs.classes), params.head,
+                                   params.seed, on_epoch=on_epoch)
+        model.head.load_state_dict(probe.model.state_dict())
+        return model, probe.history, probe.best_epoch
+    if params.finetune.head_init == "xavier":
+        xavier_head(model.head, params.seed)
+    else:
+        imagenet_overlap_head(model.head, inputs.classes, loaded.imagenet_classifier, params.seed)
+    return model, [], 0
+
+
+def train_and_score(params: Params, inputs: TrainingInputs, metric: str, on_epoch: EpochCallback | None = None,
+                    on_score: ScoreCallback | None = None) -> TrialOutcome:
+    """Train `params` as the train stage would and return the val `metric` of the model it keeps.
+
+    `on_epoch` receives every history row (probe, then fine-tuning); `on_score` each fine-tuning epoch's
+    val metric, and may raise (optuna.TrialPruned) to stop training there.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+    val = inputs.val_features
+    if params.freeze_layers == "all":
+        probe = train_linear_probe(inputs.train_features, val, len(inputs.classes), params.head, params.seed,
+                                   on_epoch=on_epoch)
+        best = probe.history[probe.best_epoch - 1]
+        with torch.no_grad():
+            predictions = probe.model(val.features).argmax(1).numpy()
+        value = _score_row(best, metric, lambda: (val.labels.numpy(), predictions), inputs.classes)
+        return TrialOutcome(value, probe.history, probe.best_epoch)
+
+    if params.finetune.nproc > 1:
+        logger.warning("finetune.nproc=%d: in-process training runs one process", params.finetune.nproc)
+    device = resolve_device(params.device)
+    loaded = inputs.backbone(params.backbone.name, params.backbone.weights, params.backbone.image_size)
+    model, history, _ = initial_model(params, inputs, loaded, on_epoch)
+    finetune = params.finetune
+    train_data = inputs.images("train", train_transform(loaded.data_config, finetune.augment,
+                                                        finetune.crop_min_scale, finetune.hflip))
+    val_data = inputs.images("val", eval_transform(loaded.data_config))
+    first_epoch = len(history) + 1
+    values: dict[int, float] = {}
+
+    def predict() -> tuple[np.ndarray, np.ndarray]:
+        logits = predict_logits(model, val_data, 2 * finetune.batch_size, device)
+        return np.asarray(val_data.labels), logits.argmax(1).numpy()
+
+    def score_epoch(row: dict) -> None:
+        if on_epoch:
+            on_epoch(row)
+        value = _score_row(row, metric, predict, inputs.classes)
+        values[row["epoch"]] = value
+        if on_score and not math.isnan(value):
+            on_score(value, row["epoch"] - first_epoch + 1)
+
+    result = fine_tune(model, params.freeze_layers, train_data, val_data, finetune, params.seed, device,
+                       first_epoch=first_epoch, on_epoch=score_epoch, pretrained=params.backbone.weights != "none")
+    return TrialOutcome(values[result.best_epoch], history + result.history, result.best_epoch)
