@@ -88,7 +88,8 @@ def test_best_values_round_trip_through_dvc_exp_run_set(tmp_path):
     apply_overrides(path, [format_override(key, value) for key, value in best.items()])
     loaded = flatten(load_params(path))  # PyYAML (YAML 1.1), as the stages read it
     assert {key: loaded[key] for key in best} == best
-    assert exp_run_command({"head.lr": 1e-05, "freeze_layers": 3}) == "dvc exp run -S head.lr=1.0e-05 -S freeze_layers=3"
+    command = exp_run_command({"head.lr": 1e-05, "freeze_layers": 3})
+    assert command == "dvc exp run -S head.lr=1.0e-05 -S freeze_layers=3"
 
 
 # --- Head-only studies ---------------------------------------------------------------------------------
@@ -178,7 +179,8 @@ def test_fine_tuning_trials_report_every_epoch_and_lagging_ones_are_pruned(tmp_p
     # surely a head LR where SGD diverges: once their val accuracy falls below the baseline's at the same
     # epoch, the median pruner stops them.
     root = image_project(tmp_path / "project", **{
-        "finetune.lr": 0.01, "freeze_layers": 4, "tune.n_trials": 3, "tune.pruner_startup_trials": 1, "tune.pruner_warmup_epochs": 1,
+        "finetune.lr": 0.01, "freeze_layers": 4, "tune.n_trials": 3, "tune.pruner_startup_trials": 1,
+        "tune.pruner_warmup_epochs": 1,
         "tune.space": {"finetune.head_lr_mult": {"type": "uniform", "low": 10.0, "high": 100000.0}}})
     params = load_params(root / "params.yaml")
     tracker = tracking.StudyTracker("transfer", "transfer", root=root)
@@ -247,3 +249,11 @@ def test_two_worker_processes_share_one_study_each_trial_once_in_optuna_and_mlfl
     assert len({r.data.tags["tune.worker"] for r in children}) == 2  # both workers ran trials
     for run in children:
         assert float(run.data.params["head.lr"]) == study.trials[int(run.data.tags["tune.trial"])].params["head.lr"]
+
+
+def test_an_unreachable_study_storage_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    root = head_project(tmp_path / "project")
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    assert cli_main(["tune", "--storage", "nosuchdb://user@localhost/optuna"]) == 2
+    assert "tune.storage nosuchdb://user@localhost/optuna: cannot open study 'transfer'" in capsys.readouterr().err

@@ -374,7 +374,8 @@ def find_study_runs(experiment: str, study_name: str, root: Path | None = None):
 
 
 def log_lr_find(experiment: str, recipe: str, params: dict[str, Any], curve: list[tuple[float, float]],
-                metrics: dict[str, float], artifacts: list[Path], tags: dict[str, str], root: Path | None = None) -> str:
+                metrics: dict[str, float], artifacts: list[Path], tags: dict[str, str],
+                root: Path | None = None) -> str:
     """One run for an LR sweep: the training params, loss per step (lr as its own metric), suggestions, plot."""
     experiment_id = use_experiment(experiment, root)
     client = MlflowClient()

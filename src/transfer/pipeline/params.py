@@ -289,7 +289,8 @@ class TuneParams(Section):
         default_factory=lambda: {
             "head.lr": SearchDimension(type="loguniform", low=1e-4, high=0.3),
             "head.weight_decay": SearchDimension(type="loguniform", low=1e-6, high=0.1)},
-        description="dotted key (head.lr, finetune.lr, freeze_layers...) -> its range")
+        description="dotted key (head.*, finetune.*, freeze_layers) -> {type: loguniform | uniform | int | "
+                    "categorical, low, high[, step, log] | choices}; each value is checked against the key's schema")
     metric: Literal["val_acc", "val_macro_f1", "val_loss"] = Field(
         "val_acc", description="what a trial scores: the validation metric of the model training keeps")
     direction: Literal["maximize", "minimize"] = Field("maximize", description="maximize (acc, F1) or minimize (loss)")

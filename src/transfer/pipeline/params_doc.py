@@ -35,7 +35,8 @@ def _format_value(value: Any) -> str:
     if isinstance(value, BaseModel):
         value = value.model_dump()
     if isinstance(value, (list, dict)):
-        return f"`{json.dumps(value)}`"
+        # Nested models (tune.space entries) as their non-default fields.
+        return f"`{json.dumps(value, default=lambda model: model.model_dump(exclude_defaults=True))}`"
     return f"`{value}`"
 
 

@@ -200,9 +200,10 @@ def wait_for_parent_run(study, timeout_s: float = PARENT_WAIT_S) -> str | None:
 
 
 def finished_trials(study) -> list:
+    """The trials that count against the budget: every finished one (a failed trial also spent it)."""
     import optuna
 
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
     return study.get_trials(deepcopy=False, states=states)
 
 
@@ -237,9 +238,7 @@ def run_trial(study, trial, base: Params, inputs, tracker: TrialTracker | None, 
 
     from transfer.train.recipe import train_and_score
 
-    overrides = suggest(trial, base.tune.space)
-    params = with_overrides(base, overrides)
-    run_id = tracker.start_trial(trial.number, train_params(params), tags) if tracker else None
+    run_id: str | None = None
     last_value: list[float] = []
 
     def on_epoch(row: dict) -> None:
@@ -253,6 +252,8 @@ def run_trial(study, trial, base: Params, inputs, tracker: TrialTracker | None, 
             raise optuna.TrialPruned(f"val {base.tune.metric} {value:.4f} after fine-tuning epoch {step}")
 
     try:
+        params = with_overrides(base, suggest(trial, base.tune.space))
+        run_id = tracker.start_trial(trial.number, train_params(params), tags) if tracker else None
         outcome = train_and_score(params, inputs, base.tune.metric, on_epoch=on_epoch, on_score=on_score)
     except optuna.TrialPruned:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -261,7 +262,7 @@ def run_trial(study, trial, base: Params, inputs, tracker: TrialTracker | None, 
         return
     except BaseException:  # a bug, bad params or Ctrl-C: the trial fails in both records, and the study stops
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        if tracker:
+        if tracker and run_id:
             tracker.end_trial(run_id, "failed", None)
         raise
     state = "failed" if math.isnan(outcome.value) else "complete"
@@ -294,6 +295,7 @@ def tune(params: Params, inputs, root: Path, tracker: TrialTracker | None = None
     a study need distinct values, or they propose the same first trials.
     """
     import optuna
+    from sqlalchemy.exc import SQLAlchemyError
     from tqdm import tqdm
 
     tune_params = params.tune
@@ -306,7 +308,7 @@ def tune(params: Params, inputs, root: Path, tracker: TrialTracker | None = None
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar replaces a log line per trial
     try:
         study, created = open_study(tune_params, storage, tune_params.seed + worker)
-    except (ValueError, RuntimeError, ImportError) as exc:  # a bad URL, a missing driver, an unreadable journal
+    except (ValueError, RuntimeError, ImportError, SQLAlchemyError) as exc:  # bad URL, no driver, no server
         raise TuneError(f"tune.storage {storage_text}: cannot open study {tune_params.study_name!r}: {exc}") from None
     identity = study_identity(params, inputs.data_hash)
     tags = {**tags, "tune.worker": f"{socket.gethostname()}:{os.getpid()}"}  # which machine ran the trial
@@ -474,6 +476,12 @@ def command(args: argparse.Namespace) -> int:
     tags = tracking.run_tags(params.backbone.name, inputs.data_hash)
     summary = tune(params, inputs, root, tracker, n_trials=args.n_trials, timeout_min=args.timeout_min,
                    worker=args.worker, tags=tags)
+    # With --params other.yaml, the pipeline (params.yaml) also needs the fixed values that differ.
+    pipeline = train_params(load_params()) if Path(args.params).resolve() != Path("params.yaml").resolve() else {}
+    overrides = {key: value for key, value in train_params(params).items() if key in pipeline
+                 and pipeline[key] != value}
+    overrides.update(summary.best_params)
+    summary.command = exp_run_command(overrides) if summary.best_trial is not None else None
     out_dir = root / TUNE_DIR / params.tune.study_name
     record_study(summary, params.tune, out_dir, tracker)
     print(f"tune: {summary.ran_here} trial(s) here in {summary.wall_s:.0f} s; study {summary.study_name}: "
@@ -486,7 +494,7 @@ def command(args: argparse.Namespace) -> int:
     print(f"tune: train it through the pipeline with\n  {summary.command}")
     if args.apply:
         argv = [sys.executable, "-m", "dvc", "exp", "run"]
-        for key, value in summary.best_params.items():
+        for key, value in overrides.items():
             argv += ["-S", format_override(key, value)]
         return subprocess.run(argv, cwd=root).returncode
     return 0
