@@ -429,11 +429,14 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def flatten(params: Params) -> dict[str, Any]:
-    """Dotted keys (`head.lr`), the names `dvc exp run -S` and the MLflow UI use."""
+    """Dotted keys (`head.lr`), the names `dvc exp run -S` and the MLflow UI use.
+
+    `tune.space` stays one value: its own keys are dotted keys of other params.
+    """
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
+        if isinstance(value, dict) and prefix != "tune.space":
             for key, inner in value.items():
                 walk(f"{prefix}.{key}" if prefix else key, inner)
         else:

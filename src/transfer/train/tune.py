@@ -318,8 +318,7 @@ def tune(params: Params, inputs, root: Path, tracker: TrialTracker | None = None
         if tune_params.baseline_first and baseline:
             study.enqueue_trial(baseline)
         if tracker:
-            settings = {k: v for k, v in flatten(params).items() if k.startswith("tune.")
-                        and not k.startswith("tune.space.")}
+            settings = {k: v for k, v in flatten(params).items() if k.startswith("tune.") and k != "tune.space"}
             settings.update({f"tune.space.{k}": json.dumps(v.model_dump(exclude_defaults=True))
                              for k, v in tune_params.space.items()})
             study.set_user_attr(PARENT_RUN_ATTR, tracker.create_parent(settings, tags))
