@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from transfer.pipeline.errors import UserError
-from transfer.pipeline.params import Params
+from transfer.pipeline.params import Params, backbone_list
 from transfer.pipeline.runtime import seed_everything, single_threaded
 
 LR_FIND_DIR = Path("data/lr_find")  # data/lr_find/<recipe>.png and .json
@@ -143,12 +143,12 @@ def finetune_step(params: Params, inputs) -> Callable[[float], float]:
     from transfer.pipeline.runtime import resolve_device
     from transfer.train.finetune import CLASS_BALANCE, batchnorm_frozen, freeze_batchnorm_stats, make_loss, runtime_for
     from transfer.train.optim import build_optimizer
-    from transfer.train.recipe import initial_model
+    from transfer.train.recipe import initial_model, pretrained
 
     finetune = params.finetune
     device = resolve_device(params.device)
     runtime = runtime_for(finetune, device)
-    loaded = inputs.backbone(params.backbone.name, params.backbone.weights, params.backbone.image_size)
+    loaded = inputs.backbone(params)
     model, _, _ = initial_model(params, inputs, loaded)
     freeze_first_groups(model, params.freeze_layers)
     model.to(device)
@@ -165,7 +165,7 @@ def finetune_step(params: Params, inputs) -> Callable[[float], float]:
     ratios = [group["initial_lr"] / finetune.lr for group in optimizer.param_groups]  # head and layer-decay ratios
     batches = _cycle(DataLoader(data, batch_size=finetune.batch_size, shuffle=True, drop_last=True,
                                 generator=torch.Generator().manual_seed(params.seed)))
-    bn_frozen = batchnorm_frozen(finetune, params.backbone.weights != "none")
+    bn_frozen = batchnorm_frozen(finetune, pretrained(params))
 
     def step(lr: float) -> float:
         model.train()
@@ -285,7 +285,8 @@ def command(args: argparse.Namespace) -> int:
                                    "lr_find.max_lr": args.max_lr},
                                   list(zip(result.lrs, result.smoothed)), metrics,
                                   [out.with_suffix(".png"), out.with_suffix(".json")],
-                                  tracking.run_tags(params.backbone.name, inputs.data_hash))
+                                  tracking.run_tags("+".join(b.name for b in backbone_list(params.backbone)),
+                                                    inputs.data_hash))
     if result.suggested_lr is None:
         print(f"lr-find: no suggestion after {len(result.lrs)} steps (too few before the loss diverged): "
               f"lower --min-lr or raise --steps; plot: {out.with_suffix('.png')}")

@@ -10,6 +10,7 @@ once (`TrainingInputs`); every call starts from a fresh copy of the backbone.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -24,14 +25,20 @@ from transfer.data.split import read_classes
 from transfer.data.transforms import eval_transform, train_transform
 from transfer.evaluate.metrics import classification_metrics, predict_logits
 from transfer.features import FeatureCache, load_feature_cache
-from transfer.models.backbones import Classifier, LoadedBackbone, load_backbone
-from transfer.models.heads import imagenet_overlap_head, xavier_head
+from transfer.models.backbones import Classifier, LoadedBackbone, load_backbones
+from transfer.models.heads import (
+    FINETUNE_INIT_KINDS,
+    LINEAR_PROBE,
+    fold_into_linear,
+    imagenet_overlap_head,
+    xavier_head,
+)
 from transfer.pipeline.files import read_json
 from transfer.pipeline.layout import FEATURES_DIR, SPLIT_DIR
-from transfer.pipeline.params import Params
+from transfer.pipeline.params import Params, backbone_list, backbone_specs
 from transfer.pipeline.runtime import resolve_device
 from transfer.train.finetune import fine_tune
-from transfer.train.probe import train_linear_probe
+from transfer.train.probe import fit_feature_head, train_linear_probe
 from transfer.train.result import EpochCallback
 
 logger = logging.getLogger(__name__)
@@ -55,11 +62,12 @@ class TrainingInputs:
     _backbones: dict = field(default_factory=dict, repr=False)
     _images: dict = field(default_factory=dict, repr=False)
 
-    def backbone(self, name: str, weights: str, image_size: int | None) -> LoadedBackbone:
-        """A fresh copy of the pretrained backbone (training changes the copy, never the loaded original)."""
-        key = (name, weights, image_size)
+    def backbone(self, params: Params) -> LoadedBackbone:
+        """A fresh copy of params' pretrained backbone(s) (training changes the copy, never the loaded original)."""
+        specs, layers = backbone_specs(params.backbone), params.features.layers
+        key = json.dumps([specs, layers], default=str)
         if key not in self._backbones:
-            self._backbones[key] = load_backbone(name, weights, image_size)
+            self._backbones[key] = load_backbones(specs, layers)
         return copy.deepcopy(self._backbones[key])
 
     def images(self, split: str, transform) -> ImageDataset:
@@ -97,14 +105,25 @@ def _score_row(row: dict, metric: str, predict: Callable[[], tuple[np.ndarray, n
     return classification_metrics(y_true, y_pred, classes)["macro_f1"]
 
 
+def pretrained(params: Params) -> bool:
+    """Whether the (first) backbone starts from pretrained weights: decides finetune.batchnorm auto."""
+    return backbone_list(params.backbone)[0].weights != "none"
+
+
 def initial_model(params: Params, inputs: TrainingInputs, loaded: LoadedBackbone,
                   on_epoch: EpochCallback | None = None) -> tuple[Classifier, list[dict], int]:
-    """The model fine-tuning starts from, as the train stage builds it: (model, probe history, probe best epoch).
+    """The model fine-tuning starts from, as the train stage builds it: (model, head history, head best epoch).
 
-    finetune.head_init probe (and freeze_layers all) fits the linear probe on the cached features first.
+    finetune.head_init probe fits head.kind on the cached features first (linear or logreg; other kinds
+    start from a linear probe, as in the train stage).
     """
     model = Classifier(loaded.backbone, len(inputs.classes))
     if params.freeze_layers == "all" or params.finetune.head_init == "probe":
+        kind = params.head.kind
+        if kind != LINEAR_PROBE and kind in FINETUNE_INIT_KINDS:
+            fitted = fit_feature_head(kind, inputs.train_features, inputs.val_features, params.seed, on_epoch=on_epoch)
+            fold_into_linear(fitted.estimator, kind, model.head)
+            return model, fitted.history, fitted.best_epoch
         probe = train_linear_probe(inputs.train_features, inputs.val_features, len(inputs.classes), params.head,
                                    params.seed, on_epoch=on_epoch)
         model.head.load_state_dict(probe.model.state_dict())
@@ -126,6 +145,15 @@ def train_and_score(params: Params, inputs: TrainingInputs, metric: str, on_epoc
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
     val = inputs.val_features
+    if params.freeze_layers == "all" and params.head.kind != LINEAR_PROBE:
+        # scikit-learn heads choose their own hyperparameter on val: the score is that of the chosen fit
+        # (held out), not of the refit on train + val the train stage keeps.
+        fitted = fit_feature_head(params.head.kind, inputs.train_features, val, params.seed, on_epoch=on_epoch)
+        best = fitted.history[fitted.best_epoch - 1]
+        if metric not in best:
+            raise ValueError(f"tune.metric {metric} is not available for head.kind {params.head.kind}: "
+                             f"use val_acc or val_loss")
+        return TrialOutcome(float(best[metric]), fitted.history, fitted.best_epoch)
     if params.freeze_layers == "all":
         probe = train_linear_probe(inputs.train_features, val, len(inputs.classes), params.head, params.seed,
                                    on_epoch=on_epoch)
@@ -138,7 +166,7 @@ def train_and_score(params: Params, inputs: TrainingInputs, metric: str, on_epoc
     if params.finetune.nproc > 1:
         logger.warning("finetune.nproc=%d: in-process training runs one process", params.finetune.nproc)
     device = resolve_device(params.device)
-    loaded = inputs.backbone(params.backbone.name, params.backbone.weights, params.backbone.image_size)
+    loaded = inputs.backbone(params)
     model, history, _ = initial_model(params, inputs, loaded, on_epoch)
     finetune = params.finetune
     train_data = inputs.images("train", train_transform(loaded.data_config, finetune.augment,
@@ -160,5 +188,5 @@ def train_and_score(params: Params, inputs: TrainingInputs, metric: str, on_epoc
             on_score(value, row["epoch"] - first_epoch + 1)
 
     result = fine_tune(model, params.freeze_layers, train_data, val_data, finetune, params.seed, device,
-                       first_epoch=first_epoch, on_epoch=score_epoch, pretrained=params.backbone.weights != "none")
+                       first_epoch=first_epoch, on_epoch=score_epoch, pretrained=pretrained(params))
     return TrialOutcome(values[result.best_epoch], history + result.history, result.best_epoch)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from transfer.pipeline.errors import UserError
-from transfer.pipeline.params import Params, SearchDimension, TuneParams, flatten, parse_params
+from transfer.pipeline.params import Params, SearchDimension, TuneParams, backbone_list, flatten, parse_params
 
 logger = logging.getLogger(__name__)
 
@@ -277,13 +277,13 @@ def check_freeze_layers(tune: TuneParams, params: Params, inputs) -> None:
     dim = tune.space.get("freeze_layers")
     if dim is None:
         return
-    loaded = inputs.backbone(params.backbone.name, params.backbone.weights, params.backbone.image_size)
+    loaded = inputs.backbone(params)
     groups = len(loaded.backbone.group_names)
     values = dim.choices if dim.type == "categorical" else [int(dim.low), int(dim.high)]
     bad = [v for v in values if v != "all" and not 0 <= v <= groups]
     if bad:
         raise TuneError(f"tune.space.freeze_layers: {bad} outside 0..{groups}, the layer groups of "
-                        f"{params.backbone.name} ({', '.join(loaded.backbone.group_names)})")
+                        f"the backbone ({', '.join(loaded.backbone.group_names)})")
 
 
 def tune(params: Params, inputs, root: Path, tracker: TrialTracker | None = None, n_trials: int | None = None,
@@ -472,7 +472,7 @@ def command(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise TuneError(f"{exc}; tuning trains on the cached features: run `dvc repro features` first") from None
     tracker = tracking.StudyTracker(params.tracking.experiment, params.tune.study_name)
-    tags = tracking.run_tags(params.backbone.name, inputs.data_hash)
+    tags = tracking.run_tags("+".join(b.name for b in backbone_list(params.backbone)), inputs.data_hash)
     summary = tune(params, inputs, root, tracker, n_trials=args.n_trials, timeout_min=args.timeout_min,
                    worker=args.worker, tags=tags)
     # With --params other.yaml, the pipeline (params.yaml) also needs the fixed values that differ.
