@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 TUNE_DIR = Path("data/tune")  # data/tune/<study>/: best.json, trials.csv, plots
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the MLflow parent run every worker logs under
 IDENTITY_ATTR = "identity"  # study user attr: what must match for a worker to join the study
-TRAIN_SECTIONS = ("backbone", "freeze_layers", "head", "finetune", "seed")  # what the train stage reads
+TRAIN_KEYS = ("backbone", "features.layers", "freeze_layers", "head", "finetune", "seed", "device")  # train stage
 PARENT_WAIT_S = 60.0  # how long a joining worker waits for the study's creator to record the parent run
 
 
@@ -90,7 +90,8 @@ def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
 
 def train_params(params: Params) -> dict[str, Any]:
     """The params the train stage reads, flattened as in its MLflow run (comparable side by side in the UI)."""
-    return {key: value for key, value in flatten(params).items() if key.split(".")[0] in TRAIN_SECTIONS}
+    return {key: value for key, value in flatten(params).items()
+            if any(key == prefix or key.startswith(prefix + ".") for prefix in TRAIN_KEYS)}
 
 
 def format_override(key: str, value: Any) -> str:
