@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from PIL import Image
 
 from transfer import tracking
 from transfer.models.backbones import Classifier, load_backbones
@@ -20,8 +21,8 @@ from transfer.pipeline.errors import run_stage
 from transfer.evaluate.metrics import classification_metrics, confusion_pairs, predict_logits
 from transfer.features import load_feature_cache
 from transfer.pipeline.files import load_torch, read_json, write_csv, write_json
-from transfer.data.images import load_rgb
 from transfer.pipeline.layout import (
+    CACHE_DIR,
     DIAGNOSTICS_DIR,
     FEATURES_DIR,
     HEAD_FILE,
@@ -32,7 +33,7 @@ from transfer.pipeline.layout import (
 )
 from transfer.pipeline.params import load_params
 from transfer.pipeline.runtime import resolve_device
-from transfer.data.transforms import eval_transform
+from transfer.data.transforms import eval_batch_transform
 
 
 def load_model(path: Path) -> tuple[Classifier, dict]:
@@ -54,16 +55,21 @@ def layer_movement() -> dict[str, float]:
             if value is not None}
 
 
-def diagnose(model: Classifier, checkpoint: dict, params, test, logits: torch.Tensor,
+def diagnose(model: Classifier, checkpoint: dict, params, test, images, logits: torch.Tensor,
              summary: dict) -> tuple[dict, list[Path]]:
-    """Issue 6's pictures, per-class table, fit verdict and report.html; returns (metrics, files)."""
-    root = Path.cwd()
+    """Issue 6's pictures, per-class table, fit verdict and report.html; returns (metrics, files).
 
-    def load_image(path: str):
-        return load_rgb(root / path)
+    The pictures show the test images as the image cache holds them (`images`: the test split's dataset).
+    """
+    row_of = {path: index for index, path in enumerate(images.paths)}
 
-    batch = image_batch(test.paths, load_image, eval_transform(checkpoint["data_config"]),
-                        params.diagnostics.batch_size)
+    def load_image(path: str) -> Image.Image:
+        return Image.fromarray(images.images.read([row_of[path]])[0].permute(1, 2, 0).numpy())
+
+    def transform(image: torch.Tensor) -> torch.Tensor:
+        return images.batch_transform(image.unsqueeze(0))[0]
+
+    batch = image_batch(test.paths, load_image, transform, params.diagnostics.batch_size)
     return write_run_diagnostics(
         DIAGNOSTICS_DIR, class_names=checkpoint["classes"], y_true=test.labels.numpy(),
         probs=torch.softmax(logits.float(), dim=1).numpy(), history=pd.read_csv(REPORTS_DIR / "history.csv"),
@@ -81,18 +87,19 @@ def main() -> None:
     model, checkpoint = load_model(MODEL_FILE)
     classes = checkpoint["classes"]
     test = load_feature_cache(FEATURES_DIR / "test.pt")
+    config = checkpoint["data_config"]
+    dataset = load_split_dataset(CACHE_DIR, SPLIT_DIR, "test", config, batch_transform=eval_batch_transform(config))
     if checkpoint["freeze_layers"] == "all" and params.evaluate.tta == "none":
         # The backbone is the untouched pretrained one: its test features are already cached.
         with torch.inference_mode():
             logits = model.head(test.features)
     else:
-        dataset = load_split_dataset(SPLIT_DIR, "test", Path.cwd(), eval_transform(checkpoint["data_config"]))
         logits = predict_logits(model, dataset, params.finetune.batch_size * 2, resolve_device(params.device),
                                 tta=params.evaluate.tta)
     y_true, y_pred = test.labels.numpy(), logits.argmax(1).numpy()
 
     metrics = classification_metrics(y_true, y_pred, classes)
-    diagnostics, diagnostic_files = diagnose(model, checkpoint, params, test, logits, metrics)
+    diagnostics, diagnostic_files = diagnose(model, checkpoint, params, test, dataset, logits, metrics)
     # weight_change is already the train stage's metric (reports/layer_movement.json): not repeated here
     write_json(REPORTS_DIR / "metrics.json", {**metrics, "fit": diagnostics["fit"], "topk": diagnostics["topk"]})
     write_csv(REPORTS_DIR / "confusion.csv", confusion_pairs(test.paths, y_true, y_pred, classes))

@@ -1,35 +1,53 @@
 """Stage features: pooled features of the frozen pretrained backbone, one cached tensor file per split.
 
-Depends only on what changes features (the split, `backbone:` and `features.layers`), so head and training
-params never re-run it. With several backbones the cached features are theirs concatenated.
+Reads images only from the image cache (data/cache). Depends only on what changes features (the cache,
+`backbone:`, `features.layers`, `features.amp`), so head and training params never re-run it. With several
+backbones the cached features are theirs concatenated. `features.nproc` > 1 re-launches this script under
+torchrun: each process extracts its shard of every split and rank 0 writes the gathered features.
 """
 
-from pathlib import Path
+import sys
 
 import torch
 
-from transfer.models.backbones import load_backbones
-from transfer.data.split import SPLITS
 from transfer.data.datasets import load_split_dataset
-from transfer.pipeline.errors import run_stage
+from transfer.data.split import SPLITS
+from transfer.data.transforms import eval_batch_transform
 from transfer.features import FeatureCache, extract_features, save_feature_cache
-from transfer.pipeline.layout import FEATURES_DIR, SPLIT_DIR
-from transfer.pipeline.params import backbone_specs, load_params
+from transfer.models.backbones import load_backbones
+from transfer.pipeline.errors import run_stage
+from transfer.pipeline.layout import CACHE_DIR, FEATURES_DIR, SPLIT_DIR
+from transfer.pipeline.params import Params, backbone_specs, load_params
 from transfer.pipeline.runtime import resolve_device
-from transfer.data.transforms import eval_transform
+from transfer.train.distributed import DistContext, device_for, init_from_env, relaunch_with_torchrun, shutdown
+from transfer.train.distributed import under_torchrun
+
+
+def extract_all(params: Params, context: DistContext) -> None:
+    loaded = load_backbones(backbone_specs(params.backbone), params.features.layers)
+    device = device_for(context, resolve_device(params.device))
+    for split in SPLITS:
+        dataset = load_split_dataset(CACHE_DIR, SPLIT_DIR, split, loaded.data_config,
+                                     batch_transform=eval_batch_transform(loaded.data_config))
+        features = extract_features(loaded.backbone, dataset, params.features.batch_size, device,
+                                    desc=f"features {split}", amp=params.features.amp,
+                                    compile=params.features.compile, num_workers=params.features.num_workers,
+                                    context=context)
+        if context.is_main:
+            labels = torch.tensor(dataset.labels, dtype=torch.int64)
+            save_feature_cache(FEATURES_DIR / f"{split}.pt", FeatureCache(features, labels, dataset.paths))
+            print(f"features: {split} {tuple(features.shape)} -> {FEATURES_DIR / (split + '.pt')}")
 
 
 def main() -> None:
     params = load_params()
-    loaded = load_backbones(backbone_specs(params.backbone), params.features.layers)
-    device = resolve_device(params.device)
-    for split in SPLITS:
-        dataset = load_split_dataset(SPLIT_DIR, split, Path.cwd(), eval_transform(loaded.data_config))
-        features = extract_features(loaded.backbone, dataset, params.features.batch_size, device,
-                                    desc=f"features {split}")
-        labels = torch.tensor(dataset.labels, dtype=torch.int64)
-        save_feature_cache(FEATURES_DIR / f"{split}.pt", FeatureCache(features, labels, dataset.paths))
-        print(f"features: {split} {tuple(features.shape)} -> {FEATURES_DIR / (split + '.pt')}")
+    if params.features.nproc > 1 and not under_torchrun():
+        sys.exit(relaunch_with_torchrun(__file__, params.features.nproc, stage="features"))
+    context = init_from_env(params.device)
+    try:
+        extract_all(params, context)
+    finally:
+        shutdown(context)
 
 
 if __name__ == "__main__":

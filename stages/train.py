@@ -15,7 +15,6 @@ weight change (reports/layer_movement.json, MLflow `weight_change/<group>`).
 import contextlib
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -42,6 +41,7 @@ from transfer.models.heads import (
 )
 from transfer.train.layer_stats import relative_weight_change
 from transfer.pipeline.layout import (
+    CACHE_DIR,
     CHECKPOINT_DIR,
     FEATURES_DIR,
     HEAD_FILE,
@@ -55,7 +55,7 @@ from transfer.pipeline.params import Params, backbone_list, backbone_specs, flat
 from transfer.train.finetune import fine_tune
 from transfer.pipeline.runtime import resolve_device
 from transfer.train.probe import FittedFeatureHead, fit_feature_head, train_linear_probe
-from transfer.data.transforms import eval_transform, train_transform
+from transfer.data.transforms import eval_batch_transform, train_transforms
 
 
 def probe_head(model: Classifier, params: Params, classes: list[str], log,
@@ -100,7 +100,6 @@ def layer_movement(initial_state: dict, model: Classifier) -> dict[str, float | 
 
 
 def train(params: Params, context: DistContext) -> None:
-    root = Path.cwd()
     classes = read_classes(SPLIT_DIR)
     loaded = load_backbones(backbone_specs(params.backbone), params.features.layers)
     model = Classifier(loaded.backbone, len(classes))
@@ -138,14 +137,17 @@ def train(params: Params, context: DistContext) -> None:
         else:
             init_head(model, params, classes, loaded)
             history, best_epoch, initial_state = [], 0, cpu_state_dict(model)
-        val_data = load_split_dataset(SPLIT_DIR, "val", root, eval_transform(loaded.data_config))
+        config = loaded.data_config
+        val_data = load_split_dataset(CACHE_DIR, SPLIT_DIR, "val", config, batch_transform=eval_batch_transform(config))
         if fine_tuning:
             if saved is None:
                 checkpointer.save_initial(initial_state)
             checkpointer.extra = {"run_id": run_id, "probe_history": history, "probe_best_epoch": best_epoch}
             finetune = params.finetune
-            train_data = load_split_dataset(SPLIT_DIR, "train", root, train_transform(
-                loaded.data_config, finetune.augment, finetune.crop_min_scale, finetune.hflip))
+            sample_transform, batch_transform = train_transforms(config, finetune.augment, finetune.crop_min_scale,
+                                                                 finetune.hflip)
+            train_data = load_split_dataset(CACHE_DIR, SPLIT_DIR, "train", config, batch_transform=batch_transform,
+                                            sample_transform=sample_transform)
             result = fine_tune(model, params.freeze_layers, train_data, val_data, finetune, params.seed,
                                device_for(context, resolve_device(params.device)), first_epoch=len(history) + 1,
                                on_epoch=log, checkpointer=checkpointer, context=context,
@@ -173,7 +175,7 @@ def train(params: Params, context: DistContext) -> None:
         tracking.log_metrics({f"weight_change/{group}": value for group, value in movement.items()
                               if value is not None})
         if feature_head is None:
-            example = val_data[0][0].unsqueeze(0).numpy().astype(np.float32)
+            example = val_data.transformed([0]).numpy().astype(np.float32)
             tracking.log_model(model, example)
         else:  # the scikit-learn head alone, predicting from features (skops, not pickle)
             example = load_feature_cache(FEATURES_DIR / "val.pt").features[:2].numpy()

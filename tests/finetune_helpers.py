@@ -6,9 +6,8 @@ import torch
 from torch import nn
 
 from transfer.models.backbones import Backbone, Classifier
-from transfer.data.datasets import ImageDataset
+from transfer.data.datasets import ImageDataset, to_float
 from transfer.pipeline.params import FinetuneParams
-from transfer.data.transforms import v2
 
 
 def tiny_backbone(batch_norm: bool = True, seed: int = 0) -> Backbone:
@@ -27,12 +26,8 @@ def tiny_classifier(num_classes: int = 3, batch_norm: bool = True, seed: int = 0
     return Classifier(tiny_backbone(batch_norm, seed), num_classes)
 
 
-def to_float() -> v2.Compose:
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True)])
-
-
 def tiny_dataset(per_class: int = 8, num_classes: int = 3, size: int = 16, seed: int = 0,
-                 transform=None) -> ImageDataset:
+                 batch_transform=to_float) -> ImageDataset:
     """uint8 images whose brightness depends on the class (learnable in a few steps)."""
     generator = torch.Generator().manual_seed(seed)
     images, labels = [], []
@@ -42,7 +37,7 @@ def tiny_dataset(per_class: int = 8, num_classes: int = 3, size: int = 16, seed:
             noise = torch.randn(3, size, size, generator=generator) * 20
             images.append((base + noise).clamp(0, 255).to(torch.uint8))
             labels.append(label)
-    return ImageDataset(images, labels, transform or to_float())
+    return ImageDataset(torch.stack(images), labels, batch_transform=batch_transform)
 
 
 def params(**overrides) -> FinetuneParams:

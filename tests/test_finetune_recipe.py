@@ -12,7 +12,7 @@ from transfer.train.checkpoint import Checkpointer
 from transfer.models.heads import imagenet_overlap_head, match_imagenet_classes
 from transfer.train.optim import WarmupCosine, build_optimizer, parameter_groups
 from transfer.train.finetune import EarlyStopping, class_weights, fine_tune, frozen_at
-from transfer.data.transforms import batch_mixer, eval_transform, train_transform
+from transfer.data.transforms import batch_mixer, eval_batch_transform, train_transforms
 
 CPU = torch.device("cpu")
 
@@ -142,15 +142,21 @@ CONFIG = DataConfig(image_size=24, resize_size=28, mean=(0.5, 0.4, 0.3), std=(0.
 
 @pytest.mark.parametrize("augment", ["none", "trivialaugment", "randaugment", "autoaugment"])
 def test_train_transforms_crop_to_the_backbone_size_and_normalise_with_its_stats(augment):
-    image = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8)
-    out = train_transform(CONFIG, augment)(image)
-    assert out.shape == (3, 24, 24) and out.dtype == torch.float32
-    flat = torch.full((3, 40, 30), 255, dtype=torch.uint8)
-    evaluated = eval_transform(CONFIG)(flat)
-    assert evaluated.shape == (3, 24, 24)
-    assert torch.allclose(evaluated[:, 0, 0], (1 - torch.tensor(CONFIG.mean)) / torch.tensor(CONFIG.std))
+    batch = torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8)
+    per_sample, on_device = train_transforms(CONFIG, augment)
+    # The policies run per image in the workers (uint8 out); crop and flip alone run on the whole batch.
+    assert (per_sample is None) == (augment == "none")
+    if per_sample is not None:
+        batch = torch.stack([per_sample(image) for image in batch])
+        assert batch.dtype == torch.uint8 and batch.shape == (4, 3, 24, 24)
+    out = on_device(batch)
+    assert out.shape == (4, 3, 24, 24) and out.dtype == torch.float32
+    flat = torch.full((2, 3, 28, 28), 255, dtype=torch.uint8)
+    evaluated = eval_batch_transform(CONFIG)(flat)
+    assert evaluated.shape == (2, 3, 24, 24)
+    assert torch.allclose(evaluated[0, :, 0, 0], (1 - torch.tensor(CONFIG.mean)) / torch.tensor(CONFIG.std))
     with pytest.raises(ValueError, match="finetune.augment"):
-        train_transform(CONFIG, "everything")
+        train_transforms(CONFIG, "everything")
 
 
 def test_mixup_and_cutmix_give_soft_targets():
@@ -164,9 +170,8 @@ def test_mixup_and_cutmix_give_soft_targets():
 def test_class_balance_weights_and_balanced_sampler_train():
     weights = class_weights([0, 0, 0, 1], 3)
     assert weights[1] == pytest.approx(3 * weights[0]) and weights[2] == 0
-    skewed = tiny_dataset(per_class=8)
-    keep = [i for i, label in enumerate(skewed.labels) if label != 2 or i % 4 == 0]
-    skewed.images, skewed.labels = [skewed.images[i] for i in keep], [skewed.labels[i] for i in keep]
+    full = tiny_dataset(per_class=8)
+    skewed = full.subset([i for i, label in enumerate(full.labels) if label != 2 or i % 4 == 0])
     for balance in ("loss", "sampler"):
         result = fine_tune(tiny_classifier(), 1, skewed, tiny_dataset(seed=1), params(epochs=1, class_balance=balance),
                            0, CPU)

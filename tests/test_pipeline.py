@@ -22,7 +22,7 @@ from transfer import tracking
 
 pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["params", "download", "split", "features", "train", "evaluate"]
+STAGES = ["params", "download", "split", "cache", "features", "train", "evaluate"]
 # An edit of params.yaml re-runs the params stage (it validates the whole file), then what depends on the keys.
 HEAD_ONLY = ["params", "train", "evaluate"]
 

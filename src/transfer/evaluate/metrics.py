@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
-from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+from transfer.data.datasets import DeviceLoader
 
 
 @torch.inference_mode()
@@ -15,16 +16,19 @@ def predict_logits(model: torch.nn.Module, dataset, batch_size: int, device: tor
                    tta: str = "none") -> torch.Tensor:
     """Logits of `model` (eval mode) over a dataset of (image, label), in order, on the CPU.
 
+    An `ImageDataset` of cached images is transformed on the device (its batch transform); other datasets
+    (e.g. a TensorDataset of float images) are used as they are.
+
     tta="flip" scores each image and its horizontal mirror and returns the log of their mean softmax
     (fastai's and timm's flip test-time augmentation): valid logits, whose softmax is the averaged probability.
     """
     if tta not in ("none", "flip"):
         raise ValueError(f"evaluate.tta: unknown test-time augmentation {tta!r}; choose 'none' or 'flip'")
     model.eval().to(device, memory_format=torch.channels_last)  # as in extract_features: about 2x on CPU
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = DeviceLoader(dataset, device, batch_size=batch_size, resident=False)
     batches = []
     for images, _ in tqdm(loader, desc="predict" if tta == "none" else "predict (flip TTA)", unit="batch"):
-        images = images.to(device, memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
         logits = model(images).float()
         if tta == "flip":
             mirrored = model(images.flip(-1)).float()

@@ -6,6 +6,7 @@ PARAMS_OK_FILE = Path("data/params.ok")  # params: written once params.yaml vali
 RAW_DIR = Path("data/raw")  # download: the images and index.csv
 INDEX_FILE = RAW_DIR / "index.csv"
 SPLIT_DIR = Path("data/split")  # split: train/val/test.csv, classes.json, summary.json
+CACHE_DIR = Path("data/cache")  # cache: train/val/test.npy (uint8 [N, S, S, 3]) and meta.json
 FEATURES_DIR = Path("data/features")  # features: train/val/test.pt
 MODEL_DIR = Path("data/model")  # train: model.pt, run.json (the MLflow run id)
 MODEL_FILE = MODEL_DIR / "model.pt"

@@ -118,6 +118,11 @@ class FeatureParams(Section):
     layers: list[Union[int, str]] = Field(
         [-1], min_length=1, description="layer groups whose pooled outputs are concatenated: names, positions "
                                         "(1 = the first group) or -1 = the last (the network's own pooled features)")
+    amp: bool = Field(True, description="bf16 autocast on CUDA, features saved as float32 (ignored on CPU)")
+    compile: bool = Field(False, description="torch.compile the backbone (compile time first: large GPU runs)")
+    nproc: int = Field(1, ge=1, description="data-parallel processes under torchrun, each extracting a shard "
+                                            "of the image cache (gloo on CPU, nccl on CUDA)")
+    num_workers: int = Field(0, ge=0, description="DataLoader processes reading batches from the image cache")
 
 
 class HeadParams(Section):

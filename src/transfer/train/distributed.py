@@ -46,11 +46,11 @@ def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def relaunch_with_torchrun(script: str | Path, nproc: int) -> int:
+def relaunch_with_torchrun(script: str | Path, nproc: int, stage: str = "train") -> int:
     """Run `script` as `nproc` processes under torchrun (single node); returns torchrun's exit code."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                str(script)]
-    print(f"train: starting {nproc} data-parallel processes: {' '.join(command[1:])}", flush=True)
+    print(f"{stage}: starting {nproc} data-parallel processes: {' '.join(command[1:])}", flush=True)
     return subprocess.run(command, check=False).returncode
 
 
@@ -87,6 +87,16 @@ def all_reduce_sum(values: list[float], context: DistContext, device: torch.devi
     tensor = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
+
+
+def all_reduce_tensor(values: torch.Tensor, context: DistContext) -> torch.Tensor:
+    """Sum a tensor of accumulated figures across ranks; returns it (unchanged in a single process).
+
+    Called once per epoch: on CUDA (nccl) the sum stays on the device, on the CPU gloo sums it in place.
+    """
+    if context.enabled:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
 
 
 def barrier(context: DistContext) -> None:

@@ -8,6 +8,10 @@ Each epoch is checkpointed (transfer.checkpoint) so a killed run resumes; with t
 data-parallel (transfer.distributed). channels_last is on by default everywhere (oneDNN's depthwise
 convolutions train EfficientNet about 2x faster in it on CPU too); bf16 autocast and pinned memory are
 CUDA-only and switch themselves off on CPU.
+
+Images arrive as uint8 batches of the image cache and are cropped, flipped and normalised on the device
+(transfer.data.transforms, through `DeviceLoader`). Nothing in a training step waits for the device: loss,
+accuracy and per-group gradient norms are summed in device tensors and read once per epoch.
 """
 
 from __future__ import annotations
@@ -19,10 +23,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from transfer.data.datasets import ImageDataset
+from transfer.data.datasets import DeviceLoader, ImageDataset
 from transfer.data.transforms import BatchMixer, batch_mixer
 from transfer.models.backbones import Classifier, freeze_first_groups
 from transfer.pipeline.params import FinetuneParams
@@ -37,10 +40,10 @@ from transfer.train.distributed import (
     SINGLE,
     DistContext,
     EpochBatchSampler,
-    all_reduce_sum,
+    all_reduce_tensor,
     shard_indices,
 )
-from transfer.train.layer_stats import group_grad_norms
+from transfer.train.layer_stats import group_grad_norm_tensor
 from transfer.train.optim import WarmupCosine, add_layer_group, build_optimizer
 from transfer.train.result import EpochCallback, TrainResult
 
@@ -61,7 +64,7 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=self.pin_memory)
+        """A batch already on the device (DeviceLoader) in the memory format the model runs in."""
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
 
@@ -112,13 +115,15 @@ def make_loss(params: FinetuneParams, weights: torch.Tensor | None) -> Callable:
 
 def make_loaders(train_data: ImageDataset, val_data: ImageDataset, params: FinetuneParams, seed: int,
                  context: DistContext, runtime: Runtime, sample_weights: torch.Tensor | None):
-    """Train loader over this rank's slice of every global batch; val loader over this rank's shard."""
+    """Train loader over this rank's slice of every global batch; val loader over this rank's shard.
+
+    Both deliver batches transformed on the device; on CUDA a split that fits stays in GPU memory.
+    """
     sampler = EpochBatchSampler(len(train_data), params.batch_size, seed, context, sample_weights)
-    workers = dict(num_workers=params.num_workers, pin_memory=runtime.pin_memory,
-                   persistent_workers=params.num_workers > 0)
-    train_loader = DataLoader(train_data, batch_sampler=sampler, **workers)
-    val_shard = Subset(val_data, shard_indices(len(val_data), context))
-    val_loader = DataLoader(val_shard, batch_size=max(1, 2 * params.batch_size // context.world_size), **workers)
+    train_loader = DeviceLoader(train_data, runtime.device, batch_sampler=sampler, num_workers=params.num_workers)
+    val_shard = val_data.subset(shard_indices(len(val_data), context)) if context.enabled else val_data
+    val_loader = DeviceLoader(val_shard, runtime.device, batch_size=max(1, 2 * params.batch_size // context.world_size),
+                              num_workers=params.num_workers)
     return train_loader, sampler, val_loader
 
 
@@ -154,17 +159,21 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def train_one_epoch(engine: nn.Module, model: Classifier, loader: DataLoader, optimizer: torch.optim.Optimizer,
+def train_one_epoch(engine: nn.Module, model: Classifier, loader: DeviceLoader, optimizer: torch.optim.Optimizer,
                     schedule: WarmupCosine, loss_fn: Callable, mixer: BatchMixer | None, runtime: Runtime,
                     params: FinetuneParams, context: DistContext, desc: str, bn_frozen: bool = False) -> dict[str, float]:
-    """One pass of training; returns the mean loss, accuracy and per-group gradient norms over all ranks."""
+    """One pass of training; returns the mean loss, accuracy and per-group gradient norms over all ranks.
+
+    The sums live on the device and are read once, at the end: no step waits for the GPU to finish.
+    """
     engine.train()
     if bn_frozen:
         freeze_batchnorm_stats(model)
-    loss_sum, correct, seen, steps = 0.0, 0, 0, 0
-    grad_sums: dict[str, float] = {}
+    # float64, like the Python floats they replace: [loss sum, correct]; the count is known on the host
+    totals = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+    groups, grad_sums, steps, seen = None, None, 0, 0
     for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not context.is_main):
-        images, labels = runtime.prepare(images), labels.to(runtime.device, non_blocking=runtime.pin_memory)
+        images = runtime.prepare(images)
         targets = labels
         if mixer is not None:
             images, targets = mixer(images, labels)  # soft targets; accuracy still uses the hard labels
@@ -174,35 +183,44 @@ def train_one_epoch(engine: nn.Module, model: Classifier, loader: DataLoader, op
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # After backward (and DDP's all-reduce): every rank sees the same averaged gradients.
-        for group, norm in group_grad_norms(model).items():
-            grad_sums[group] = grad_sums.get(group, 0.0) + norm
+        groups, norms = group_grad_norm_tensor(model)
+        grad_sums = norms if grad_sums is None else grad_sums + norms
         if params.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(_trainable(model), params.grad_clip_norm)
         optimizer.step()
         schedule.step()
-        loss_sum += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(labels)
+        with torch.no_grad():
+            totals += torch.stack([loss.detach().double() * len(labels), (logits.argmax(1) == labels).sum().double()])
         steps += 1
-    loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], context, runtime.device)
+        seen += len(labels)
+    loss_sum, correct, seen = _reduced(totals, seen, context)
     row = {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
-    row.update({f"grad_norm/{group}": total / max(steps, 1) for group, total in grad_sums.items()})
+    if grad_sums is not None:
+        row.update({f"grad_norm/{group}": total / max(steps, 1) for group, total in zip(groups, grad_sums.tolist())})
     return row
 
 
+def _reduced(totals: torch.Tensor, seen: int, context: DistContext) -> list[float]:
+    """(device sums..., seen) summed over ranks and read to the host: the epoch's one synchronisation."""
+    if not context.enabled:
+        return [*totals.tolist(), seen]
+    both = torch.cat([totals, torch.tensor([float(seen)], dtype=torch.float64, device=totals.device)])
+    return all_reduce_tensor(both if both.device.type == "cuda" else both.cpu(), context).tolist()
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, context: DistContext) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader: DeviceLoader, runtime: Runtime, context: DistContext) -> tuple[float, float]:
     """Plain cross-entropy (no smoothing, no weights: comparable across recipes) and accuracy, over all ranks."""
     model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
+    totals, seen = torch.zeros(2, dtype=torch.float64, device=runtime.device), 0  # loss sum, correct
     for images, labels in tqdm(loader, desc="validate", unit="batch", leave=False, disable=not context.is_main):
-        images, labels = runtime.prepare(images), labels.to(runtime.device)
+        images = runtime.prepare(images)
         with runtime.autocast():
             logits = model(images).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
+        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                               (logits.argmax(1) == labels).sum().double()])
         seen += len(labels)
-    loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], context, runtime.device)
+    loss_sum, correct, seen = _reduced(totals, seen, context)
     return loss_sum / max(seen, 1), correct / max(seen, 1)
 
 
