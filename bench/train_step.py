@@ -56,7 +56,7 @@ def images_per_second(variant: str, args: argparse.Namespace) -> float:
         model.to(memory_format=torch.channels_last)
     engine = torch.compile(model) if params.compile else model
     optimizer, loss_fn = build_optimizer(model, params), make_loss(params, None)
-    images = runtime.prepare(torch.randn(args.batch_size, 3, args.image_size, args.image_size))
+    images = runtime.prepare(torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=runtime.device))
     labels = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
 
     def step() -> None:

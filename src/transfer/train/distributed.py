@@ -79,16 +79,6 @@ def device_for(context: DistContext, device: torch.device) -> torch.device:
     return device
 
 
-def all_reduce_sum(values: list[float], context: DistContext, device: torch.device) -> list[float]:
-    """Sum a few numbers across ranks (a no-op in a single process)."""
-    if not context.enabled:
-        return values
-    # float64: sums of losses over tens of thousands of samples keep their precision.
-    tensor = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
-
-
 def all_reduce_tensor(values: torch.Tensor, context: DistContext) -> torch.Tensor:
     """Sum a tensor of accumulated figures across ranks; returns it (unchanged in a single process).
 
