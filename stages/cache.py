@@ -7,7 +7,7 @@ and feature-extraction params never re-run it. features, train and evaluate read
 
 from pathlib import Path
 
-from transfer.data.cache import build_image_cache, cache_geometry, default_decode_workers
+from transfer.data.cache import build_image_cache, cache_geometry
 from transfer.models.backbones import load_backbones
 from transfer.pipeline.errors import run_stage
 from transfer.pipeline.layout import CACHE_DIR, SPLIT_DIR
@@ -20,7 +20,7 @@ def main() -> None:
     specs = [(name, "none", image_size) for name, _, image_size in backbone_specs(params.backbone)]
     config = load_backbones(specs).data_config
     geometry = cache_geometry(config)
-    counts = build_image_cache(CACHE_DIR, SPLIT_DIR, Path.cwd(), geometry, workers=default_decode_workers())
+    counts = build_image_cache(CACHE_DIR, SPLIT_DIR, Path.cwd(), geometry)
     print(f"cache: {sum(counts.values())} images at {geometry.side}x{geometry.side} px ({geometry.interpolation}) "
           f"-> {CACHE_DIR} ({', '.join(f'{split} {n}' for split, n in counts.items())})")
 
