@@ -135,8 +135,9 @@ class TrainBatchTransform:
         rois = torch.cat([torch.arange(count, dtype=torch.float32).unsqueeze(1), boxes], dim=1).to(images.device)
         # aligned=True: box edges are pixel edges; sampling_ratio=0 averages ceil(box/out) points per output
         # pixel and axis, so shrinking a crop is antialiased and enlarging it is plain bilinear.
-        crops = roi_align(images.float(), rois, output_size=self.image_size, spatial_scale=1.0, sampling_ratio=0,
-                          aligned=True)
+        # NCHW-contiguous input: roi_align runs about twice as fast on it as on the cache's channels_last batch.
+        crops = roi_align(images.float().contiguous(), rois, output_size=self.image_size, spatial_scale=1.0,
+                          sampling_ratio=0, aligned=True)
         crops = torch.where(flips.to(images.device).view(-1, 1, 1, 1), crops.flip(-1), crops)
         # The crops are float 0..255 already: normalising them is the same affine map as for uint8.
         return self.normalise(crops)
