@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from team_helpers import DVC, copy_project, git_env, mlflow_server, run
 
 pytestmark = pytest.mark.slow
-STAGES = ["params", "download", "split", "features", "train", "evaluate"]
+STAGES = ["params", "download", "split", "cache", "features", "train", "evaluate"]
 STAGE_SERVER = [sys.executable, "-m", "transfer.pipeline.stage_server"]
 
 
