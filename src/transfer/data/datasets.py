@@ -7,10 +7,9 @@ small tensors in tests) reads the images of one batch when asked, so memory hold
 device (pinned memory and non-blocking copies on CUDA) and applies the dataset's `batch_transform` there.
 On CUDA a split that fits comfortably in GPU memory is uploaded once and indexed on the GPU instead.
 
-| path | when | what it handles |
-| --- | --- | --- |
-| GPU-resident | CUDA, no per-sample transform, split <= a quarter of free GPU memory | tens of thousands of images (256 px: 196 KB each) per 10 GB |
-| streamed | otherwise (always on the CPU) | any size: reads each batch from the cache file, pinned on CUDA |
+- GPU-resident: on CUDA, without a per-sample transform, for a split of at most a quarter of the free GPU
+  memory (about 50,000 images of 256 px, 196 KB each, per 10 GB).
+- streamed: otherwise, and always on the CPU; any size, each batch read from the cache file (pinned on CUDA).
 """
 
 from __future__ import annotations
