@@ -138,7 +138,10 @@ def probe_step(train_features, num_classes: int, batch_size: int, weight_decay: 
 
 def finetune_step(params: Params, inputs) -> Callable[[float], float]:
     """A fine-tuning step at base LR `lr`: the train stage's starting model, optimiser groups, loss and data."""
-    from transfer.data.transforms import batch_mixer, train_transform
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    from transfer.data.datasets import DeviceLoader
+    from transfer.data.transforms import batch_mixer, train_transforms
     from transfer.models.backbones import freeze_first_groups
     from transfer.pipeline.runtime import resolve_device
     from transfer.train.finetune import CLASS_BALANCE, batchnorm_frozen, freeze_batchnorm_stats, make_loss, runtime_for
@@ -154,8 +157,9 @@ def finetune_step(params: Params, inputs) -> Callable[[float], float]:
     model.to(device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
-    data = inputs.images("train", train_transform(loaded.data_config, finetune.augment, finetune.crop_min_scale,
-                                                  finetune.hflip))
+    sample_transform, batch_transform = train_transforms(loaded.data_config, finetune.augment,
+                                                         finetune.crop_min_scale, finetune.hflip)
+    data = inputs.images("train", loaded.data_config, batch_transform, sample_transform)
     num_classes = len(inputs.classes)
     loss_weights, _ = CLASS_BALANCE[finetune.class_balance](data.labels, num_classes)
     loss_fn, mixer = make_loss(finetune, loss_weights), batch_mixer(finetune.mixup_alpha, finetune.cutmix_alpha,
@@ -163,8 +167,8 @@ def finetune_step(params: Params, inputs) -> Callable[[float], float]:
     seed_everything(params.seed)
     optimizer = build_optimizer(model, finetune)
     ratios = [group["initial_lr"] / finetune.lr for group in optimizer.param_groups]  # head and layer-decay ratios
-    batches = _cycle(DataLoader(data, batch_size=finetune.batch_size, shuffle=True, drop_last=True,
-                                generator=torch.Generator().manual_seed(params.seed)))
+    order = RandomSampler(range(len(data)), generator=torch.Generator().manual_seed(params.seed))
+    batches = _cycle(DeviceLoader(data, device, batch_sampler=BatchSampler(order, finetune.batch_size, drop_last=True)))
     bn_frozen = batchnorm_frozen(finetune, pretrained(params))
 
     def step(lr: float) -> float:

@@ -22,7 +22,7 @@ import torch
 
 from transfer.data.datasets import ImageDataset, load_split_dataset
 from transfer.data.split import read_classes
-from transfer.data.transforms import eval_transform, train_transform
+from transfer.data.transforms import eval_batch_transform, train_transforms
 from transfer.evaluate.metrics import classification_metrics, predict_logits
 from transfer.features import FeatureCache, load_feature_cache
 from transfer.models.backbones import Classifier, LoadedBackbone, load_backbones
@@ -34,7 +34,7 @@ from transfer.models.heads import (
     xavier_head,
 )
 from transfer.pipeline.files import read_json
-from transfer.pipeline.layout import FEATURES_DIR, SPLIT_DIR
+from transfer.pipeline.layout import CACHE_DIR, FEATURES_DIR, SPLIT_DIR
 from transfer.pipeline.params import Params, backbone_list, backbone_specs
 from transfer.pipeline.runtime import resolve_device
 from transfer.train.finetune import fine_tune
@@ -70,12 +70,12 @@ class TrainingInputs:
             self._backbones[key] = load_backbones(specs, layers)
         return copy.deepcopy(self._backbones[key])
 
-    def images(self, split: str, transform) -> ImageDataset:
-        """The split's images (decoded once) with `transform`."""
+    def images(self, split: str, config, batch_transform, sample_transform=None) -> ImageDataset:
+        """The split's images from the image cache (opened once) with these transforms (see data.transforms)."""
         if split not in self._images:
-            self._images[split] = load_split_dataset(self.root / SPLIT_DIR, split, self.root, transform)
-        decoded = self._images[split]
-        return ImageDataset(decoded.images, decoded.labels, transform, decoded.paths)
+            self._images[split] = load_split_dataset(self.root / CACHE_DIR, self.root / SPLIT_DIR, split, config)
+        cached = self._images[split]
+        return ImageDataset(cached.images, cached.labels, cached.paths, batch_transform, sample_transform)
 
 
 def load_training_inputs(root: Path | None = None) -> TrainingInputs:
@@ -169,9 +169,11 @@ def train_and_score(params: Params, inputs: TrainingInputs, metric: str, on_epoc
     loaded = inputs.backbone(params)
     model, history, _ = initial_model(params, inputs, loaded, on_epoch)
     finetune = params.finetune
-    train_data = inputs.images("train", train_transform(loaded.data_config, finetune.augment,
-                                                        finetune.crop_min_scale, finetune.hflip))
-    val_data = inputs.images("val", eval_transform(loaded.data_config))
+    config = loaded.data_config
+    sample_transform, batch_transform = train_transforms(config, finetune.augment, finetune.crop_min_scale,
+                                                         finetune.hflip)
+    train_data = inputs.images("train", config, batch_transform, sample_transform)
+    val_data = inputs.images("val", config, eval_batch_transform(config))
     first_epoch = len(history) + 1
     values: dict[int, float] = {}
 
