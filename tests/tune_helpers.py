@@ -61,8 +61,10 @@ def head_project(root: Path, **overrides) -> Path:
 
 def image_project(root: Path, **overrides) -> Path:
     """Real PNGs (3 classes x 12), train/val manifests and resnet18 (random init, 32 px) features."""
+    from transfer.data.cache import cache_geometry, manifest_hash, write_split_cache
     from transfer.data.datasets import load_split_dataset
-    from transfer.data.transforms import eval_transform
+    from transfer.data.transforms import eval_batch_transform
+    from transfer.pipeline.files import write_json
     from transfer.features import extract_features
     from transfer.models.backbones import load_backbone
 
@@ -74,8 +76,17 @@ def image_project(root: Path, **overrides) -> Path:
             rows["train" if index < 8 else "val"].append((path.relative_to(root).as_posix(), label))
     write_split_files(root, {name: pd.DataFrame(r, columns=["path", "label"]) for name, r in rows.items()})
     loaded = load_backbone("resnet18", "none", 32)
+    geometry = cache_geometry(loaded.data_config)  # the image cache stage's output, for train and val
+    for split, split_rows in rows.items():
+        paths = [path for path, _ in split_rows]
+        write_split_cache(root / f"data/cache/{split}.npy", [root / path for path in paths], geometry)
+    write_json(root / "data/cache/meta.json", {
+        "side": geometry.side, "interpolation": geometry.interpolation,
+        "splits": {split: {"count": len(r), "manifest_sha256": manifest_hash([path for path, _ in r])}
+                   for split, r in rows.items()}})
     for split in ("train", "val"):
-        data = load_split_dataset(root / "data/split", split, root, eval_transform(loaded.data_config))
+        data = load_split_dataset(root / "data/cache", root / "data/split", split, loaded.data_config,
+                                  batch_transform=eval_batch_transform(loaded.data_config))
         features = extract_features(loaded.backbone, data, 16, torch.device("cpu"), desc=split)
         save_feature_cache(root / f"data/features/{split}.pt",
                            FeatureCache(features, torch.tensor(data.labels), list(data.paths)))
