@@ -55,6 +55,7 @@ from transfer.pipeline.params import Params, backbone_list, backbone_specs, flat
 from transfer.train.finetune import fine_tune
 from transfer.pipeline.runtime import resolve_device
 from transfer.train.probe import FittedFeatureHead, fit_feature_head, train_linear_probe
+from transfer.train.result import SELECTION_METRICS, model_selection, selection_message
 from transfer.data.transforms import eval_transform, train_transform
 
 
@@ -79,8 +80,9 @@ def probe_head(model: Classifier, params: Params, classes: list[str], log,
               f"the head starts from a linear probe (head.kind: linear) instead")
     probe = train_linear_probe(train_features, val_features, len(classes), params.head, params.seed, on_epoch=log)
     model.head.load_state_dict(probe.model.state_dict())
-    print(f"train: linear probe, best val accuracy {max(r['val_acc'] for r in probe.history):.4f} "
-          f"at epoch {probe.best_epoch}")
+    best = probe.history[probe.best_epoch - 1]
+    print(f"train: linear probe, best {params.head.monitor} {best[params.head.monitor]:.4f} at epoch {probe.best_epoch} "
+          f"(val accuracy {best['val_acc']:.4f}, macro-F1 {best['val_macro_f1']:.4f})")
     return probe.history, probe.best_epoch, {f"head.{k}": v for k, v in probe.initial_state.items()}, None
 
 
@@ -146,13 +148,17 @@ def train(params: Params, context: DistContext) -> None:
             finetune = params.finetune
             train_data = load_split_dataset(SPLIT_DIR, "train", root, train_transform(
                 loaded.data_config, finetune.augment, finetune.crop_min_scale, finetune.hflip))
+            # The start model (epoch len(history) + 1) is the probe's best epoch: the same train scores.
+            start_train = {key: value for key, value in history[best_epoch - 1].items() if key.startswith("train_")
+                           } if history else None
             result = fine_tune(model, params.freeze_layers, train_data, val_data, finetune, params.seed,
-                               device_for(context, resolve_device(params.device)), first_epoch=len(history) + 1,
+                               device_for(context, resolve_device(params.device)), first_epoch=len(history) + 2,
                                on_epoch=log, checkpointer=checkpointer, context=context,
-                               pretrained=backbones[0].weights != "none")
+                               pretrained=backbones[0].weights != "none", start_train=start_train)
             history, best_epoch = history + result.history, result.best_epoch
-            print(f"train: fine-tuned with {params.freeze_layers} frozen group(s), best val accuracy "
-                  f"{max(r['val_acc'] for r in result.history):.4f} at epoch {best_epoch}")
+            if context.is_main:
+                print(selection_message(result.history, finetune.monitor, result.kept_start,
+                                        "the linear probe" if finetune.head_init == "probe" else "the initial model"))
         if not context.is_main:
             return  # rank 0 writes every output
 
@@ -165,9 +171,10 @@ def train(params: Params, context: DistContext) -> None:
         if feature_head is not None:
             save_feature_head(HEAD_FILE, feature_head.estimator)
         write_csv(REPORTS_DIR / "history.csv", pd.DataFrame(history))
-        best = next(row for row in history if row["epoch"] == best_epoch)
-        write_json(REPORTS_DIR / "train.json", {"best_epoch": best_epoch, "val_acc": best["val_acc"],
-                                                "val_loss": best["val_loss"], "train_acc": best["train_acc"]})
+        selection = model_selection(history, best_epoch, params.finetune.monitor if fine_tuning else params.head.monitor)
+        write_json(REPORTS_DIR / "train.json", selection)
+        tracking.log_metrics({key: value for key, value in selection.items() if key in SELECTION_METRICS})
+        tracking.log_tags({"selected_model": selection["selected"]})
         movement = layer_movement(initial_state, model)
         write_json(REPORTS_DIR / "layer_movement.json", movement)
         tracking.log_metrics({f"weight_change/{group}": value for group, value in movement.items()

@@ -1,4 +1,8 @@
-"""Test metrics: accuracy, macro-F1, per-class accuracy and the confusion matrix (scikit-learn)."""
+"""Test metrics: accuracy, macro-F1, per-class recall and the confusion matrix (scikit-learn).
+
+Per-class recall (the share of a class's images classified as that class) is called `recall` everywhere:
+metrics.json, per_class.csv, the report and MLflow (`test.recall.<class>`).
+"""
 
 from __future__ import annotations
 
@@ -33,15 +37,25 @@ def predict_logits(model: torch.nn.Module, dataset, batch_size: int, device: tor
     return torch.cat(batches)
 
 
+def macro_f1_from_confusion(matrix) -> float:
+    """Macro-F1 from a confusion matrix (rows true, columns predicted), as scikit-learn's
+    `f1_score(average="macro", labels=all classes, zero_division=0)`: F1_c = 2TP / (2TP + FP + FN)."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    tp = matrix.diagonal()
+    denominator = matrix.sum(axis=0) + matrix.sum(axis=1)  # (TP + FP) + (TP + FN)
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    return float(f1.mean()) if len(f1) else 0.0
+
+
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
-    """Accuracy, macro-F1 and per-class accuracy (recall), keyed for DVC metrics and MLflow."""
+    """Accuracy, macro-F1 and per-class recall, keyed for DVC metrics and MLflow."""
     labels = list(range(len(classes)))
     matrix = confusion_matrix(y_true, y_pred, labels=labels)
-    per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
+    recall = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "per_class_accuracy": {name: float(value) for name, value in zip(classes, per_class)},
+        "recall": {name: float(value) for name, value in zip(classes, recall)},
     }
 
 

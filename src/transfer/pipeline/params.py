@@ -120,6 +120,10 @@ class FeatureParams(Section):
                                         "(1 = the first group) or -1 = the last (the network's own pooled features)")
 
 
+# Model selection (and early stopping): val_macro_f1 suits imbalanced data, where accuracy hides small classes.
+Monitor = Literal["val_acc", "val_macro_f1", "val_loss"]
+
+
 class HeadParams(Section):
     """The head fitted on the cached features (train stage); lr, epochs, batch_size, weight_decay: the linear probe."""
 
@@ -129,10 +133,14 @@ class HeadParams(Section):
                               "forest; bayes: Gaussian naive Bayes (README: Heads on cached features)")
 
     lr: float = Field(0.01, gt=0, le=10, description="AdamW learning rate of the linear probe")
-    epochs: int = Field(40, ge=1, le=10_000, description="epochs of the linear probe (the best epoch by val accuracy "
+    epochs: int = Field(40, ge=1, le=10_000, description="epochs of the linear probe (the best epoch by head.monitor "
                                                           "is kept)")
     batch_size: int = Field(128, ge=1, description="batch size of the linear probe")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay of the linear probe")
+    class_balance: Literal["none", "loss"] = Field(
+        "none", description="`loss`: each training sample weighted by the inverse frequency of its class")
+    monitor: Monitor = Field("val_acc", description="`val_acc`, `val_macro_f1` or `val_loss`: picks the probe's "
+                                                    "best epoch")
 
 
 class FinetuneParams(Section):
@@ -170,10 +178,13 @@ class FinetuneParams(Section):
     head_init: Literal["probe", "xavier", "imagenet"] = Field(
         "probe", description="probe: the linear probe's weights; xavier: random; imagenet: rows of matching "
                              "ImageNet classes from the pretrained classifier, Xavier elsewhere")
-    monitor: Literal["val_acc", "val_loss"] = Field("val_acc", description="metric for the best epoch and patience")
+    monitor: Monitor = Field("val_acc", description="`val_acc`, `val_macro_f1` (imbalanced data) or `val_loss`: "
+                                                    "picks the best epoch, the start model (epoch 0) included, and "
+                                                    "drives early stopping")
     patience: int = Field(0, ge=0, description="early stopping after this many epochs without improvement; 0 = off")
     class_balance: Literal["none", "loss", "sampler"] = Field(
-        "none", description="class imbalance: inverse-frequency loss weights or a balanced sampler")
+        "none", description="`loss` (each sample weighted by the inverse frequency of its class; label smoothing "
+                            "stays unweighted) or `sampler` (balanced sampling with replacement)")
     # Runtime (GPU features switch themselves off on CPU)
     batch_size: int = Field(32, ge=1, description="global batch size (split across nproc processes)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = in the main process)")
