@@ -1,6 +1,6 @@
-"""Stage evaluate: test accuracy, macro-F1, per-class accuracy, the confusion matrix and the diagnostics.
+"""Stage evaluate: test accuracy, macro-F1, per-class recall, the confusion matrix and the diagnostics.
 
-Writes DVC metrics (reports/metrics.json, with the fit verdict and top-k accuracy), the
+Writes DVC metrics (reports/metrics.json, with the verdict, model health and top-k accuracy), the
 confusion plot data (reports/confusion.csv) and the run's diagnostics folder (reports/diagnostics: PNGs,
 per-class CSV, self-contained report.html), and logs them into the MLflow run of the model it evaluates
 (the id in data/model/run.json).
@@ -17,7 +17,7 @@ from transfer.models.heads import LINEAR_PROBE, FittedHead, load_feature_head
 from transfer.data.datasets import load_split_dataset
 from transfer.evaluate.diagnostics import image_batch, write_run_diagnostics
 from transfer.pipeline.errors import run_stage
-from transfer.evaluate.metrics import classification_metrics, confusion_pairs, predict_logits
+from transfer.evaluate.metrics import classification_metrics, confusion_pairs, predict_logits_and_features
 from transfer.features import load_feature_cache
 from transfer.pipeline.files import load_torch, read_json, write_csv, write_json
 from transfer.data.images import load_rgb
@@ -54,9 +54,9 @@ def layer_movement() -> dict[str, float]:
             if value is not None}
 
 
-def diagnose(model: Classifier, checkpoint: dict, params, test, logits: torch.Tensor,
+def diagnose(model: Classifier, checkpoint: dict, params, test, logits: torch.Tensor, model_features,
              summary: dict) -> tuple[dict, list[Path]]:
-    """Issue 6's pictures, per-class table, fit verdict and report.html; returns (metrics, files)."""
+    """Pictures, per-class table, verdict (with what to try next) and report.html; returns (metrics, files)."""
     root = Path.cwd()
 
     def load_image(path: str):
@@ -64,16 +64,19 @@ def diagnose(model: Classifier, checkpoint: dict, params, test, logits: torch.Te
 
     batch = image_batch(test.paths, load_image, eval_transform(checkpoint["data_config"]),
                         params.diagnostics.batch_size)
+    selection = read_json(REPORTS_DIR / "train.json")
     return write_run_diagnostics(
         DIAGNOSTICS_DIR, class_names=checkpoint["classes"], y_true=test.labels.numpy(),
         probs=torch.softmax(logits.float(), dim=1).numpy(), history=pd.read_csv(REPORTS_DIR / "history.csv"),
         image_paths=test.paths, load_image=load_image, features=test.features, model=model, batch=batch,
         weight_change=layer_movement(),
-        thresholds=params.diagnostics.thresholds(), best_epoch=read_json(REPORTS_DIR / "train.json")["best_epoch"],
+        thresholds=params.diagnostics.thresholds(), best_epoch=selection["best_epoch"],
         summary={"accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"]},
         title=f"Run report: {checkpoint['backbone']}, head {checkpoint['head_kind']}, "
               f"freeze_layers={checkpoint['freeze_layers']}",
-        projection=params.diagnostics.projection, max_mistakes=params.diagnostics.mistakes)
+        projection=params.diagnostics.projection, max_mistakes=params.diagnostics.mistakes,
+        model_features=model_features, selection=selection,
+        train_counts=read_json(SPLIT_DIR / "summary.json")["per_class"]["train"])
 
 
 def main() -> None:
@@ -81,20 +84,23 @@ def main() -> None:
     model, checkpoint = load_model(MODEL_FILE)
     classes = checkpoint["classes"]
     test = load_feature_cache(FEATURES_DIR / "test.pt")
+    model_features = None  # a probe's features are the cached pretrained ones
     if checkpoint["freeze_layers"] == "all" and params.evaluate.tta == "none":
         # The backbone is the untouched pretrained one: its test features are already cached.
         with torch.inference_mode():
             logits = model.head(test.features)
     else:
         dataset = load_split_dataset(SPLIT_DIR, "test", Path.cwd(), eval_transform(checkpoint["data_config"]))
-        logits = predict_logits(model, dataset, params.finetune.batch_size * 2, resolve_device(params.device),
-                                tta=params.evaluate.tta)
+        logits, features = predict_logits_and_features(model, dataset, params.finetune.batch_size * 2,
+                                                       resolve_device(params.device), tta=params.evaluate.tta)
+        if checkpoint["freeze_layers"] != "all":
+            model_features = features
     y_true, y_pred = test.labels.numpy(), logits.argmax(1).numpy()
 
     metrics = classification_metrics(y_true, y_pred, classes)
-    diagnostics, diagnostic_files = diagnose(model, checkpoint, params, test, logits, metrics)
+    diagnostics, diagnostic_files = diagnose(model, checkpoint, params, test, logits, model_features, metrics)
     # weight_change is already the train stage's metric (reports/layer_movement.json): not repeated here
-    write_json(REPORTS_DIR / "metrics.json", {**metrics, "fit": diagnostics["fit"], "topk": diagnostics["topk"]})
+    write_json(REPORTS_DIR / "metrics.json", {**metrics, **{key: diagnostics[key] for key in ("fit", "health", "topk")}})
     write_csv(REPORTS_DIR / "confusion.csv", confusion_pairs(test.paths, y_true, y_pred, classes))
     print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
           f"{diagnostics['fit']['verdict']}; report -> {DIAGNOSTICS_DIR / 'report.html'}")
@@ -105,7 +111,7 @@ def main() -> None:
         tracking.log_artifacts([Path("params.yaml"), Path("dvc.lock"), REPORTS_DIR / "metrics.json",
                                 REPORTS_DIR / "confusion.csv", REPORTS_DIR / "history.csv"])
         # fit.*, topk.*: sortable in the MLflow UI (the train stage logs weight_change/<group>)
-        tracking.log_metrics({key: diagnostics[key] for key in ("fit", "topk")})
+        tracking.log_metrics({key: diagnostics[key] for key in ("fit", "health", "topk")})
         # A tag, not a param: an evaluate-only change (-S evaluate.tta=flip) reopens the train stage's run,
         # whose params are immutable and were logged before this value was chosen.
         tracking.log_tags({"fit_verdict": diagnostics["fit"]["verdict"], "test_tta": params.evaluate.tta})

@@ -84,7 +84,12 @@ def test_data_parallel_train_stage_logs_one_run_with_grad_norms_and_layer_moveme
     history = pd.read_csv(repo / "reports/history.csv")
     finetune = history[history["phase"] == "finetune"]
     assert len(finetune) == 2 and (finetune["grad_norm/stem"] == 0).all() and (finetune["grad_norm/head"] > 0).all()
-    assert history["grad_norm/head"].isna().sum() == 3  # probe rows have none
+    assert history["grad_norm/head"].isna().sum() == 4  # probe rows and the start row (epoch 0) have none
+    start = history[history["phase"] == "start"].iloc[0]
+    assert start["epoch"] == 4 and list(finetune["epoch"]) == [5, 6]  # after the 3 probe epochs
+    selection = json.loads((repo / "reports/train.json").read_text())
+    assert selection["selected"] in ("start", "finetune") and selection["kept_start"] == (selection["selected"] == "start")
+    assert selection["best_epoch"] in (4, 5, 6) and "val_macro_f1" in selection
     assert sorted(p.name for p in (repo / "data/checkpoints").iterdir()) == ["status.json"]  # cleared
 
     runs, _ = runs_in(repo)
@@ -93,6 +98,9 @@ def test_data_parallel_train_stage_logs_one_run_with_grad_norms_and_layer_moveme
     assert runs[0].info.run_id == json.loads((repo / "data/model/run.json").read_text())["run_id"]
     assert logged.metrics["weight_change/layer4"] == pytest.approx(movement["layer4"])
     assert logged.metrics["grad_norm/head"] > 0 and logged.params["finetune.nproc"] == "2"
+    assert logged.tags["selected_model"] == selection["selected"]
+    assert logged.metrics["kept_start"] == selection["kept_start"]
+    assert logged.metrics["finetune_gain"] == pytest.approx(selection["finetune_gain"])
     state = torch.load(repo / "data/model/model.pt", weights_only=False)
     assert state["freeze_layers"] == 3 and state["classes"] == ["cat", "dog", "fox"]
 

@@ -85,7 +85,7 @@ def test_pipeline_experiments_and_queue_end_to_end(project):
     assert stages_run(output) == STAGES
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert metrics["accuracy"] > 0.6 and 0 < metrics["macro_f1"] <= 1
-    assert len(metrics["per_class_accuracy"]) == 10
+    assert len(metrics["recall"]) == 10
     assert (repo / "reports/confusion.csv").read_text().startswith("path,actual,predicted")
     assert "<img" in (repo / "reports/diagnostics/report.html").read_text()
     run(["git", "add", "-A"], repo, env)
@@ -134,6 +134,9 @@ def test_pipeline_experiments_and_queue_end_to_end(project):
     assert {"ft-k7", "head-lr"} <= set(experiments["tags.dvc_exp_name"])
     fine_tuned = runs[runs["tags.dvc_exp_name"] == "ft-k7"].iloc[0]
     assert fine_tuned["params.freeze_layers"] == "7" and fine_tuned["tags.test_tta"] == "none"
+    # which model won (the start, epoch 0, or a fine-tuning epoch) and the verdict's health numbers
+    assert fine_tuned["tags.selected_model"] in ("start", "finetune") and fine_tuned["metrics.kept_start"] in (0, 1)
+    assert runs["metrics.health.predicted_classes"].notna().all()
     assert experiments.set_index("tags.dvc_exp_name").loc["head-lr", "tags.test_tta"] == "flip"
 
     # The model, params.yaml and dvc.lock are artifacts of each run; the model loads and predicts.

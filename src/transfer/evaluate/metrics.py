@@ -15,9 +15,10 @@ from tqdm import tqdm
 
 
 @torch.inference_mode()
-def predict_logits(model: torch.nn.Module, dataset, batch_size: int, device: torch.device,
-                   tta: str = "none") -> torch.Tensor:
-    """Logits of `model` (eval mode) over a dataset of (image, label), in order, on the CPU.
+def predict_logits_and_features(model: torch.nn.Module, dataset, batch_size: int, device: torch.device,
+                                tta: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits of `model` (eval mode) over a dataset of (image, label), in order, on the CPU, and the pooled
+    backbone features of the (unflipped) images, which the diagnostics compare with the pretrained ones.
 
     tta="flip" scores each image and its horizontal mirror and returns the log of their mean softmax
     (fastai's and timm's flip test-time augmentation): valid logits, whose softmax is the averaged probability.
@@ -26,15 +27,25 @@ def predict_logits(model: torch.nn.Module, dataset, batch_size: int, device: tor
         raise ValueError(f"evaluate.tta: unknown test-time augmentation {tta!r}; choose 'none' or 'flip'")
     model.eval().to(device, memory_format=torch.channels_last)  # as in extract_features: about 2x on CPU
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    batches = []
+    batches, pooled = [], []
     for images, _ in tqdm(loader, desc="predict" if tta == "none" else "predict (flip TTA)", unit="batch"):
         images = images.to(device, memory_format=torch.channels_last)
-        logits = model(images).float()
+        # A Classifier (backbone + head) also gives its pooled features; any other module only logits.
+        features = model.backbone(images) if hasattr(model, "backbone") else None
+        logits = (model(images) if features is None else model.head(features)).float()
         if tta == "flip":
             mirrored = model(images.flip(-1)).float()
             logits = ((logits.softmax(1) + mirrored.softmax(1)) / 2).log()
         batches.append(logits.cpu())
-    return torch.cat(batches)
+        if features is not None:
+            pooled.append(features.float().cpu())
+    return torch.cat(batches), (torch.cat(pooled) if pooled else None)
+
+
+def predict_logits(model: torch.nn.Module, dataset, batch_size: int, device: torch.device,
+                   tta: str = "none") -> torch.Tensor:
+    """The logits of `predict_logits_and_features`."""
+    return predict_logits_and_features(model, dataset, batch_size, device, tta)[0]
 
 
 def macro_f1_from_confusion(matrix) -> float:

@@ -71,6 +71,9 @@ class DataParams(Section):
     archive_max_files: int = Field(2_000_000, ge=1, description="archive: refuse to unpack more members than this")
     archive_max_ratio: float = Field(100.0, gt=0, description="archive: refuse a compression ratio (unpacked / "
                                                               "archive bytes) above this, once past 64 MiB")
+    imbalance_warning: float = Field(
+        3.0, ge=1, description="warn when the largest class has more than this many times the images of the "
+                               "smallest (the data report always gives the counts and the ratio)")
     policy: DataPolicyParams = DataPolicyParams()
 
     @model_validator(mode="after")
@@ -209,14 +212,21 @@ class DiagnosticsParams(Section):
     overfit_gap: float = Field(0.05, ge=0, le=1,
                                description="train minus val accuracy above this is 'overfitting'")
     underfit_acc: float = Field(0.6, ge=0, le=1, description="train accuracy below this is 'underfitting'")
+    collapse_ratio: float = Field(
+        0.1, ge=0, le=1, description="a fine-tuned model's test-feature effective rank below this fraction of "
+                                     "the pretrained backbone's is 'collapsed features'")
+    few_classes_share: float = Field(
+        0.5, ge=0, le=1, description="predicting fewer than this share of the test set's classes is "
+                                     "'predicts few classes'")
     projection: Literal["pca", "tsne"] = Field("pca", description="2-D projection of the test features; "
                                                                   "tsne is slower (seconds to minutes)")
     mistakes: int = Field(16, ge=0, le=64, description="most confident mistakes drawn in the grid")
     batch_size: int = Field(8, ge=1, le=256, description="test images in the activation-histogram batch")
 
     def thresholds(self) -> dict[str, float]:
-        """The verdict thresholds, as transfer.diagnostics.fit_diagnosis takes them."""
-        return {"overfit_gap": self.overfit_gap, "underfit_acc": self.underfit_acc}
+        """The verdict thresholds, as transfer.evaluate.diagnostics takes them."""
+        return {"overfit_gap": self.overfit_gap, "underfit_acc": self.underfit_acc,
+                "collapse_ratio": self.collapse_ratio, "few_classes_share": self.few_classes_share}
 
 
 # Keys `transfer tune` may search: what shapes training. Not backbone/data (the cached features depend on
