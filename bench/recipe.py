@@ -82,6 +82,11 @@ VARIANTS: dict[str, dict] = {
     "ls0_head_lr_1": {"label_smoothing": 0.0, "head_lr_mult": 1.0},
     "no_smoothing_balance_loss": {"label_smoothing": 0.0, "class_balance": "loss"},
     "ls0_head_lr_1_balance_loss": {"label_smoothing": 0.0, "head_lr_mult": 1.0, "class_balance": "loss"},
+    # fine-tuning starts from the probe fitted with the same class-weighted loss
+    "balanced_start_balance_loss": {"class_balance": "loss"},
+    "balanced_start_balance_loss_ls0": {"class_balance": "loss", "label_smoothing": 0.0},
+    "balanced_start_ls0_head_lr_1_balance_loss": {"class_balance": "loss", "label_smoothing": 0.0,
+                                                  "head_lr_mult": 1.0},
 }
 
 
@@ -215,6 +220,7 @@ def run_dataset(name: str, args) -> dict:
     print(f"[{name}] {info} (data + features {time.time() - started:.0f} s)", flush=True)
     y_test = caches["test"].labels.numpy()
     pretrained = caches["test"].features
+    heads: dict = {}
     for probe_name, head_overrides in (("probe", {}), ("probe_balanced", {"class_balance": "loss",
                                                                            "monitor": "val_macro_f1"})):
         if probe_name not in args.probes:
@@ -225,14 +231,15 @@ def run_dataset(name: str, args) -> dict:
             results[probe_name] = {**scores(y_test, probe.model(pretrained), classes), "best_val_acc": row["val_acc"],
                                    "best_val_macro_f1": row["val_macro_f1"], "head": head_overrides}
         print(f"[{name}] {probe_name}: {results[probe_name]}", flush=True)
-        if probe_name == "probe":
-            probe_head = copy.deepcopy(probe.model.state_dict())
-            probe_train = {k: v for k, v in row.items() if k.startswith("train_")}
+        heads[probe_name] = (copy.deepcopy(probe.model.state_dict()),
+                             {k: v for k, v in row.items() if k.startswith("train_")})
     results["info"] = info
     for variant in args.variants:
         overrides = {**VARIANTS[variant], "epochs": args.epochs}
         params = FinetuneParams(**overrides)
         model = Classifier(copy.deepcopy(loaded.backbone), len(classes))
+        start_probe = "probe_balanced" if variant.startswith("balanced_start") else "probe"
+        probe_head, probe_train = heads[start_probe]
         model.head.load_state_dict(probe_head)
         train_set = ImageDataset(*data["train"], train_transform(loaded.data_config, params.augment,
                                                                   params.crop_min_scale, params.hflip))
@@ -255,7 +262,7 @@ def run_dataset(name: str, args) -> dict:
         model.load_state_dict(best["state"])
         features, logits = test_outputs(model.eval(), sets["test"])
         tuned = {**scores(y_test, logits, classes), **feature_health(features, pretrained, y_test)}
-        shipped = results["probe"] if result.kept_start else tuned
+        shipped = results[start_probe] if result.kept_start else tuned
         results[variant] = {
             "overrides": VARIANTS[variant], "kept_start": result.kept_start,
             "shipped_accuracy": shipped["accuracy"], "shipped_macro_f1": shipped["macro_f1"],

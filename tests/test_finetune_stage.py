@@ -127,7 +127,7 @@ def test_a_killed_train_stage_resumes_on_the_next_repro_in_the_same_mlflow_run(t
     runs, client = runs_in(repo)
     assert [r.info.run_id for r in runs] == [first_run]
     steps = sorted({m.step for m in client.get_metric_history(first_run, "val_acc")})
-    assert steps == list(range(1, 3 + 8 + 1))  # 3 probe epochs + 8 fine-tuning epochs, none missing
+    assert steps == list(range(1, 3 + 1 + 8 + 1))  # 3 probe epochs, the start (epoch 0), 8 fine-tuning epochs
     history = pd.read_csv(repo / "reports/history.csv")
-    assert list(history["epoch"]) == list(range(1, 12))
+    assert list(history["epoch"]) == list(range(1, 13)) and (history["phase"] == "start").sum() == 1
     assert not last.exists()

@@ -79,7 +79,7 @@ def test_a_fine_tune_that_helps_is_kept_and_its_gain_recorded():
     train, val = tiny_dataset(), tiny_dataset(seed=1)
     # from a random head (the start is chance), AdamW learns the brightness classes
     result = fine_tune(tiny_classifier(batch_norm=False), 0, train, val,
-                       params(epochs=3, lr=0.01, optimizer="adamw", monitor="val_macro_f1"), 0, CPU)
+                       params(epochs=3, lr=0.01, head_lr_mult=10.0, optimizer="adamw", monitor="val_macro_f1"), 0, CPU)
     assert not result.kept_start and result.best_epoch >= 1
     selection = model_selection(result.history, result.best_epoch, "val_macro_f1")
     assert selection["selected"] == "finetune" and selection["kept_start"] == 0 and selection["finetune_gain"] > 0

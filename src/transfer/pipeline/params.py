@@ -153,7 +153,8 @@ class FinetuneParams(Section):
     epochs: int = Field(5, ge=1, le=10_000, description="fine-tuning epochs (when freeze_layers is an integer)")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum, Nesterov) or adamw")
     lr: float = Field(0.002, gt=0, le=10, description="base learning rate of the unfrozen backbone groups")
-    head_lr_mult: float = Field(10.0, gt=0, description="the head learns at head_lr_mult x lr")
+    head_lr_mult: float = Field(1.0, gt=0, description="the head learns at head_lr_mult x lr (the probe already "
+                                                       "fitted it; 10 shook the features on data unlike ImageNet)")
     layer_decay: float = Field(1.0, gt=0, le=1, description="each layer group toward the input learns at "
                                                                "layer_decay x the next one; 1 = same LR for all")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum; AdamW beta1")
@@ -161,8 +162,9 @@ class FinetuneParams(Section):
     weight_decay: float = Field(1e-4, ge=0, description="not applied to BatchNorm weights and biases")
     warmup_epochs: float = Field(0.3, ge=0, description="linear LR warmup (may be fractional), then cosine decay")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the cosine ends at min_lr_ratio x each group's LR")
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the training loss (the val loss "
-                                                                  "is plain cross-entropy)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training loss (the val loss "
+                                                                  "is plain cross-entropy); 0: the probe that starts "
+                                                                  "fine-tuning was fitted without it")
     grad_clip_norm: float | None = Field(None, gt=0, description="clip the global gradient L2 norm; null = off")
     # Augmentation (evaluation always resizes and centre-crops)
     augment: Literal["none", "trivialaugment", "randaugment", "autoaugment"] = Field(
