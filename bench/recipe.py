@@ -22,7 +22,7 @@ Data sets (all offline):
     imbalanced  4 look-alike Fashion-MNIST classes (T-shirt, Pullover, Coat, Shirt) at 1400:500:250:100
                 (14:1) from the official train, split 70/15/15 stratified
 
-    nice -n 10 PYTHONPATH=src python bench/recipe.py --datasets embedded digits --variants default bn_train
+    nice -n 10 PYTHONPATH=src python bench/recipe.py --datasets embedded digits --variants old_default default
     nice -n 10 PYTHONPATH=src python bench/recipe.py --datasets imbalanced --variants default balance_loss \\
         legacy_balance_loss --image-size 64
 
@@ -66,27 +66,28 @@ FASHION_CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Ankle_boot"]
 CPU = torch.device("cpu")
 
-# Variant name -> FinetuneParams overrides (on the schema's defaults).
+# Variant name -> FinetuneParams overrides (on the schema's defaults). The study ran on the recipe before
+# issue 13 (OLD: label smoothing 0.1, head at 10x the LR), so every variant but `default` starts from it.
+OLD = {"label_smoothing": 0.1, "head_lr_mult": 10.0}
 VARIANTS: dict[str, dict] = {
     "default": {},
-    "bn_train": {"batchnorm": "train"},
-    "head_lr_1": {"head_lr_mult": 1.0},
-    "no_smoothing": {"label_smoothing": 0.0},
-    "low_lr": {"lr": 0.0005},
-    "adamw": {"optimizer": "adamw", "lr": 1e-4},
-    "bn_train_head_lr_1": {"batchnorm": "train", "head_lr_mult": 1.0},
-    "balance_loss": {"class_balance": "loss"},
-    "balance_loss_f1": {"class_balance": "loss", "monitor": "val_macro_f1"},
-    "legacy_balance_loss": {"class_balance": "loss"},  # torch's weighted CE, as before the fix
-    "sampler": {"class_balance": "sampler"},
-    "ls0_head_lr_1": {"label_smoothing": 0.0, "head_lr_mult": 1.0},
-    "no_smoothing_balance_loss": {"label_smoothing": 0.0, "class_balance": "loss"},
+    "old_default": OLD,
+    "bn_train": {**OLD, "batchnorm": "train"},
+    "head_lr_1": {**OLD, "head_lr_mult": 1.0},
+    "no_smoothing": {**OLD, "label_smoothing": 0.0},
+    "low_lr": {**OLD, "lr": 0.0005},
+    "adamw": {**OLD, "optimizer": "adamw", "lr": 1e-4},
+    "bn_train_head_lr_1": {**OLD, "batchnorm": "train", "head_lr_mult": 1.0},
+    "balance_loss": {**OLD, "class_balance": "loss"},
+    "balance_loss_f1": {**OLD, "class_balance": "loss", "monitor": "val_macro_f1"},
+    "legacy_balance_loss": {**OLD, "class_balance": "loss"},  # torch's weighted CE, as before the fix
+    "sampler": {**OLD, "class_balance": "sampler"},
+    "ls0_head_lr_1": {"label_smoothing": 0.0, "head_lr_mult": 1.0},  # = the new default
+    "no_smoothing_balance_loss": {**OLD, "label_smoothing": 0.0, "class_balance": "loss"},
     "ls0_head_lr_1_balance_loss": {"label_smoothing": 0.0, "head_lr_mult": 1.0, "class_balance": "loss"},
-    # fine-tuning starts from the probe fitted with the same class-weighted loss
-    "balanced_start_balance_loss": {"class_balance": "loss"},
-    "balanced_start_balance_loss_ls0": {"class_balance": "loss", "label_smoothing": 0.0},
-    "balanced_start_ls0_head_lr_1_balance_loss": {"class_balance": "loss", "label_smoothing": 0.0,
-                                                  "head_lr_mult": 1.0},
+    # fine-tuning starts from the probe fitted with the same class-weighted loss (probe_balanced)
+    "balanced_start_ls0_head_lr_1_balance_loss": {"label_smoothing": 0.0, "head_lr_mult": 1.0,
+                                                  "class_balance": "loss"},
 }
 
 
