@@ -87,12 +87,15 @@ def test_a_timm_cnn_fine_tunes_with_frozen_batchnorm_statistics():
     stem_bn = [m for m in model.backbone.groups["stem"].modules() if isinstance(m, nn.BatchNorm2d)]
     stem_stats = [m.running_mean.clone() for m in stem_bn]
     data = tiny_dataset(per_class=4, size=32)
-    result = fine_tune(model, 2, data, data, params(epochs=1, batchnorm="train"), seed=0,
-                       device=torch.device("cpu"), pretrained=False)
-    assert len(result.history) == 1 and result.history[0]["frozen_groups"] == 2
-    assert all(torch.equal(m.running_mean, s) for m, s in zip(stem_bn, stem_stats))
     layer4_bn = next(m for m in model.backbone.groups["layer4"].modules() if isinstance(m, nn.BatchNorm2d))
-    assert layer4_bn.num_batches_tracked > 0
+    tracked = []  # after the epoch (the returned model is the start, epoch 0, when the epoch lost to it)
+    result = fine_tune(model, 2, data, data, params(epochs=1, batchnorm="train"), seed=0,
+                       device=torch.device("cpu"), pretrained=False,
+                       on_epoch=lambda row: tracked.append(int(layer4_bn.num_batches_tracked)))
+    assert [row["phase"] for row in result.history] == ["start", "finetune"]
+    assert result.history[1]["frozen_groups"] == 2
+    assert all(torch.equal(m.running_mean, s) for m, s in zip(stem_bn, stem_stats))
+    assert tracked[-1] > 0
 
 
 def test_efficientnet_lite1_weights_come_from_its_wheel():
@@ -147,12 +150,15 @@ def test_a_timm_cnn_fine_tunes_with_frozen_batchnorm_statistics():
     stem_bn = [m for m in model.backbone.groups["stem"].modules() if isinstance(m, nn.BatchNorm2d)]
     stem_stats = [m.running_mean.clone() for m in stem_bn]
     data = tiny_dataset(per_class=4, size=32)
-    result = fine_tune(model, 2, data, data, params(epochs=1, batchnorm="train"), seed=0,
-                       device=torch.device("cpu"), pretrained=False)
-    assert len(result.history) == 1 and result.history[0]["frozen_groups"] == 2
-    assert all(torch.equal(m.running_mean, s) for m, s in zip(stem_bn, stem_stats))
     layer4_bn = next(m for m in model.backbone.groups["layer4"].modules() if isinstance(m, nn.BatchNorm2d))
-    assert layer4_bn.num_batches_tracked > 0
+    tracked = []  # after the epoch (the returned model is the start, epoch 0, when the epoch lost to it)
+    result = fine_tune(model, 2, data, data, params(epochs=1, batchnorm="train"), seed=0,
+                       device=torch.device("cpu"), pretrained=False,
+                       on_epoch=lambda row: tracked.append(int(layer4_bn.num_batches_tracked)))
+    assert [row["phase"] for row in result.history] == ["start", "finetune"]
+    assert result.history[1]["frozen_groups"] == 2
+    assert all(torch.equal(m.running_mean, s) for m, s in zip(stem_bn, stem_stats))
+    assert tracked[-1] > 0
 
 
 def test_efficientnet_lite1_weights_come_from_its_wheel():
