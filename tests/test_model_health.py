@@ -220,7 +220,7 @@ def test_lost_to_probe_and_the_report_says_what_to_try_next(tmp_path):
     assert metrics["fit"]["verdict"] == "zero-recall classes, fine-tune lost to probe"
     page = (tmp_path / "out" / diag.REPORT_HTML).read_text()
     assert "What to try next" in page or "what to try next" in page
-    assert "finetune.class_balance: loss" in page and "c 3" in page
+    assert "head.class_balance: loss" in page and "c 3" in page
     per_class = __import__("pandas").read_csv(tmp_path / "out" / diag.PER_CLASS_CSV)
     assert per_class.loc[2, "recall"] == 0 and per_class.loc[2, "one_vs_rest_accuracy"] > 0.6
 

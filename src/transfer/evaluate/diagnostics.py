@@ -166,12 +166,12 @@ ADVICE: dict[str, str] = {
         "finetune.batchnorm: train (a domain unlike ImageNet), freeze more layer groups (a larger freeze_layers), "
         "or keep the linear probe (freeze_layers: all)."),
     "predicts few classes": (
-        "Balance the classes (finetune.class_balance: loss or sampler; head.class_balance: loss for the probe), "
-        "select the epoch by macro-F1 (finetune.monitor / head.monitor: val_macro_f1), and check the features "
-        "for collapse."),
+        "Balance the classes (head.class_balance: loss for the probe; finetune.class_balance: sampler or loss, "
+        "which has collapsed fine-tuning on imbalanced data: check the features), select the epoch by macro-F1 "
+        "(finetune.monitor / head.monitor: val_macro_f1)."),
     "zero-recall classes": (
-        "Weight the rare classes (finetune.class_balance: loss, head.class_balance: loss), select by macro-F1 "
-        "(monitor: val_macro_f1), and add images of these classes."),
+        "Weight the rare classes (head.class_balance: loss; finetune.class_balance: sampler or loss), select by "
+        "macro-F1 (monitor: val_macro_f1), and add images of these classes."),
     "fine-tune lost to probe": (
         "The stage kept the model fine-tuning started from. Try a lower finetune.lr or finetune.head_lr_mult, "
         "finetune.batchnorm: train, more frozen groups, or freeze_layers: all (the probe: same result, "
