@@ -26,7 +26,11 @@ from transfer.train.losses import class_weights, classification_loss, improves
 from transfer.train.result import EpochCallback, TrainResult
 
 
-def _scores(logits: torch.Tensor, labels: torch.Tensor, prefix: str) -> dict[str, float]:
+def _loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+def _split_scores(logits: torch.Tensor, labels: torch.Tensor, prefix: str) -> dict[str, float]:
     """Plain (unweighted) cross-entropy, accuracy and macro-F1 of a split."""
     num_classes = logits.shape[1]
     confusion = torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes ** 2)
@@ -65,8 +69,8 @@ def train_linear_probe(train: FeatureCache, val: FeatureCache, num_classes: int,
         scheduler.step()
         head.eval()
         with torch.no_grad():
-            row = dict(epoch=epoch, phase="probe", lr=lr, **_scores(head(train.features), train.labels, "train"),
-                       **_scores(head(val.features), val.labels, "val"))
+            row = dict(epoch=epoch, phase="probe", lr=lr, **_split_scores(head(train.features), train.labels, "train"),
+                       **_split_scores(head(val.features), val.labels, "val"))
         result.history.append(row)
         if on_epoch:
             on_epoch(row)
