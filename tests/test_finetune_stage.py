@@ -93,8 +93,8 @@ def test_data_parallel_train_stage_logs_one_run_with_grad_norms_and_layer_moveme
     assert runs[0].info.run_id == json.loads((repo / "data/model/run.json").read_text())["run_id"]
     assert logged.metrics["weight_change/layer4"] == pytest.approx(movement["layer4"])
     assert logged.metrics["grad_norm/head"] > 0 and logged.params["finetune.nproc"] == "2"
-    state = torch.load(repo / "data/model/model.pt", weights_only=False)
-    assert state["freeze_layers"] == 3 and state["classes"] == ["cat", "dog", "fox"]
+    description = json.loads((repo / "data/model/model.json").read_text())
+    assert description["training"]["freeze_layers"] == 3 and description["classes"] == ["cat", "dog", "fox"]
 
 
 def test_a_killed_train_stage_resumes_on_the_next_repro_in_the_same_mlflow_run(tmp_path):

@@ -223,7 +223,7 @@ def mlflow_store(tmp_path_factory, model_dir, images):
         os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
-def test_logged_model_takes_images_registry_alias_and_raw_pytorch(mlflow_store, model_dir, images):
+def test_logged_model_takes_images_registry_alias_and_raw_pytorch(mlflow_store, model_dir, images, capsys):
     import mlflow
 
     from transfer import tracking
@@ -257,13 +257,15 @@ def test_logged_model_takes_images_registry_alias_and_raw_pytorch(mlflow_store, 
         resolve_model("models:/tiny@nobody")
 
     # The commands: promote by the metric, then predict with the alias.
-    store, _ = mlflow_store
-    done = transfer_cli("promote", "--experiment", "predict-test", "--name", "tiny", "--alias", "cli")
-    assert done.returncode == 0, done.stderr
-    assert f"run {best_run}" in done.stderr
-    done = transfer_cli("predict", str(path), "--model", "models:/tiny@cli", "--top-k", "1")
-    assert done.returncode == 0, done.stderr
-    assert CLASSES[int(expected.argmax())] in done.stdout
+    from transfer.cli import main
+
+    capsys.readouterr()
+    assert main(["promote", "--experiment", "predict-test", "--name", "tiny", "--alias", "cli"]) == 0
+    assert f"run {best_run}" in capsys.readouterr().err
+    assert main(["predict", str(path), "--model", "models:/tiny@cli", "--top-k", "1"]) == 0
+    assert f"{path},{CLASSES[int(expected.argmax())]}," in capsys.readouterr().out
+    assert main(["promote", "--experiment", "predict-test", "--name", "tiny", "--metric", "nope"]) == 2
+    assert "no run of experiment 'predict-test'" in capsys.readouterr().err
 
 
 def test_onnx_export_dynamic_batch_metadata_and_agreement(model_dir, images, tmp_path):
@@ -297,7 +299,9 @@ def test_mlflow_models_serve_answers_an_image_over_http(mlflow_store, images):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
+    # uvicorn, which MLflow starts, is on the PATH of the environment's bin folder.
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
