@@ -8,6 +8,8 @@ creation and a generous SQLite busy timeout makes concurrent writers wait instea
 
 A pipeline run is one MLflow run: the train stage opens it (params, tags, per-epoch metrics, model) and
 records its id next to the model; the evaluate stage reopens that run to add the test metrics.
+The model is logged as a pyfunc that takes images (ImageClassifierModel, registered in the model
+registry) and as the raw PyTorch module; `promote_best` moves a registry alias to the best run.
 
 MLFLOW_TRACKING_URI=http://... sends everything to a team server (`make server-mlflow`) instead; the server
 then chooses where artifacts go. Every run has a name (the DVC experiment's, or one read from its params),
