@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import REPO_ROOT, write_image_folder
+
 from transfer.data.datasets import ImageDataset, decode_images
 from transfer.data.transforms import eval_transform
 from transfer.evaluate.inference import model_input, predict_frame, predict_images, resolve_model

@@ -411,11 +411,11 @@ def promote_best(experiment: str, registered_model: str, metric: str, alias: str
         raise TrackingError(f"no versions of registered model {registered_model!r}: the train stage registers "
                             "each model it trains under tracking.registered_model (params.yaml)")
     candidates, metrics_seen = [], set()
-    for version in versions:
-        if not version.run_id:
+    for model_version in versions:
+        if not model_version.run_id:
             continue
         try:
-            run = client.get_run(version.run_id)
+            run = client.get_run(model_version.run_id)
         except mlflow.exceptions.MlflowException:
             continue  # the run was deleted for good
         if run.info.experiment_id != found.experiment_id or run.info.lifecycle_stage != "active":
@@ -423,7 +423,7 @@ def promote_best(experiment: str, registered_model: str, metric: str, alias: str
         metrics_seen.update(run.data.metrics)
         value = run.data.metrics.get(metric)
         if value is not None and not math.isnan(value):
-            candidates.append((value, int(version.version), run.info.run_id))
+            candidates.append((value, int(model_version.version), run.info.run_id))
     if not candidates:
         raise TrackingError(f"no run of experiment {experiment!r} with a version of {registered_model!r} has the "
                             f"metric {metric!r}; metrics there: {sorted(metrics_seen)[:30]}")
