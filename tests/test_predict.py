@@ -99,7 +99,7 @@ def test_a_tampered_model_is_an_error_never_code_execution(model_dir, tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     torch.save({"state_dict": _Payload(marker)}, old / "model.pt")
-    with pytest.raises(ModelFileError, match="never loaded"):
+    with pytest.raises(ModelFileError, match="model.pt is not a usable model file.*never loaded"):
         load_model(old)
     with pytest.raises(ModelFileError, match="never loaded"):
         load_model(old / "model.pt")
@@ -204,9 +204,11 @@ def mlflow_store(tmp_path_factory, model_dir, images):
 
     from transfer import tracking
 
-    store = tmp_path_factory.mktemp("mlruns")
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
+    store = tmp_path_factory.mktemp("store")
+    # The store (database and artifacts) of a repository rooted there, not this checkout's mlruns/.
+    previous = {key: os.environ.get(key) for key in ("DVC_ROOT", "MLFLOW_TRACKING_URI")}
+    os.environ["DVC_ROOT"] = str(store)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri(store)
     saved = load_model(model_dir)
     example = model_input(images / "cat" / "0000.png", saved.data_config).unsqueeze(0).numpy()
     run_ids = []
@@ -217,10 +219,11 @@ def mlflow_store(tmp_path_factory, model_dir, images):
             mlflow.log_metric("test.accuracy", accuracy)
         run_ids.append(run_id)
     yield store, run_ids
-    if previous is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def test_logged_model_takes_images_registry_alias_and_raw_pytorch(mlflow_store, model_dir, images, capsys):

@@ -185,9 +185,11 @@ def load_model(directory: str | Path) -> SavedModel:
     directory = Path(directory)
     if directory.name == DESCRIPTION_NAME:
         directory = directory.parent
-    if directory.suffix == ".pt" or (directory / "model.pt").is_file() and not (directory / DESCRIPTION_NAME).exists():
-        raise ModelFileError(f"{directory}: an old pickled model.pt, which is never loaded (unpickling can run code); "
-                             "re-run the train stage (`dvc repro train`) to write model.safetensors + model.json")
+    old_format = directory if directory.suffix == ".pt" else directory / "model.pt"
+    if old_format.is_file() and not (old_format.parent / DESCRIPTION_NAME).exists():
+        raise ModelFileError(f"{old_format} is not a usable model file: a pickled model (the old format) is never "
+                             "loaded, as unpickling could run code hidden in it; re-run the train stage "
+                             "(dvc repro -f train) to write model.safetensors + model.json")
     json_path = directory / DESCRIPTION_NAME
     description = _read_description(json_path)
     weights_path = directory / str(description.get("weights_file", WEIGHTS_NAME))
