@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -290,14 +291,14 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         self.saved = load_model(context.artifacts[CLASSIFIER_ARTIFACT])
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    def predict(self, context, model_input, params=None):
+    # A DataFrame type hint: MLflow then checks the input against the logged signature (image: binary).
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from transfer.evaluate.inference import predict_frame
 
         return predict_frame(self.saved, model_input, device=self.device)
 
 
 def _pyfunc_signature(example_image: bytes):
-    import pandas as pd
     from mlflow.models import ModelSignature
     from mlflow.types import DataType
     from mlflow.types.schema import ColSpec, Map, Schema
