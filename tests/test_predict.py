@@ -309,7 +309,7 @@ def test_mlflow_models_serve_answers_an_image_over_http(mlflow_store, images):
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 80
+        deadline = time.time() + 240  # a generous wait for start-up on a loaded machine, not a timing check
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
