@@ -12,39 +12,18 @@ import pandas as pd
 import torch
 
 from transfer import tracking
-from transfer.models.backbones import Classifier, load_backbones
-from transfer.models.heads import LINEAR_PROBE, FittedHead, load_feature_head
+from transfer.models.saved import SavedModel, load_model
 from transfer.data.datasets import load_split_dataset
 from transfer.evaluate.diagnostics import image_batch, write_run_diagnostics
 from transfer.pipeline.errors import run_stage
 from transfer.evaluate.metrics import classification_metrics, confusion_pairs, predict_logits_and_features
 from transfer.features import load_feature_cache
-from transfer.pipeline.files import load_torch, read_json, write_csv, write_json
+from transfer.pipeline.files import read_json, write_csv, write_json
 from transfer.data.images import load_rgb
-from transfer.pipeline.layout import (
-    DIAGNOSTICS_DIR,
-    FEATURES_DIR,
-    HEAD_FILE,
-    MODEL_FILE,
-    REPORTS_DIR,
-    RUN_FILE,
-    SPLIT_DIR,
-)
+from transfer.pipeline.layout import DIAGNOSTICS_DIR, FEATURES_DIR, MODEL_DIR, REPORTS_DIR, RUN_FILE, SPLIT_DIR
 from transfer.pipeline.params import load_params
 from transfer.pipeline.runtime import resolve_device
 from transfer.data.transforms import eval_transform
-
-
-def load_model(path: Path) -> tuple[Classifier, dict]:
-    checkpoint = load_torch(path, "model file", "rerun the train stage (dvc repro -f train) to write it again")
-    specs = [(name, "none", image_size) for name, image_size in checkpoint["backbones"]]
-    loaded = load_backbones(specs, checkpoint["layers"])
-    model = Classifier(loaded.backbone, len(checkpoint["classes"]))
-    model.load_state_dict(checkpoint["state_dict"])
-    kind = checkpoint.get("head_kind", LINEAR_PROBE)
-    if kind != LINEAR_PROBE:  # a scikit-learn head, saved next to the model
-        model.head = FittedHead(load_feature_head(path.parent / HEAD_FILE.name), kind)
-    return model.eval(), {**checkpoint, "head_kind": kind, "data_config": loaded.data_config}
 
 
 def layer_movement() -> dict[str, float]:
@@ -54,7 +33,7 @@ def layer_movement() -> dict[str, float]:
             if value is not None}
 
 
-def diagnose(model: Classifier, checkpoint: dict, params, test, logits: torch.Tensor, model_features,
+def diagnose(saved: SavedModel, params, test, logits: torch.Tensor, model_features,
              summary: dict) -> tuple[dict, list[Path]]:
     """Pictures, per-class table, verdict (with what to try next) and report.html; returns (metrics, files)."""
     root = Path.cwd()
@@ -62,18 +41,17 @@ def diagnose(model: Classifier, checkpoint: dict, params, test, logits: torch.Te
     def load_image(path: str):
         return load_rgb(root / path)
 
-    batch = image_batch(test.paths, load_image, eval_transform(checkpoint["data_config"]),
+    batch = image_batch(test.paths, load_image, eval_transform(saved.data_config),
                         params.diagnostics.batch_size)
     selection = read_json(REPORTS_DIR / "train.json")
     return write_run_diagnostics(
-        DIAGNOSTICS_DIR, class_names=checkpoint["classes"], y_true=test.labels.numpy(),
+        DIAGNOSTICS_DIR, class_names=saved.classes, y_true=test.labels.numpy(),
         probs=torch.softmax(logits.float(), dim=1).numpy(), history=pd.read_csv(REPORTS_DIR / "history.csv"),
-        image_paths=test.paths, load_image=load_image, features=test.features, model=model, batch=batch,
+        image_paths=test.paths, load_image=load_image, features=test.features, model=saved.model, batch=batch,
         weight_change=layer_movement(),
         thresholds=params.diagnostics.thresholds(), best_epoch=selection["best_epoch"],
         summary={"accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"]},
-        title=f"Run report: {checkpoint['backbone']}, head {checkpoint['head_kind']}, "
-              f"freeze_layers={checkpoint['freeze_layers']}",
+        title=f"Run report: {saved.backbone_name}, head {saved.head_kind}, freeze_layers={saved.freeze_layers}",
         projection=params.diagnostics.projection, max_mistakes=params.diagnostics.mistakes,
         model_features=model_features, selection=selection,
         train_counts=read_json(SPLIT_DIR / "summary.json")["per_class"]["train"])
@@ -81,24 +59,24 @@ def diagnose(model: Classifier, checkpoint: dict, params, test, logits: torch.Te
 
 def main() -> None:
     params = load_params()
-    model, checkpoint = load_model(MODEL_FILE)
-    classes = checkpoint["classes"]
+    saved = load_model(MODEL_DIR)
+    model, classes = saved.model, saved.classes
     test = load_feature_cache(FEATURES_DIR / "test.pt")
     model_features = None  # a probe's features are the cached pretrained ones
-    if checkpoint["freeze_layers"] == "all" and params.evaluate.tta == "none":
+    if saved.freeze_layers == "all" and params.evaluate.tta == "none":
         # The backbone is the untouched pretrained one: its test features are already cached.
         with torch.inference_mode():
             logits = model.head(test.features)
     else:
-        dataset = load_split_dataset(SPLIT_DIR, "test", Path.cwd(), eval_transform(checkpoint["data_config"]))
+        dataset = load_split_dataset(SPLIT_DIR, "test", Path.cwd(), eval_transform(saved.data_config))
         logits, features = predict_logits_and_features(model, dataset, params.finetune.batch_size * 2,
                                                        resolve_device(params.device), tta=params.evaluate.tta)
-        if checkpoint["freeze_layers"] != "all":
+        if saved.freeze_layers != "all":
             model_features = features
     y_true, y_pred = test.labels.numpy(), logits.argmax(1).numpy()
 
     metrics = classification_metrics(y_true, y_pred, classes)
-    diagnostics, diagnostic_files = diagnose(model, checkpoint, params, test, logits, model_features, metrics)
+    diagnostics, diagnostic_files = diagnose(saved, params, test, logits, model_features, metrics)
     # weight_change is already the train stage's metric (reports/layer_movement.json): not repeated here
     write_json(REPORTS_DIR / "metrics.json", {**metrics, **{key: diagnostics[key] for key in ("fit", "health", "topk")}})
     write_csv(REPORTS_DIR / "confusion.csv", confusion_pairs(test.paths, y_true, y_pred, classes))

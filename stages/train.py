@@ -4,8 +4,10 @@ A scikit-learn head (head.kind other than linear) is saved in data/model/head.sk
 the sklearn flavour (predicting from features); fine-tuning starts from the linear or logreg head, and from
 a linear probe for the other kinds.
 
-Params: freeze_layers, head, finetune, seed, backbone. Opens the pipeline run in MLflow (params, tags,
-per-epoch metrics, the model) and records its id in data/model/run.json for the evaluate stage.
+Params: freeze_layers, head, finetune, seed, backbone, tracking.registered_model. Opens the pipeline run in MLflow (params, tags,
+per-epoch metrics, the model, registered under tracking.registered_model) and records its id in
+data/model/run.json for the evaluate stage. The model is data/model/model.safetensors + model.json
+(transfer.models.saved).
 Fine-tuning checkpoints every epoch in data/checkpoints (persisted by DVC): a killed run continues on the
 next `dvc repro`, in the same MLflow run. `finetune.nproc` > 1 re-launches this script under torchrun
 (data-parallel); rank 0 logs and writes the outputs. Besides the model it writes the per-group relative
@@ -29,7 +31,7 @@ from transfer.data.split import read_classes
 from transfer.train.distributed import DistContext, device_for, init_from_env, relaunch_with_torchrun, shutdown, under_torchrun
 from transfer.pipeline.errors import run_stage
 from transfer.features import load_feature_cache
-from transfer.pipeline.files import read_json, save_torch, write_csv, write_json
+from transfer.pipeline.files import read_json, write_csv, write_json
 from transfer.models.heads import (
     FEATURE_HEADS,
     FINETUNE_INIT_KINDS,
@@ -37,15 +39,14 @@ from transfer.models.heads import (
     TRUSTED_TYPES,
     fold_into_linear,
     imagenet_overlap_head,
-    save_feature_head,
     xavier_head,
 )
+from transfer.models.saved import save_model
 from transfer.train.layer_stats import relative_weight_change
 from transfer.pipeline.layout import (
     CHECKPOINT_DIR,
     FEATURES_DIR,
-    HEAD_FILE,
-    MODEL_FILE,
+    MODEL_DIR,
     RAW_DIR,
     REPORTS_DIR,
     RUN_FILE,
@@ -163,13 +164,11 @@ def train(params: Params, context: DistContext) -> None:
             return  # rank 0 writes every output
 
         model.cpu().eval()
-        save_torch(MODEL_FILE, {
-            "backbone": backbone_name, "image_size": loaded.data_config.image_size,
-            "backbones": [(b.name, b.image_size) for b in backbones], "layers": params.features.layers,
-            "classes": classes, "freeze_layers": params.freeze_layers, "state_dict": model.state_dict(),
-            "head_kind": feature_head.kind if feature_head else LINEAR_PROBE})
-        if feature_head is not None:
-            save_feature_head(HEAD_FILE, feature_head.estimator)
+        save_model(MODEL_DIR, model, classes, loaded.data_config, backbone=backbone_name,
+                   weights=",".join(b.weights for b in backbones), freeze_layers=params.freeze_layers,
+                   backbones=[(b.name, b.image_size) for b in backbones], layers=params.features.layers,
+                   feature_head=feature_head.estimator if feature_head else None,
+                   head_kind=feature_head.kind if feature_head else LINEAR_PROBE)
         write_csv(REPORTS_DIR / "history.csv", pd.DataFrame(history))
         selection = model_selection(history, best_epoch, params.finetune.monitor if fine_tuning else params.head.monitor)
         write_json(REPORTS_DIR / "train.json", selection)
@@ -181,7 +180,8 @@ def train(params: Params, context: DistContext) -> None:
                               if value is not None})
         if feature_head is None:
             example = val_data[0][0].unsqueeze(0).numpy().astype(np.float32)
-            tracking.log_model(model, example)
+            tracking.log_model(MODEL_DIR, model, (root / val_data.paths[0]).read_bytes(), example,
+                               registered_model=params.tracking.registered_model)
         else:  # the scikit-learn head alone, predicting from features (skops, not pickle)
             example = load_feature_cache(FEATURES_DIR / "val.pt").features[:2].numpy()
             tracking.log_feature_head(feature_head.estimator, example, TRUSTED_TYPES)
@@ -189,7 +189,7 @@ def train(params: Params, context: DistContext) -> None:
             tracking.log_tags({f"head_{FEATURE_HEADS[feature_head.kind].hyperparameter}": str(feature_head.chosen)})
         write_json(RUN_FILE, {"run_id": run_id})
         checkpointer.finish()
-    print(f"train: model -> {MODEL_FILE}, MLflow run {run_id}")
+    print(f"train: model -> {MODEL_DIR}, MLflow run {run_id}")
 
 
 def main() -> None:

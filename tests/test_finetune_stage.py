@@ -103,8 +103,8 @@ def test_data_parallel_train_stage_logs_one_run_with_grad_norms_and_layer_moveme
     assert logged.tags["selected_model"] == selection["selected"]
     assert logged.metrics["kept_start"] == selection["kept_start"]
     assert logged.metrics["finetune_gain"] == pytest.approx(selection["finetune_gain"])
-    state = torch.load(repo / "data/model/model.pt", weights_only=False)
-    assert state["freeze_layers"] == 3 and state["classes"] == ["cat", "dog", "fox"]
+    description = json.loads((repo / "data/model/model.json").read_text())
+    assert description["training"]["freeze_layers"] == 3 and description["classes"] == ["cat", "dog", "fox"]
 
 
 def test_a_killed_train_stage_resumes_on_the_next_repro_in_the_same_mlflow_run(tmp_path):

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -148,8 +149,15 @@ def test_pipeline_experiments_and_queue_end_to_end(project):
     assert {"params.yaml", "dvc.lock", "metrics.json", "diagnostics", "data"} <= names
     diagnostics = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, "diagnostics")}
     assert "report.html" in diagnostics and "confusion_matrix.png" in diagnostics
-    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/pytorch_model")
     assert model(torch.rand(2, 3, 112, 112)).shape == (2, 10)
+    # The pyfunc model takes images and answers with class names; every run registered a version.
+    test_image = (repo / "reports/confusion.csv").read_text().splitlines()[1].split(",")[0]
+    answer = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(
+        pd.DataFrame({"image": [(repo / test_image).read_bytes()]}))
+    assert answer["class"][0] in json.loads((repo / "data/split/classes.json").read_text())
+    versions = mlflow.MlflowClient().search_model_versions("name = 'transfer-classifier'")
+    assert sorted(v.run_id for v in versions) == sorted(runs["run_id"])
 
     exp_show = run(dvc + ["exp", "show", "--json"], repo, env)
     assert "ft-k7" in exp_show and "head-lr" in exp_show
@@ -167,7 +175,7 @@ def test_repro_twice_gives_identical_metrics(project):
     assert {name: (repo / name).read_bytes() for name in tracked} == first
     # Every output byte-stable (torch.save files included), so dvc.lock's hashes do not move either, except
     # data/model's: its run.json names the new MLflow run (a new run each time), which evaluate reopens.
-    lock, model = lock_without_run_ids(repo), (repo / "data/model/model.pt").read_bytes()
+    lock, model = lock_without_run_ids(repo), (repo / "data/model/model.safetensors").read_bytes()
 
     # Through the stage server (every stage a fork of a process with the libraries imported), the
     # same files again, byte for byte.
@@ -183,4 +191,32 @@ def test_repro_twice_gives_identical_metrics(project):
     assert stages_run(output) == STAGES
     assert f"{len(STAGES)} run(s) served" in status
     assert {name: (repo / name).read_bytes() for name in tracked} == first
-    assert lock_without_run_ids(repo) == lock and (repo / "data/model/model.pt").read_bytes() == model
+    assert lock_without_run_ids(repo) == lock and (repo / "data/model/model.safetensors").read_bytes() == model
+
+
+def test_predict_equals_the_evaluate_stage_and_the_champion_exports(project, tmp_path):
+    """`transfer predict` on the test split gives the evaluate stage's predictions; promote, predict with the
+    champion alias, and export it to ONNX checked on the test images."""
+    repo, env = project
+    env = {**env, "PYTHONPATH": str(repo / "src")}
+    dvc = [sys.executable, "-m", "dvc"]
+    transfer = [sys.executable, "-m", "transfer.cli"]
+    run(dvc + ["repro"], repo, env)  # nothing to do after the tests above; the whole pipeline when run alone
+    evaluated = pd.read_csv(repo / "reports/confusion.csv")
+    run(transfer + ["predict", *evaluated["path"], "--out", str(tmp_path / "test.csv"), "--top-k", "2"], repo, env)
+    predicted = pd.read_csv(tmp_path / "test.csv", keep_default_na=False)
+    assert (predicted["error"] == "").all() and list(predicted["path"]) == list(evaluated["path"])
+    assert list(predicted["class_1"]) == list(evaluated["predicted"])
+
+    output = run(transfer + ["promote", "--metric", "test.accuracy"], repo, env)
+    assert "models:/transfer-classifier@champion -> version" in output
+    sample = list(evaluated["path"][:8])
+    run(transfer + ["predict", *sample, "--model", "models:/transfer-classifier@champion",
+                    "--out", str(tmp_path / "champion.json")], repo, env)
+    assert [row["path"] for row in json.loads((tmp_path / "champion.json").read_text())] == sample
+
+    output = run(transfer + ["export", "--format", "onnx", "--model", "models:/transfer-classifier@champion"],
+                 repo, env)
+    check = json.loads((repo / "data/export/model.check.json").read_text())
+    assert check["images"] == 64 and check["same_top1"] == 64 and check["max_abs_diff_probabilities"] < 1e-4
+    assert "max |probability difference|" in output

@@ -10,17 +10,19 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from transfer.data.images import load_rgb
+from transfer.data.images import load_rgb, load_rgb_bytes
 from transfer.data.split import read_manifest
+
+
+def decode_image(source: str | Path | bytes) -> torch.Tensor:
+    """One image file (or its encoded bytes) as an upright RGB uint8 CHW tensor; ImageError when unusable."""
+    image = load_rgb_bytes(source) if isinstance(source, bytes) else load_rgb(source)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def decode_images(paths: list[str], repo_root: Path, desc: str = "decode") -> list[torch.Tensor]:
     """Decode every image once into a uint8 CHW tensor (small datasets: cheaper than decoding per epoch)."""
-    decoded = []
-    for path in tqdm(paths, desc=desc, unit="img", leave=False):
-        array = np.asarray(load_rgb(repo_root / path), dtype=np.uint8)
-        decoded.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
-    return decoded
+    return [decode_image(repo_root / path) for path in tqdm(paths, desc=desc, unit="img", leave=False)]
 
 
 class ImageDataset(Dataset):

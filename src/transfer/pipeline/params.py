@@ -358,6 +358,10 @@ class TrackingParams(Section):
     """MLflow: where runs are recorded."""
 
     experiment: str = Field("transfer", min_length=1, description="MLflow experiment name")
+    registered_model: str | None = Field(
+        "transfer-classifier", min_length=1,
+        description="MLflow registered model the train stage adds each model to (a new version per run); "
+                    "null = do not register. `transfer promote` moves an alias among its versions")
 
 
 _ONE, _SEVERAL = "one backbone", "several backbones"  # union tags: left out of error locations
