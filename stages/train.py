@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from transfer import tracking
 from transfer.models.backbones import Classifier, LoadedBackbone, freeze_first_groups, load_backbones

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
 
 from transfer.models.backbones import Classifier, DataConfig, load_backbones
 from transfer.pipeline.errors import UserError

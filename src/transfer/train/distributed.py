@@ -89,11 +89,6 @@ def all_reduce_sum(values: list[float], context: DistContext, device: torch.devi
     return tensor.tolist()
 
 
-def barrier(context: DistContext) -> None:
-    if context.enabled:
-        dist.barrier()
-
-
 class EpochBatchSampler(Sampler[list[int]]):
     """Global batches from one seeded order per epoch; each rank yields its slice of every global batch.
 
