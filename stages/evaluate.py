@@ -3,7 +3,7 @@
 Writes DVC metrics (reports/metrics.json, with the verdict, model health and top-k accuracy), the
 confusion plot data (reports/confusion.csv) and the run's diagnostics folder (reports/diagnostics: PNGs,
 per-class CSV, self-contained report.html), and logs them into the MLflow run of the model it evaluates
-(the id in data/model/run.json).
+(the run tagged with the model's digest).
 """
 
 from pathlib import Path
@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from transfer import tracking
-from transfer.models.saved import SavedModel, load_model
+from transfer.models.saved import SavedModel, load_model, model_digest
 from transfer.data.datasets import load_split_dataset
 from transfer.evaluate.diagnostics import image_batch, write_run_diagnostics
 from transfer.pipeline.errors import run_stage
@@ -20,7 +20,7 @@ from transfer.evaluate.metrics import classification_metrics, confusion_pairs, p
 from transfer.features import load_feature_cache
 from transfer.pipeline.files import read_json, write_csv, write_json
 from transfer.data.images import load_rgb
-from transfer.pipeline.layout import DIAGNOSTICS_DIR, FEATURES_DIR, MODEL_DIR, REPORTS_DIR, RUN_FILE, SPLIT_DIR
+from transfer.pipeline.layout import DIAGNOSTICS_DIR, FEATURES_DIR, MODEL_DIR, REPORTS_DIR, SPLIT_DIR
 from transfer.pipeline.params import load_params
 from transfer.pipeline.runtime import resolve_device
 from transfer.data.transforms import eval_transform
@@ -83,7 +83,7 @@ def main() -> None:
     print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
           f"{diagnostics['fit']['verdict']}; report -> {DIAGNOSTICS_DIR / 'report.html'}")
 
-    with tracking.reopen_run(read_json(RUN_FILE)["run_id"], params.tracking.experiment):
+    with tracking.model_run(params.tracking.experiment, model_digest(MODEL_DIR)):
         tracking.log_metrics(metrics, prefix="test")
         tracking.log_key_metrics(test_acc=metrics["accuracy"], test_f1=metrics["macro_f1"])
         tracking.log_artifacts([Path("params.yaml"), Path("dvc.lock"), REPORTS_DIR / "metrics.json",

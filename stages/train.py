@@ -6,7 +6,7 @@ a linear probe for the other kinds.
 
 Params: freeze_layers, head, finetune, seed, backbone, tracking.registered_model. Opens the pipeline run in MLflow (params, tags,
 per-epoch metrics, the model, registered under tracking.registered_model) and records its id in
-data/model/run.json for the evaluate stage. The model is data/model/model.safetensors + model.json
+the model's digest as a run tag, by which the evaluate stage finds the run. The model is data/model/model.safetensors + model.json
 (transfer.models.saved).
 Fine-tuning checkpoints every epoch in data/checkpoints (persisted by DVC): a killed run continues on the
 next `dvc repro`, in the same MLflow run. `finetune.nproc` > 1 re-launches this script under torchrun
@@ -40,7 +40,7 @@ from transfer.models.heads import (
     imagenet_overlap_head,
     xavier_head,
 )
-from transfer.models.saved import save_model
+from transfer.models.saved import model_digest, save_model
 from transfer.train.layer_stats import relative_weight_change
 from transfer.pipeline.layout import (
     CHECKPOINT_DIR,
@@ -48,7 +48,6 @@ from transfer.pipeline.layout import (
     MODEL_DIR,
     RAW_DIR,
     REPORTS_DIR,
-    RUN_FILE,
     SPLIT_DIR,
 )
 from transfer.pipeline.params import Params, backbone_list, backbone_specs, flatten, load_params
@@ -186,7 +185,7 @@ def train(params: Params, context: DistContext) -> None:
             tracking.log_feature_head(feature_head.estimator, example, TRUSTED_TYPES)
             tracking.log_metrics({"head_fit_seconds": feature_head.fit_seconds})
             tracking.log_tags({f"head_{FEATURE_HEADS[feature_head.kind].hyperparameter}": str(feature_head.chosen)})
-        write_json(RUN_FILE, {"run_id": run_id})
+        tracking.log_tags({tracking.MODEL_DIGEST_TAG: model_digest(MODEL_DIR)})
         checkpointer.finish()
     print(f"train: model -> {MODEL_DIR}, MLflow run {run_id}")
 

@@ -19,6 +19,7 @@ import yaml
 
 from conftest import write_image_folder
 from transfer import tracking
+from transfer.models.saved import model_digest
 
 pytestmark = pytest.mark.slow  # real DVC + MLflow + torchrun subprocesses: about a minute on 2 idle cores
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def test_data_parallel_train_stage_logs_one_run_with_grad_norms_and_layer_moveme
     runs, _ = runs_in(repo)
     assert len(runs) == 1
     logged = runs[0].data
-    assert runs[0].info.run_id == json.loads((repo / "data/model/run.json").read_text())["run_id"]
+    assert logged.tags["model_digest"] == model_digest(repo / "data/model")  # how evaluate finds this run
     assert logged.metrics["weight_change/layer4"] == pytest.approx(movement["layer4"])
     assert logged.metrics["grad_norm/head"] > 0 and logged.params["finetune.nproc"] == "2"
     assert logged.tags["selected_model"] == selection["selected"]
@@ -125,9 +126,9 @@ def test_a_killed_train_stage_resumes_on_the_next_repro_in_the_same_mlflow_run(t
 
     output = run(["dvc", "repro", "train"], repo)
     assert "resuming after epoch" in output
-    assert json.loads((repo / "data/model/run.json").read_text())["run_id"] == first_run
     runs, client = runs_in(repo)
     assert [r.info.run_id for r in runs] == [first_run]
+    assert runs[0].data.tags["model_digest"] == model_digest(repo / "data/model")
     steps = sorted({m.step for m in client.get_metric_history(first_run, "val_acc")})
     assert steps == list(range(1, 3 + 1 + 8 + 1))  # 3 probe epochs, the start (epoch 0), 8 fine-tuning epochs
     history = pd.read_csv(repo / "reports/history.csv")

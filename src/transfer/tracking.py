@@ -220,6 +220,29 @@ def reopen_run(run_id: str, experiment: str) -> Iterator[str]:
         yield run.info.run_id
 
 
+MODEL_DIGEST_TAG = "model_digest"
+
+
+@contextlib.contextmanager
+def model_run(experiment: str, digest: str) -> Iterator[str]:
+    """The newest run tagged with this model digest, reopened; a new run when none has it.
+
+    There is none when the model came from elsewhere (`dvc pull` from a teammate's remote while logging to
+    another store): the evaluation is then recorded in a run of its own, tagged with the same digest.
+    """
+    experiment_id = use_experiment(experiment)
+    found = MlflowClient().search_runs([experiment_id], f"tags.{MODEL_DIGEST_TAG} = '{digest}'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        with reopen_run(found[0].info.run_id, experiment) as run_id:
+            yield run_id
+        return
+    print(f"mlflow: no run of experiment {experiment!r} trained this model; recording the evaluation in a new run")
+    with mlflow.start_run(experiment_id=experiment_id, tags={MODEL_DIGEST_TAG: digest}) as run, \
+            _killed_on_interrupt(run.info.run_id):
+        yield run.info.run_id
+
+
 def log_epoch(row: dict[str, Any]) -> None:
     """Per-epoch metrics with the epoch as step, so the MLflow UI draws curves."""
     metrics = {key: float(value) for key, value in row.items()

@@ -98,6 +98,15 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def model_digest(directory: str | Path) -> str:
+    """sha256 of model.json, which records the sha256 of every weights file: the saved model's identity.
+
+    The train stage tags its MLflow run with it and the evaluate stage finds that run by it, so no run id has
+    to be stored in data/model (a run id differs on every run and would change the output's hash).
+    """
+    return sha256_of(Path(directory) / DESCRIPTION_NAME)
+
+
 def save_model(directory: str | Path, model: Classifier, classes: list[str], data_config: DataConfig, *,
                backbone: str, weights: str, freeze_layers: int | str,
                backbones: list[tuple[str, int | None]] | None = None, layers: list | None = None,
