@@ -142,14 +142,27 @@ def _get_or_create_experiment(client: MlflowClient, name: str, root: Path | None
     return experiment.experiment_id
 
 
+def point_at_store(root: Path | None = None) -> str:
+    """mlflow.set_tracking_uri to the user's URI or the repository store; returns the URI.
+
+    mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI to child processes. The repository store is not the
+    user's choice: it is taken back out of the environment, so a child working for another repository (a
+    stage, a queue worker, a test's project) finds its own store.
+    """
+    global _exported_store_uri
+    user_uri = _user_tracking_uri()
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    if user_uri is None:
+        _exported_store_uri = uri
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return uri
+
+
 def use_experiment(name: str, root: Path | None = None) -> str:
     """Point MLflow at the repository store (or MLFLOW_TRACKING_URI) and make sure the experiment exists;
     returns its id."""
-    global _exported_store_uri
-    uri = tracking_uri(root)
-    if _user_tracking_uri() is None:
-        _exported_store_uri = uri
-    mlflow.set_tracking_uri(uri)
+    point_at_store(root)
     # Creating the schema (first use) and the experiment must not race between queue workers.
     with _store_lock(root):
         experiment_id = _get_or_create_experiment(MlflowClient(), name, root)
@@ -382,11 +395,11 @@ def log_model(model_dir: Path, model, example_image: bytes, example_input: np.nd
                                  pip_requirements=_requirements(), code_paths=[str(package_dir)],
                                  serialization_format="pickle")
     if registered_model:
-        register_model(info.model_uri, registered_model, run_id=mlflow.active_run().info.run_id)
+        register_model(info.model_uri, registered_model)
     return info.model_uri
 
 
-def register_model(model_uri: str, name: str, run_id: str | None = None) -> str:
+def register_model(model_uri: str, name: str) -> str:
     """A new version of the registered model `name` pointing at `model_uri`; returns the version."""
     # Queue workers may create the registered model at the same moment: serialise like the experiment.
     with _store_lock(None):
@@ -394,8 +407,9 @@ def register_model(model_uri: str, name: str, run_id: str | None = None) -> str:
         with contextlib.suppress(mlflow.exceptions.MlflowException):
             if not client.search_registered_models(f"name = '{name}'"):
                 client.create_registered_model(name)
-    version = client.create_model_version(name, model_uri, run_id=run_id)
-    return version.version
+    # mlflow.register_model, not client.create_model_version: a tracking server accepts a logged model's
+    # `models:/m-...` URI as a version's source only with its model id, which register_model passes.
+    return mlflow.register_model(model_uri, name, await_registration_for=0).version
 
 
 def download_classifier(reference: str, destination: Path) -> Path:
@@ -403,7 +417,7 @@ def download_classifier(reference: str, destination: Path) -> Path:
 
     `reference`: runs:/<run_id> (its `model`), runs:/<run_id>/<name>, models:/<name>@<alias>, models:/<name>/<v>.
     """
-    mlflow.set_tracking_uri(tracking_uri())
+    point_at_store()
     uri = reference.rstrip("/")
     if uri.startswith("runs:/") and uri.count("/") == 1:
         uri = f"{uri}/{PYFUNC_MODEL_NAME}"
@@ -425,7 +439,7 @@ def promote_best(experiment: str, registered_model: str, metric: str, alias: str
     """Point `alias` of `registered_model` at the version whose run (in `experiment`) is best by `metric`."""
     import math
 
-    mlflow.set_tracking_uri(tracking_uri())
+    point_at_store()
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is None:

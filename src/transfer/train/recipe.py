@@ -172,7 +172,7 @@ def train_and_score(params: Params, inputs: TrainingInputs, metric: str, on_epoc
     train_data = inputs.images("train", train_transform(loaded.data_config, finetune.augment,
                                                         finetune.crop_min_scale, finetune.hflip))
     val_data = inputs.images("val", eval_transform(loaded.data_config))
-    first_epoch = len(history) + 1
+    first_epoch = len(history) + 2  # as the train stage: the start model is the row after the probe's
     values: dict[int, float] = {}
 
     def predict() -> tuple[np.ndarray, np.ndarray]:
