@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Stage commands run `python`: put the project's environment first on PATH for DVC.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro server server-stop test test-fast ui server-mlflow server-url report compare bench clean
+.PHONY: setup repro server server-stop lint test test-fast ui server-mlflow server-url report compare bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,9 @@ server: setup  ## start the stage server (fast head-only iterations)
 
 server-stop:  ## stop the stage server
 	-$(BIN)/python -m transfer.pipeline.stage_server stop
+
+lint: setup  ## ruff's checks (configured in pyproject.toml)
+	$(BIN)/ruff check .
 
 test: setup  ## the whole test suite, the end-to-end DVC/MLflow tests included
 	$(BIN)/python -m pytest
@@ -62,7 +65,7 @@ report: setup  ## markdown report of the workspace against BASE (reports/pr/repo
 compare: setup  ## experiments side by side: changed params and key metrics
 	$(BIN)/transfer compare
 
-bench: setup  ## speed figures of the pipeline (bench/README.md)
+bench: setup  ## speed figures of the everyday loop (bench/README.md lists every benchmark)
 	$(BIN)/python bench/pipeline_speed.py
 
 clean:

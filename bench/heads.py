@@ -37,9 +37,12 @@ def idx_features(folder: Path, backbone: str, image_size: int, limit: int | None
     """Features of the IDX train and test images (cached); train split 90/10 into train and val."""
     from sklearn.model_selection import train_test_split
 
+    from PIL import Image
+
+    from transfer.data.cache import cache_geometry, to_cache_form
     from transfer.data.datasets import ImageDataset
     from transfer.data.sources import read_idx
-    from transfer.data.transforms import eval_transform
+    from transfer.data.transforms import eval_batch_transform
     from transfer.models.backbones import load_backbone
 
     cache = RESULTS / f"features-{folder.name}-{backbone}-{image_size}-{limit or 'all'}.pt"
@@ -49,8 +52,11 @@ def idx_features(folder: Path, backbone: str, image_size: int, limit: int | None
         for part, prefix in (("train", "train"), ("test", "t10k")):
             images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")[:limit]
             labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")[:limit].astype(np.int64)
-            tensors = [torch.from_numpy(image).unsqueeze(0).expand(3, -1, -1) for image in images]
-            dataset = ImageDataset(tensors, labels.tolist(), eval_transform(loaded.data_config))
+            # As the pipeline sees them: grayscale -> RGB, the image cache's form, evaluation's batch transform.
+            geometry = cache_geometry(loaded.data_config)
+            pixels = torch.stack([torch.from_numpy(to_cache_form(Image.fromarray(image).convert("RGB"), geometry))
+                                  .permute(2, 0, 1) for image in images])
+            dataset = ImageDataset(pixels, labels.tolist(), batch_transform=eval_batch_transform(loaded.data_config))
             started = time.perf_counter()
             features = extract_features(loaded.backbone, dataset, batch_size, torch.device("cpu"), desc=part)
             print(f"{part}: {tuple(features.shape)} in {time.perf_counter() - started:.0f} s")

@@ -1,9 +1,9 @@
-"""Stage evaluate: test accuracy, macro-F1, per-class accuracy, the confusion matrix and the diagnostics.
+"""Stage evaluate: test accuracy, macro-F1, per-class recall, the confusion matrix and the diagnostics.
 
-Writes DVC metrics (reports/metrics.json, with the fit verdict and top-k accuracy), the
+Writes DVC metrics (reports/metrics.json, with the verdict, model health and top-k accuracy), the
 confusion plot data (reports/confusion.csv) and the run's diagnostics folder (reports/diagnostics: PNGs,
 per-class CSV, self-contained report.html), and logs them into the MLflow run of the model it evaluates
-(the id in data/model/run.json).
+(the run tagged with the model's digest).
 """
 
 from pathlib import Path
@@ -13,39 +13,17 @@ import torch
 from PIL import Image
 
 from transfer import tracking
-from transfer.models.backbones import Classifier, load_backbones
-from transfer.models.heads import LINEAR_PROBE, FittedHead, load_feature_head
+from transfer.models.saved import SavedModel, load_model, model_digest
 from transfer.data.datasets import load_split_dataset
 from transfer.evaluate.diagnostics import image_batch, write_run_diagnostics
 from transfer.pipeline.errors import run_stage
-from transfer.evaluate.metrics import classification_metrics, confusion_pairs, predict_logits
+from transfer.evaluate.metrics import classification_metrics, confusion_pairs, predict_logits_and_features
 from transfer.features import load_feature_cache
-from transfer.pipeline.files import load_torch, read_json, write_csv, write_json
-from transfer.pipeline.layout import (
-    CACHE_DIR,
-    DIAGNOSTICS_DIR,
-    FEATURES_DIR,
-    HEAD_FILE,
-    MODEL_FILE,
-    REPORTS_DIR,
-    RUN_FILE,
-    SPLIT_DIR,
-)
+from transfer.pipeline.files import read_json, write_csv, write_json
+from transfer.pipeline.layout import CACHE_DIR, DIAGNOSTICS_DIR, FEATURES_DIR, MODEL_DIR, REPORTS_DIR, SPLIT_DIR
 from transfer.pipeline.params import load_params
 from transfer.pipeline.runtime import resolve_device
 from transfer.data.transforms import eval_batch_transform
-
-
-def load_model(path: Path) -> tuple[Classifier, dict]:
-    checkpoint = load_torch(path, "model file", "rerun the train stage (dvc repro -f train) to write it again")
-    specs = [(name, "none", image_size) for name, image_size in checkpoint["backbones"]]
-    loaded = load_backbones(specs, checkpoint["layers"])
-    model = Classifier(loaded.backbone, len(checkpoint["classes"]))
-    model.load_state_dict(checkpoint["state_dict"])
-    kind = checkpoint.get("head_kind", LINEAR_PROBE)
-    if kind != LINEAR_PROBE:  # a scikit-learn head, saved next to the model
-        model.head = FittedHead(load_feature_head(path.parent / HEAD_FILE.name), kind)
-    return model.eval(), {**checkpoint, "head_kind": kind, "data_config": loaded.data_config}
 
 
 def layer_movement() -> dict[str, float]:
@@ -55,9 +33,9 @@ def layer_movement() -> dict[str, float]:
             if value is not None}
 
 
-def diagnose(model: Classifier, checkpoint: dict, params, test, images, logits: torch.Tensor,
+def diagnose(saved: SavedModel, params, test, images, logits: torch.Tensor, model_features,
              summary: dict) -> tuple[dict, list[Path]]:
-    """Issue 6's pictures, per-class table, fit verdict and report.html; returns (metrics, files).
+    """Pictures, per-class table, verdict (with what to try next) and report.html; returns (metrics, files).
 
     The pictures show the test images as the image cache holds them (`images`: the test split's dataset).
     """
@@ -70,49 +48,54 @@ def diagnose(model: Classifier, checkpoint: dict, params, test, images, logits: 
         return images.batch_transform(image.unsqueeze(0))[0]
 
     batch = image_batch(test.paths, load_image, transform, params.diagnostics.batch_size)
+    selection = read_json(REPORTS_DIR / "train.json")
     return write_run_diagnostics(
-        DIAGNOSTICS_DIR, class_names=checkpoint["classes"], y_true=test.labels.numpy(),
+        DIAGNOSTICS_DIR, class_names=saved.classes, y_true=test.labels.numpy(),
         probs=torch.softmax(logits.float(), dim=1).numpy(), history=pd.read_csv(REPORTS_DIR / "history.csv"),
-        image_paths=test.paths, load_image=load_image, features=test.features, model=model, batch=batch,
+        image_paths=test.paths, load_image=load_image, features=test.features, model=saved.model, batch=batch,
         weight_change=layer_movement(),
-        thresholds=params.diagnostics.thresholds(), best_epoch=read_json(REPORTS_DIR / "train.json")["best_epoch"],
+        thresholds=params.diagnostics.thresholds(), best_epoch=selection["best_epoch"],
         summary={"accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"]},
-        title=f"Run report: {checkpoint['backbone']}, head {checkpoint['head_kind']}, "
-              f"freeze_layers={checkpoint['freeze_layers']}",
-        projection=params.diagnostics.projection, max_mistakes=params.diagnostics.mistakes)
+        title=f"Run report: {saved.backbone_name}, head {saved.head_kind}, freeze_layers={saved.freeze_layers}",
+        projection=params.diagnostics.projection, max_mistakes=params.diagnostics.mistakes,
+        model_features=model_features, selection=selection,
+        train_counts=read_json(SPLIT_DIR / "summary.json")["per_class"]["train"])
 
 
 def main() -> None:
     params = load_params()
-    model, checkpoint = load_model(MODEL_FILE)
-    classes = checkpoint["classes"]
+    saved = load_model(MODEL_DIR)
+    model, classes = saved.model, saved.classes
     test = load_feature_cache(FEATURES_DIR / "test.pt")
-    config = checkpoint["data_config"]
+    config = saved.data_config
     dataset = load_split_dataset(CACHE_DIR, SPLIT_DIR, "test", config, batch_transform=eval_batch_transform(config))
-    if checkpoint["freeze_layers"] == "all" and params.evaluate.tta == "none":
+    model_features = None  # a probe's features are the cached pretrained ones
+    if saved.freeze_layers == "all" and params.evaluate.tta == "none":
         # The backbone is the untouched pretrained one: its test features are already cached.
         with torch.inference_mode():
             logits = model.head(test.features)
     else:
-        logits = predict_logits(model, dataset, params.finetune.batch_size * 2, resolve_device(params.device),
-                                tta=params.evaluate.tta)
+        logits, features = predict_logits_and_features(model, dataset, params.finetune.batch_size * 2,
+                                                       resolve_device(params.device), tta=params.evaluate.tta)
+        if saved.freeze_layers != "all":
+            model_features = features
     y_true, y_pred = test.labels.numpy(), logits.argmax(1).numpy()
 
     metrics = classification_metrics(y_true, y_pred, classes)
-    diagnostics, diagnostic_files = diagnose(model, checkpoint, params, test, dataset, logits, metrics)
+    diagnostics, diagnostic_files = diagnose(saved, params, test, dataset, logits, model_features, metrics)
     # weight_change is already the train stage's metric (reports/layer_movement.json): not repeated here
-    write_json(REPORTS_DIR / "metrics.json", {**metrics, "fit": diagnostics["fit"], "topk": diagnostics["topk"]})
+    write_json(REPORTS_DIR / "metrics.json", {**metrics, **{key: diagnostics[key] for key in ("fit", "health", "topk")}})
     write_csv(REPORTS_DIR / "confusion.csv", confusion_pairs(test.paths, y_true, y_pred, classes))
     print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
           f"{diagnostics['fit']['verdict']}; report -> {DIAGNOSTICS_DIR / 'report.html'}")
 
-    with tracking.reopen_run(read_json(RUN_FILE)["run_id"], params.tracking.experiment):
+    with tracking.model_run(params.tracking.experiment, model_digest(MODEL_DIR)):
         tracking.log_metrics(metrics, prefix="test")
         tracking.log_key_metrics(test_acc=metrics["accuracy"], test_f1=metrics["macro_f1"])
         tracking.log_artifacts([Path("params.yaml"), Path("dvc.lock"), REPORTS_DIR / "metrics.json",
                                 REPORTS_DIR / "confusion.csv", REPORTS_DIR / "history.csv"])
         # fit.*, topk.*: sortable in the MLflow UI (the train stage logs weight_change/<group>)
-        tracking.log_metrics({key: diagnostics[key] for key in ("fit", "topk")})
+        tracking.log_metrics({key: diagnostics[key] for key in ("fit", "health", "topk")})
         # A tag, not a param: an evaluate-only change (-S evaluate.tta=flip) reopens the train stage's run,
         # whose params are immutable and were logged before this value was chosen.
         tracking.log_tags({"fit_verdict": diagnostics["fit"]["verdict"], "test_tta": params.evaluate.tta})

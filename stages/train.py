@@ -4,8 +4,10 @@ A scikit-learn head (head.kind other than linear) is saved in data/model/head.sk
 the sklearn flavour (predicting from features); fine-tuning starts from the linear or logreg head, and from
 a linear probe for the other kinds.
 
-Params: freeze_layers, head, finetune, seed, backbone. Opens the pipeline run in MLflow (params, tags,
-per-epoch metrics, the model) and records its id in data/model/run.json for the evaluate stage.
+Params: freeze_layers, head, finetune, seed, backbone, tracking.registered_model. Opens the pipeline run in MLflow (params, tags,
+per-epoch metrics, the model, registered under tracking.registered_model) and records its id in
+the model's digest as a run tag, by which the evaluate stage finds the run. The model is data/model/model.safetensors + model.json
+(transfer.models.saved).
 Fine-tuning checkpoints every epoch in data/checkpoints (persisted by DVC): a killed run continues on the
 next `dvc repro`, in the same MLflow run. `finetune.nproc` > 1 re-launches this script under torchrun
 (data-parallel); rank 0 logs and writes the outputs. Besides the model it writes the per-group relative
@@ -15,10 +17,10 @@ weight change (reports/layer_movement.json, MLflow `weight_change/<group>`).
 import contextlib
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from transfer import tracking
 from transfer.models.backbones import Classifier, LoadedBackbone, freeze_first_groups, load_backbones
@@ -28,7 +30,7 @@ from transfer.data.split import read_classes
 from transfer.train.distributed import DistContext, device_for, init_from_env, relaunch_with_torchrun, shutdown, under_torchrun
 from transfer.pipeline.errors import run_stage
 from transfer.features import load_feature_cache
-from transfer.pipeline.files import read_json, save_torch, write_csv, write_json
+from transfer.pipeline.files import read_json, write_csv, write_json
 from transfer.models.heads import (
     FEATURE_HEADS,
     FINETUNE_INIT_KINDS,
@@ -36,25 +38,24 @@ from transfer.models.heads import (
     TRUSTED_TYPES,
     fold_into_linear,
     imagenet_overlap_head,
-    save_feature_head,
     xavier_head,
 )
+from transfer.models.saved import model_digest, save_model
 from transfer.train.layer_stats import relative_weight_change
 from transfer.pipeline.layout import (
     CACHE_DIR,
     CHECKPOINT_DIR,
     FEATURES_DIR,
-    HEAD_FILE,
-    MODEL_FILE,
+    MODEL_DIR,
     RAW_DIR,
     REPORTS_DIR,
-    RUN_FILE,
     SPLIT_DIR,
 )
 from transfer.pipeline.params import Params, backbone_list, backbone_specs, flatten, load_params
 from transfer.train.finetune import fine_tune
 from transfer.pipeline.runtime import resolve_device
 from transfer.train.probe import FittedFeatureHead, fit_feature_head, train_linear_probe
+from transfer.train.result import SELECTION_METRICS, model_selection, selection_message
 from transfer.data.transforms import eval_batch_transform, train_transforms
 
 
@@ -79,8 +80,9 @@ def probe_head(model: Classifier, params: Params, classes: list[str], log,
               f"the head starts from a linear probe (head.kind: linear) instead")
     probe = train_linear_probe(train_features, val_features, len(classes), params.head, params.seed, on_epoch=log)
     model.head.load_state_dict(probe.model.state_dict())
-    print(f"train: linear probe, best val accuracy {max(r['val_acc'] for r in probe.history):.4f} "
-          f"at epoch {probe.best_epoch}")
+    best = probe.history[probe.best_epoch - 1]
+    print(f"train: linear probe, best {params.head.monitor} {best[params.head.monitor]:.4f} at epoch {probe.best_epoch} "
+          f"(val accuracy {best['val_acc']:.4f}, macro-F1 {best['val_macro_f1']:.4f})")
     return probe.history, probe.best_epoch, {f"head.{k}": v for k, v in probe.initial_state.items()}, None
 
 
@@ -148,43 +150,47 @@ def train(params: Params, context: DistContext) -> None:
                                                                  finetune.hflip)
             train_data = load_split_dataset(CACHE_DIR, SPLIT_DIR, "train", config, batch_transform=batch_transform,
                                             sample_transform=sample_transform)
+            # The start model (epoch len(history) + 1) is the probe's best epoch: the same train scores.
+            start_train = {key: value for key, value in history[best_epoch - 1].items() if key.startswith("train_")
+                           } if history else None
             result = fine_tune(model, params.freeze_layers, train_data, val_data, finetune, params.seed,
-                               device_for(context, resolve_device(params.device)), first_epoch=len(history) + 1,
+                               device_for(context, resolve_device(params.device)), first_epoch=len(history) + 2,
                                on_epoch=log, checkpointer=checkpointer, context=context,
-                               pretrained=backbones[0].weights != "none")
+                               pretrained=backbones[0].weights != "none", start_train=start_train)
             history, best_epoch = history + result.history, result.best_epoch
-            print(f"train: fine-tuned with {params.freeze_layers} frozen group(s), best val accuracy "
-                  f"{max(r['val_acc'] for r in result.history):.4f} at epoch {best_epoch}")
+            if context.is_main:
+                print(selection_message(result.history, finetune.monitor, result.kept_start,
+                                        "the linear probe" if finetune.head_init == "probe" else "the initial model"))
         if not context.is_main:
             return  # rank 0 writes every output
 
         model.cpu().eval()
-        save_torch(MODEL_FILE, {
-            "backbone": backbone_name, "image_size": loaded.data_config.image_size,
-            "backbones": [(b.name, b.image_size) for b in backbones], "layers": params.features.layers,
-            "classes": classes, "freeze_layers": params.freeze_layers, "state_dict": model.state_dict(),
-            "head_kind": feature_head.kind if feature_head else LINEAR_PROBE})
-        if feature_head is not None:
-            save_feature_head(HEAD_FILE, feature_head.estimator)
+        save_model(MODEL_DIR, model, classes, loaded.data_config, backbone=backbone_name,
+                   weights=",".join(b.weights for b in backbones), freeze_layers=params.freeze_layers,
+                   backbones=[(b.name, b.image_size) for b in backbones], layers=params.features.layers,
+                   feature_head=feature_head.estimator if feature_head else None,
+                   head_kind=feature_head.kind if feature_head else LINEAR_PROBE)
         write_csv(REPORTS_DIR / "history.csv", pd.DataFrame(history))
-        best = next(row for row in history if row["epoch"] == best_epoch)
-        write_json(REPORTS_DIR / "train.json", {"best_epoch": best_epoch, "val_acc": best["val_acc"],
-                                                "val_loss": best["val_loss"], "train_acc": best["train_acc"]})
+        selection = model_selection(history, best_epoch, params.finetune.monitor if fine_tuning else params.head.monitor)
+        write_json(REPORTS_DIR / "train.json", selection)
+        tracking.log_metrics({key: value for key, value in selection.items() if key in SELECTION_METRICS})
+        tracking.log_tags({"selected_model": selection["selected"]})
         movement = layer_movement(initial_state, model)
         write_json(REPORTS_DIR / "layer_movement.json", movement)
         tracking.log_metrics({f"weight_change/{group}": value for group, value in movement.items()
                               if value is not None})
         if feature_head is None:
             example = val_data.transformed([0]).numpy().astype(np.float32)
-            tracking.log_model(model, example)
+            tracking.log_model(MODEL_DIR, model, (Path.cwd() / val_data.paths[0]).read_bytes(), example,
+                               registered_model=params.tracking.registered_model)
         else:  # the scikit-learn head alone, predicting from features (skops, not pickle)
             example = load_feature_cache(FEATURES_DIR / "val.pt").features[:2].numpy()
             tracking.log_feature_head(feature_head.estimator, example, TRUSTED_TYPES)
             tracking.log_metrics({"head_fit_seconds": feature_head.fit_seconds})
             tracking.log_tags({f"head_{FEATURE_HEADS[feature_head.kind].hyperparameter}": str(feature_head.chosen)})
-        write_json(RUN_FILE, {"run_id": run_id})
+        tracking.log_tags({tracking.MODEL_DIGEST_TAG: model_digest(MODEL_DIR)})
         checkpointer.finish()
-    print(f"train: model -> {MODEL_FILE}, MLflow run {run_id}")
+    print(f"train: model -> {MODEL_DIR}, MLflow run {run_id}")
 
 
 def main() -> None:

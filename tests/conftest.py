@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -24,9 +25,8 @@ def write_image_folder(root: Path, classes: dict[str, int], size: int = 28, seed
     return root
 
 
-def index_of(folder: Path, repo_root: Path) -> "pd.DataFrame":
+def index_of(folder: Path, repo_root: Path) -> pd.DataFrame:
     """The download stage's index (path relative to repo_root, label, subset) of an ImageFolder tree."""
-    import pandas as pd
 
     rows = [(p.relative_to(repo_root).as_posix(), p.parent.name, "") for p in sorted(folder.rglob("*.png"))]
     return pd.DataFrame(rows, columns=["path", "label", "subset"])

@@ -127,7 +127,8 @@ def test_memory_holds_one_batch_whatever_the_number_of_images(tmp_path: Path):
     seen = 0
     for transformed, labels in DeviceLoader(dataset, torch.device("cpu"), batch_size=batch):
         seen += len(labels)
+        shape = transformed.shape
     _, read_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert seen == len(files) and transformed.shape[1:] == (3, 56, 56)
+    assert seen == len(files) and shape[1:] == (3, 56, 56)
     assert read_peak < 3 * batch * image_bytes  # the uint8 batch being read (float crops are torch's, untraced)

@@ -129,7 +129,7 @@ def test_per_class_table_matches_definitions(predictions) -> None:
     y_true, probs = predictions
     y_pred = probs.argmax(axis=1)
     table = diag.per_class_table(y_true, y_pred, CLASSES)
-    assert list(table.columns) == ["class", "precision", "recall", "f1", "support", "accuracy"]
+    assert list(table.columns) == ["class", "precision", "recall", "f1", "support", "one_vs_rest_accuracy"]
     assert list(table["class"]) == CLASSES
     cm = confusion_matrix(y_true, y_pred, labels=range(len(CLASSES)))
     for index, row in table.iterrows():
@@ -138,7 +138,7 @@ def test_per_class_table_matches_definitions(predictions) -> None:
         assert row["recall"] == pytest.approx(tp / cm[index].sum())
         assert row["precision"] == pytest.approx(tp / cm[:, index].sum())
         tn = cm.sum() - cm[index].sum() - cm[:, index].sum() + tp
-        assert row["accuracy"] == pytest.approx((tp + tn) / cm.sum())
+        assert row["one_vs_rest_accuracy"] == pytest.approx((tp + tn) / cm.sum())
     # a class absent from the test set still has its row, with zeros
     absent = diag.per_class_table(np.array([0, 1, 1]), np.array([0, 1, 0]), ["a", "b", "c"])
     assert absent.loc[2, ["precision", "recall", "f1", "support"]].tolist() == [0, 0, 0, 0]
@@ -345,6 +345,7 @@ def test_write_run_diagnostics(tmp_path, image_files, predictions) -> None:
     test_acc = float(np.mean(probs.argmax(1) == y_true))
     assert metrics["fit"] == diag.fit_diagnosis(0.92, 0.81, test_acc, 2 / 6, 2.2 / 6 + 0.05)
     assert metrics["fit"]["verdict"] == "overfitting"
+    assert metrics["health"]["predicted_classes"] == len(CLASSES) and metrics["health"]["collapsed_features"] == 0
     assert set(metrics["topk"]) == {"top1_accuracy", "top3_accuracy", "top5_accuracy"}
     assert metrics["weight_change"]["head"] == 0.4
     # only the mistakes drawn were decoded

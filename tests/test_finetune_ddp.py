@@ -44,7 +44,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     single = run()
     for key, value in single.model.state_dict().items():
         assert torch.allclose(value, ddp["state_dict"][key], atol=1e-5), key
-    for one, two in zip(single.history, ddp["history"]):
+    assert len(single.history) == len(ddp["history"]) == 3  # the start (epoch 0), then 2 epochs
+    assert single.history[0]["val_acc"] == ddp["history"][0]["val_acc"]
+    for one, two in zip(single.history[1:], ddp["history"][1:]):
         assert one["val_acc"] == two["val_acc"] and one["frozen_groups"] == two["frozen_groups"]
         assert one["train_loss"] == pytest.approx(two["train_loss"], rel=1e-5)
         assert one["grad_norm/head"] == pytest.approx(two["grad_norm/head"], rel=1e-4)

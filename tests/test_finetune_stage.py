@@ -19,6 +19,7 @@ import yaml
 
 from conftest import write_image_folder
 from transfer import tracking
+from transfer.models.saved import model_digest
 
 pytestmark = pytest.mark.slow  # real DVC + MLflow + torchrun subprocesses: about a minute on 2 idle cores
 REPO = Path(__file__).resolve().parents[1]
@@ -80,21 +81,31 @@ def test_data_parallel_train_stage_logs_one_run_with_grad_norms_and_layer_moveme
     movement = json.loads((repo / "reports/layer_movement.json").read_text())
     assert set(movement) == {"stem", "layer1", "layer2", "layer3", "layer4", "head"}
     assert movement["stem"] == movement["layer1"] == movement["layer2"] == 0.0  # frozen (freeze_layers=3)
-    assert movement["layer3"] > 0 and movement["layer4"] > 0 and movement["head"] > 0
+    selection = json.loads((repo / "reports/train.json").read_text())
+    # the shipped model moved unless the start (the probe-initialised network, epoch 0) won the selection
+    assert (movement["layer3"] > 0 and movement["layer4"] > 0) == (selection["selected"] == "finetune")
     history = pd.read_csv(repo / "reports/history.csv")
     finetune = history[history["phase"] == "finetune"]
     assert len(finetune) == 2 and (finetune["grad_norm/stem"] == 0).all() and (finetune["grad_norm/head"] > 0).all()
-    assert history["grad_norm/head"].isna().sum() == 3  # probe rows have none
+    assert history["grad_norm/head"].isna().sum() == 4  # probe rows and the start row (epoch 0) have none
+    start = history[history["phase"] == "start"].iloc[0]
+    assert start["epoch"] == 4 and list(finetune["epoch"]) == [5, 6]  # after the 3 probe epochs
+    selection = json.loads((repo / "reports/train.json").read_text())
+    assert selection["selected"] in ("start", "finetune") and selection["kept_start"] == (selection["selected"] == "start")
+    assert selection["best_epoch"] in (4, 5, 6) and "val_macro_f1" in selection
     assert sorted(p.name for p in (repo / "data/checkpoints").iterdir()) == ["status.json"]  # cleared
 
     runs, _ = runs_in(repo)
     assert len(runs) == 1
     logged = runs[0].data
-    assert runs[0].info.run_id == json.loads((repo / "data/model/run.json").read_text())["run_id"]
+    assert logged.tags["model_digest"] == model_digest(repo / "data/model")  # how evaluate finds this run
     assert logged.metrics["weight_change/layer4"] == pytest.approx(movement["layer4"])
     assert logged.metrics["grad_norm/head"] > 0 and logged.params["finetune.nproc"] == "2"
-    state = torch.load(repo / "data/model/model.pt", weights_only=False)
-    assert state["freeze_layers"] == 3 and state["classes"] == ["cat", "dog", "fox"]
+    assert logged.tags["selected_model"] == selection["selected"]
+    assert logged.metrics["kept_start"] == selection["kept_start"]
+    assert logged.metrics["finetune_gain"] == pytest.approx(selection["finetune_gain"])
+    description = json.loads((repo / "data/model/model.json").read_text())
+    assert description["training"]["freeze_layers"] == 3 and description["classes"] == ["cat", "dog", "fox"]
 
 
 def test_a_killed_train_stage_resumes_on_the_next_repro_in_the_same_mlflow_run(tmp_path):
@@ -115,11 +126,11 @@ def test_a_killed_train_stage_resumes_on_the_next_repro_in_the_same_mlflow_run(t
 
     output = run(["dvc", "repro", "train"], repo)
     assert "resuming after epoch" in output
-    assert json.loads((repo / "data/model/run.json").read_text())["run_id"] == first_run
     runs, client = runs_in(repo)
     assert [r.info.run_id for r in runs] == [first_run]
+    assert runs[0].data.tags["model_digest"] == model_digest(repo / "data/model")
     steps = sorted({m.step for m in client.get_metric_history(first_run, "val_acc")})
-    assert steps == list(range(1, 3 + 8 + 1))  # 3 probe epochs + 8 fine-tuning epochs, none missing
+    assert steps == list(range(1, 3 + 1 + 8 + 1))  # 3 probe epochs, the start (epoch 0), 8 fine-tuning epochs
     history = pd.read_csv(repo / "reports/history.csv")
-    assert list(history["epoch"]) == list(range(1, 12))
+    assert list(history["epoch"]) == list(range(1, 13)) and (history["phase"] == "start").sum() == 1
     assert not last.exists()

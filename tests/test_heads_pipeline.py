@@ -40,11 +40,12 @@ def test_each_head_kind_layers_and_two_backbones_through_the_pipeline(project): 
 
     shown = json.loads(run(dvc + ["exp", "show", "--json"], repo, env))
     accuracy = {}
-    for experiment in shown[0]["experiments"] or []:
-        for revision in experiment["revs"]:
-            data = revision["data"]
-            kind = data["params"]["params.yaml"]["data"]["head"]["kind"]
-            accuracy[kind] = data["metrics"]["reports/metrics.json"]["data"]["accuracy"]
+    for entry in shown:  # the workspace, then the commit the queued experiments ran from
+        for experiment in entry.get("experiments") or []:
+            for revision in experiment["revs"]:
+                data = revision["data"]
+                kind = data["params"]["params.yaml"]["data"]["head"]["kind"]
+                accuracy[kind] = data["metrics"]["reports/metrics.json"]["data"]["accuracy"]
     assert set(accuracy) == set(SKLEARN_KINDS)
     assert all(value > 0.3 for value in accuracy.values()), accuracy  # ten classes: chance is 0.1
 
@@ -62,16 +63,19 @@ def test_each_head_kind_layers_and_two_backbones_through_the_pipeline(project): 
 
     # Two layer groups pooled and concatenated: the features stage re-runs, then a head on them.
     output = run(dvc + ["exp", "run", "-S", "features.layers=[stage6,-1]", "-S", "head.kind=logreg"], repo, env)
-    assert stages_run(output) == ["features", "train", "evaluate"]
+    assert stages_run(output) == ["params", "features", "train", "evaluate"]
     features = torch.load(repo / "data/features/val.pt", weights_only=True)["features"]
     assert features.shape[1] == 192 + 1280
     assert json.loads((repo / "reports/metrics.json").read_text())["accuracy"] > 0.3
 
     # Two backbones (both with offline ImageNet weights), their features concatenated.
-    output = run(dvc + ["exp", "run", "-S", "features.layers=[-1]", "-S",
-                        "backbone=[{name: efficientnet_lite0, image_size: 32}, {name: efficientnet_lite1, image_size: 32}]"],
-                 repo, env)
-    assert stages_run(output) == ["features", "train", "evaluate"]
+    # Edited into params.yaml: `-S backbone=[...]` cannot turn DVC's mapping into a list (Hydra merges them).
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["features"]["layers"] = [-1]
+    params["backbone"] = [{"name": "efficientnet_lite0", "image_size": 32}, {"name": "efficientnet_lite1", "image_size": 32}]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    output = run(dvc + ["exp", "run"], repo, env)
+    assert stages_run(output) == ["params", "features", "train", "evaluate"]
     features = torch.load(repo / "data/features/val.pt", weights_only=True)["features"]
     assert features.shape[1] == 1280 + 1280
     assert json.loads((repo / "reports/metrics.json").read_text())["accuracy"] > 0.3

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -61,15 +62,6 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
     return repo, env
 
 
-def lock_without_run_ids(repo: Path) -> dict:
-    """dvc.lock without the hash of data/model, the one output that holds a run id (run.json)."""
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    for stage in lock["stages"].values():
-        for kind in ("deps", "outs"):
-            stage[kind] = [entry for entry in stage.get(kind, []) if entry["path"] != "data/model"]
-    return lock
-
-
 def mlflow_runs(repo: Path):
     return tracking.find_runs("transfer", root=repo)
 
@@ -85,7 +77,7 @@ def test_pipeline_experiments_and_queue_end_to_end(project):
     assert stages_run(output) == STAGES
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert metrics["accuracy"] > 0.6 and 0 < metrics["macro_f1"] <= 1
-    assert len(metrics["per_class_accuracy"]) == 10
+    assert len(metrics["recall"]) == 10
     assert (repo / "reports/confusion.csv").read_text().startswith("path,actual,predicted")
     assert "<img" in (repo / "reports/diagnostics/report.html").read_text()
     run(["git", "add", "-A"], repo, env)
@@ -134,6 +126,9 @@ def test_pipeline_experiments_and_queue_end_to_end(project):
     assert {"ft-k7", "head-lr"} <= set(experiments["tags.dvc_exp_name"])
     fine_tuned = runs[runs["tags.dvc_exp_name"] == "ft-k7"].iloc[0]
     assert fine_tuned["params.freeze_layers"] == "7" and fine_tuned["tags.test_tta"] == "none"
+    # which model won (the start, epoch 0, or a fine-tuning epoch) and the verdict's health numbers
+    assert fine_tuned["tags.selected_model"] in ("start", "finetune") and fine_tuned["metrics.kept_start"] in (0, 1)
+    assert runs["metrics.health.predicted_classes"].notna().all()
     assert experiments.set_index("tags.dvc_exp_name").loc["head-lr", "tags.test_tta"] == "flip"
 
     # The model, params.yaml and dvc.lock are artifacts of each run; the model loads and predicts.
@@ -145,8 +140,15 @@ def test_pipeline_experiments_and_queue_end_to_end(project):
     assert {"params.yaml", "dvc.lock", "metrics.json", "diagnostics", "data"} <= names
     diagnostics = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, "diagnostics")}
     assert "report.html" in diagnostics and "confusion_matrix.png" in diagnostics
-    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/pytorch_model")
     assert model(torch.rand(2, 3, 112, 112)).shape == (2, 10)
+    # The pyfunc model takes images and answers with class names; every run registered a version.
+    test_image = (repo / "reports/confusion.csv").read_text().splitlines()[1].split(",")[0]
+    answer = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(
+        pd.DataFrame({"image": [(repo / test_image).read_bytes()]}))
+    assert answer["class"][0] in json.loads((repo / "data/split/classes.json").read_text())
+    versions = mlflow.MlflowClient().search_model_versions("name = 'transfer-classifier'")
+    assert sorted(v.run_id for v in versions) == sorted(runs["run_id"])
 
     exp_show = run(dvc + ["exp", "show", "--json"], repo, env)
     assert "ft-k7" in exp_show and "head-lr" in exp_show
@@ -162,9 +164,9 @@ def test_repro_twice_gives_identical_metrics(project):
     output = run(dvc + ["repro", "-f"], repo, env)
     assert stages_run(output) == STAGES
     assert {name: (repo / name).read_bytes() for name in tracked} == first
-    # Every output byte-stable (torch.save files included), so dvc.lock's hashes do not move either, except
-    # data/model's: its run.json names the new MLflow run (a new run each time), which evaluate reopens.
-    lock, model = lock_without_run_ids(repo), (repo / "data/model/model.pt").read_bytes()
+    # Every output byte-stable (torch.save files included), so dvc.lock does not move at all: no output holds
+    # a run id (evaluate finds its run by the model's digest).
+    lock, model = (repo / "dvc.lock").read_bytes(), (repo / "data/model/model.safetensors").read_bytes()
 
     # Through the stage server (every stage a fork of a process with the libraries imported), the
     # same files again, byte for byte.
@@ -180,4 +182,32 @@ def test_repro_twice_gives_identical_metrics(project):
     assert stages_run(output) == STAGES
     assert f"{len(STAGES)} run(s) served" in status
     assert {name: (repo / name).read_bytes() for name in tracked} == first
-    assert lock_without_run_ids(repo) == lock and (repo / "data/model/model.pt").read_bytes() == model
+    assert (repo / "dvc.lock").read_bytes() == lock and (repo / "data/model/model.safetensors").read_bytes() == model
+
+
+def test_predict_equals_the_evaluate_stage_and_the_champion_exports(project, tmp_path):
+    """`transfer predict` on the test split gives the evaluate stage's predictions; promote, predict with the
+    champion alias, and export it to ONNX checked on the test images."""
+    repo, env = project
+    env = {**env, "PYTHONPATH": str(repo / "src")}
+    dvc = [sys.executable, "-m", "dvc"]
+    transfer = [sys.executable, "-m", "transfer.cli"]
+    run(dvc + ["repro"], repo, env)  # nothing to do after the tests above; the whole pipeline when run alone
+    evaluated = pd.read_csv(repo / "reports/confusion.csv")
+    run(transfer + ["predict", *evaluated["path"], "--out", str(tmp_path / "test.csv"), "--top-k", "2"], repo, env)
+    predicted = pd.read_csv(tmp_path / "test.csv", keep_default_na=False)
+    assert (predicted["error"] == "").all() and list(predicted["path"]) == list(evaluated["path"])
+    assert list(predicted["class_1"]) == list(evaluated["predicted"])
+
+    output = run(transfer + ["promote", "--metric", "test.accuracy"], repo, env)
+    assert "models:/transfer-classifier@champion -> version" in output
+    sample = list(evaluated["path"][:8])
+    run(transfer + ["predict", *sample, "--model", "models:/transfer-classifier@champion",
+                    "--out", str(tmp_path / "champion.json")], repo, env)
+    assert [row["path"] for row in json.loads((tmp_path / "champion.json").read_text())] == sample
+
+    output = run(transfer + ["export", "--format", "onnx", "--model", "models:/transfer-classifier@champion"],
+                 repo, env)
+    check = json.loads((repo / "data/export/model.check.json").read_text())
+    assert check["images"] == 64 and check["same_top1"] == 64 and check["max_abs_diff_probabilities"] < 1e-4
+    assert "max |probability difference|" in output

@@ -102,7 +102,7 @@ def test_fresh_clone_pulls_every_output_and_reruns_nothing(team):
     status = run(DVC + ["status"], team.clone, env)
     assert "up to date" in status, status
     assert stages_run(run(DVC + ["repro"], team.clone, env)) == []
-    for output in ("data/model/model.pt", "reports/diagnostics/report.html", "data/features/test.pt"):
+    for output in ("data/model/model.safetensors", "reports/diagnostics/report.html", "data/features/test.pt"):
         assert (team.clone / output).read_bytes() == (team.repo / output).read_bytes(), output
 
 

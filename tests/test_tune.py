@@ -179,7 +179,7 @@ def test_fine_tuning_trials_report_every_epoch_and_lagging_ones_are_pruned(tmp_p
     # surely a head LR where SGD diverges: once their val accuracy falls below the baseline's at the same
     # epoch, the median pruner stops them.
     root = image_project(tmp_path / "project", **{
-        "finetune.lr": 0.01, "freeze_layers": 4, "tune.n_trials": 3, "tune.pruner_startup_trials": 1,
+        "finetune.lr": 0.01, "finetune.head_lr_mult": 10.0, "freeze_layers": 4, "tune.n_trials": 3, "tune.pruner_startup_trials": 1,
         "tune.pruner_warmup_epochs": 1,
         "tune.space": {"finetune.head_lr_mult": {"type": "uniform", "low": 10.0, "high": 100000.0}}})
     params = load_params(root / "params.yaml")
@@ -188,7 +188,7 @@ def test_fine_tuning_trials_report_every_epoch_and_lagging_ones_are_pruned(tmp_p
 
     trials = summary.study.get_trials()
     assert trials[0].params == {"finetune.head_lr_mult": 10.0} and trials[0].state == optuna.trial.TrialState.COMPLETE
-    assert sorted(trials[0].intermediate_values) == [1, 2]  # one value per fine-tuning epoch
+    assert sorted(trials[0].intermediate_values) == [0, 1, 2]  # the start model (epoch 0), then each epoch
     assert trials[0].value == max(trials[0].intermediate_values.values())
     pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned and summary.pruned == len(pruned)
@@ -208,11 +208,11 @@ def test_fine_tuning_trials_report_every_epoch_and_lagging_ones_are_pruned(tmp_p
     for trial in pruned:
         run = by_number[trial.number]
         assert run.data.tags["tune.state"] == "pruned" and run.info.status == "KILLED"
-        # The probe's 5 epochs, then the fine-tuning epochs it got (from epoch 6), in the stage's numbering.
+        # The probe's 5 epochs, the start model (epoch 6), then the fine-tuning epochs it got, as the stage numbers them.
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
         assert steps == list(range(1, 6 + len(trial.intermediate_values)))
     assert by_number[0].data.tags["tune.state"] == "complete"
-    assert [m.step for m in client.get_metric_history(by_number[0].info.run_id, "val_acc")] == list(range(1, 8))
+    assert [m.step for m in client.get_metric_history(by_number[0].info.run_id, "val_acc")] == list(range(1, 9))
 
 
 def test_freeze_layers_outside_the_backbone_is_refused_before_any_trial(tmp_path):

@@ -15,8 +15,9 @@ from transfer import __version__
 from transfer.pipeline.errors import UserError
 
 # Modules with a `register(subparsers)` function, in the order `transfer --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("transfer.evaluate.compare", "transfer.evaluate.pr_report", "transfer.train.tune",
-                                    "transfer.train.lr_find")
+COMMAND_MODULES: tuple[str, ...] = ("transfer.evaluate.predict", "transfer.models.registry", "transfer.models.export",
+                                   "transfer.evaluate.compare", "transfer.evaluate.pr_report", "transfer.train.tune",
+                                   "transfer.train.lr_find")
 
 
 def build_parser() -> argparse.ArgumentParser:

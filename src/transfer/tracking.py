@@ -8,6 +8,8 @@ creation and a generous SQLite busy timeout makes concurrent writers wait instea
 
 A pipeline run is one MLflow run: the train stage opens it (params, tags, per-epoch metrics, model) and
 records its id next to the model; the evaluate stage reopens that run to add the test metrics.
+The model is logged as a pyfunc that takes images (ImageClassifierModel, registered in the model
+registry) and as the raw PyTorch module; `promote_best` moves a registry alias to the best run.
 
 MLFLOW_TRACKING_URI=http://... sends everything to a team server (`make server-mlflow`) instead; the server
 then chooses where artifacts go. Every run has a name (the DVC experiment's, or one read from its params),
@@ -22,18 +24,22 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import subprocess
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import mlflow
 import numpy as np
+import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from transfer.pipeline.errors import UserError
 from transfer.pipeline.runtime import single_threaded
 
 # Seconds a writer waits for SQLite's lock before giving up; queue workers only hold it for milliseconds.
@@ -136,14 +142,27 @@ def _get_or_create_experiment(client: MlflowClient, name: str, root: Path | None
     return experiment.experiment_id
 
 
+def point_at_store(root: Path | None = None) -> str:
+    """mlflow.set_tracking_uri to the user's URI or the repository store; returns the URI.
+
+    mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI to child processes. The repository store is not the
+    user's choice: it is taken back out of the environment, so a child working for another repository (a
+    stage, a queue worker, a test's project) finds its own store.
+    """
+    global _exported_store_uri
+    user_uri = _user_tracking_uri()
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    if user_uri is None:
+        _exported_store_uri = uri
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return uri
+
+
 def use_experiment(name: str, root: Path | None = None) -> str:
     """Point MLflow at the repository store (or MLFLOW_TRACKING_URI) and make sure the experiment exists;
     returns its id."""
-    global _exported_store_uri
-    uri = tracking_uri(root)
-    if _user_tracking_uri() is None:
-        _exported_store_uri = uri
-    mlflow.set_tracking_uri(uri)
+    point_at_store(root)
     # Creating the schema (first use) and the experiment must not race between queue workers.
     with _store_lock(root):
         experiment_id = _get_or_create_experiment(MlflowClient(), name, root)
@@ -214,6 +233,29 @@ def reopen_run(run_id: str, experiment: str) -> Iterator[str]:
         yield run.info.run_id
 
 
+MODEL_DIGEST_TAG = "model_digest"
+
+
+@contextlib.contextmanager
+def model_run(experiment: str, digest: str) -> Iterator[str]:
+    """The newest run tagged with this model digest, reopened; a new run when none has it.
+
+    There is none when the model came from elsewhere (`dvc pull` from a teammate's remote while logging to
+    another store): the evaluation is then recorded in a run of its own, tagged with the same digest.
+    """
+    experiment_id = use_experiment(experiment)
+    found = MlflowClient().search_runs([experiment_id], f"tags.{MODEL_DIGEST_TAG} = '{digest}'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        with reopen_run(found[0].info.run_id, experiment) as run_id:
+            yield run_id
+        return
+    print(f"mlflow: no run of experiment {experiment!r} trained this model; recording the evaluation in a new run")
+    with mlflow.start_run(experiment_id=experiment_id, tags={MODEL_DIGEST_TAG: digest}) as run, \
+            _killed_on_interrupt(run.info.run_id):
+        yield run.info.run_id
+
+
 def log_epoch(row: dict[str, Any]) -> None:
     """Per-epoch metrics with the epoch as step, so the MLflow UI draws curves."""
     metrics = {key: float(value) for key, value in row.items()
@@ -253,23 +295,181 @@ def log_tags(tags: dict[str, str]) -> None:
     mlflow.set_tags(tags)
 
 
-def log_model(model, input_example: np.ndarray) -> None:
-    """The whole classifier (backbone + head), loadable with mlflow.pytorch.load_model."""
+class TrackingError(UserError, RuntimeError):
+    """An MLflow reference (run, registered model, alias, metric) that does not resolve."""
+
+
+# The folder, inside the logged pyfunc model's artifacts, holding model.json + model.safetensors.
+CLASSIFIER_ARTIFACT = "classifier"
+PYFUNC_MODEL_NAME = "model"  # runs:/<id>/model: takes images, returns class names and probabilities
+PYTORCH_MODEL_NAME = "pytorch_model"  # runs:/<id>/pytorch_model: the raw torch module (mlflow.pytorch)
+
+# Models from code: MLflow runs this file to build the pyfunc model, so nothing of ours is pickled.
+_PYFUNC_CODE = """\"\"\"The transfer image classifier as an MLflow pyfunc model (see transfer.tracking).\"\"\"
+import mlflow
+
+from transfer.tracking import ImageClassifierModel
+
+mlflow.models.set_model(ImageClassifierModel())
+"""
+
+
+class ImageClassifierModel(mlflow.pyfunc.PythonModel):
+    """pyfunc: a DataFrame with an `image` column (encoded bytes, base64 in JSON requests, or a file path) in;
+    `class`, `probability`, `probabilities` ({class: p}) and `error` out. The weights, class names and
+    preprocessing are the `classifier` artifact (the safe model folder of transfer.models.saved)."""
+
+    def load_context(self, context) -> None:
+        import torch
+
+        from transfer.models.saved import load_model
+
+        self.saved = load_model(context.artifacts[CLASSIFIER_ARTIFACT])
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    # A DataFrame type hint: MLflow then checks the input against the logged signature (image: binary).
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from transfer.evaluate.inference import predict_frame
+
+        return predict_frame(self.saved, model_input, device=self.device)
+
+
+def _pyfunc_signature(example_image: bytes):
+    from mlflow.models import ModelSignature
+    from mlflow.types import DataType
+    from mlflow.types.schema import ColSpec, Map, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(DataType.binary, "image")]),
+        outputs=Schema([ColSpec(DataType.string, "class"), ColSpec(DataType.double, "probability"),
+                        ColSpec(Map(DataType.double), "probabilities"), ColSpec(DataType.string, "error")]))
+    return signature, pd.DataFrame({"image": [example_image]})
+
+
+def _requirements() -> list[str]:
     import timm
     import torch
     import torchvision
 
-    package_dir = Path(__file__).resolve().parent
     # Explicit requirements: MLflow's own inference would import the model in a subprocess (seconds).
-    requirements = [f"torch=={torch.__version__.split('+')[0]}",
-                    f"torchvision=={torchvision.__version__.split('+')[0]}", f"timm=={timm.__version__}"]
-    # Pickle, with this package shipped as code, rather than torch.export's pt2: exporting takes seconds
-    # on every run and pins the batch size to that of the example. MLflow runs the model once on the
-    # example to check that it serves: one image, not worth threads.
-    with single_threaded():
-        mlflow.pytorch.log_model(model.cpu().eval(), name="model", input_example=input_example,
-                                 pip_requirements=requirements, code_paths=[str(package_dir)],
+    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
+            f"timm=={timm.__version__}", f"safetensors=={version('safetensors')}", f"pillow=={version('pillow')}",
+            f"pandas=={version('pandas')}"]
+
+
+def log_model(model_dir: Path, model, example_image: bytes, example_input: np.ndarray,
+              registered_model: str | None = None) -> str:
+    """Log the trained classifier twice into the active run, and register the first; returns its model URI.
+
+    `model` (runs:/<id>/model) is a pyfunc that takes images (see ImageClassifierModel), built from the safe
+    model folder `model_dir` (model.json + model.safetensors, also logged as run artifacts: the class names
+    and preprocessing are readable without loading anything). `pytorch_model` is the raw torch module for
+    mlflow.pytorch.load_model. With `registered_model`, the pyfunc model becomes a new version of it.
+    """
+    import tempfile
+
+    from transfer.models.saved import DESCRIPTION_NAME, WEIGHTS_NAME
+
+    package_dir = Path(__file__).resolve().parent
+    model_dir = Path(model_dir)
+    description = json.loads((model_dir / DESCRIPTION_NAME).read_text(encoding="utf-8"))
+    signature, input_example = _pyfunc_signature(example_image)
+    mlflow.log_artifact(str(model_dir / DESCRIPTION_NAME))
+    # MLflow runs the model once on each input example to check that it serves: one image, not worth threads.
+    with tempfile.TemporaryDirectory() as tmp, single_threaded():
+        classifier = Path(tmp) / CLASSIFIER_ARTIFACT
+        classifier.mkdir()
+        for name in (DESCRIPTION_NAME, WEIGHTS_NAME):
+            shutil.copy2(model_dir / name, classifier / name)
+        code = Path(tmp) / "transfer_pyfunc.py"
+        code.write_text(_PYFUNC_CODE, encoding="utf-8")
+        info = mlflow.pyfunc.log_model(
+            name=PYFUNC_MODEL_NAME, python_model=str(code), artifacts={CLASSIFIER_ARTIFACT: str(classifier)},
+            code_paths=[str(package_dir)], signature=signature, input_example=input_example,
+            pip_requirements=_requirements(),
+            metadata={"classes": description["classes"], "preprocessing": description["preprocessing"],
+                      "backbone": description["backbone"]["name"]})
+        # Pickle, with this package shipped as code, rather than torch.export's pt2: exporting takes seconds
+        # on every run and pins the batch size to that of the example.
+        mlflow.pytorch.log_model(model.cpu().eval(), name=PYTORCH_MODEL_NAME, input_example=example_input,
+                                 pip_requirements=_requirements(), code_paths=[str(package_dir)],
                                  serialization_format="pickle")
+    if registered_model:
+        register_model(info.model_uri, registered_model)
+    return info.model_uri
+
+
+def register_model(model_uri: str, name: str) -> str:
+    """A new version of the registered model `name` pointing at `model_uri`; returns the version."""
+    # Queue workers may create the registered model at the same moment: serialise like the experiment.
+    with _store_lock(None):
+        client = MlflowClient()
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            if not client.search_registered_models(f"name = '{name}'"):
+                client.create_registered_model(name)
+    # mlflow.register_model, not client.create_model_version: a tracking server accepts a logged model's
+    # `models:/m-...` URI as a version's source only with its model id, which register_model passes.
+    return mlflow.register_model(model_uri, name, await_registration_for=0).version
+
+
+def download_classifier(reference: str, destination: Path) -> Path:
+    """The classifier folder (model.json + model.safetensors) of an MLflow model, downloaded under destination.
+
+    `reference`: runs:/<run_id> (its `model`), runs:/<run_id>/<name>, models:/<name>@<alias>, models:/<name>/<v>.
+    """
+    point_at_store()
+    uri = reference.rstrip("/")
+    if uri.startswith("runs:/") and uri.count("/") == 1:
+        uri = f"{uri}/{PYFUNC_MODEL_NAME}"
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination)))
+    except Exception as exc:  # MlflowException, OSError: the reference does not resolve in this store
+        raise TrackingError(f"--model {reference}: cannot load it from the MLflow store {tracking_uri()} "
+                            f"({str(exc).splitlines()[0]}). Use runs:/<run_id>, models:/<name>@<alias> or a "
+                            "model folder such as data/model") from None
+    classifier = local / "artifacts" / CLASSIFIER_ARTIFACT
+    if not classifier.is_dir():
+        raise TrackingError(f"--model {reference}: that MLflow model has no {CLASSIFIER_ARTIFACT} folder (it was "
+                            "not logged by this version of transfer's train stage)")
+    return classifier
+
+
+def promote_best(experiment: str, registered_model: str, metric: str, alias: str = "champion",
+                 higher_is_better: bool = True) -> dict[str, Any]:
+    """Point `alias` of `registered_model` at the version whose run (in `experiment`) is best by `metric`."""
+    import math
+
+    point_at_store()
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise TrackingError(f"no MLflow experiment {experiment!r} in {tracking_uri()}")
+    versions = client.search_model_versions(f"name = '{registered_model}'")
+    if not versions:
+        raise TrackingError(f"no versions of registered model {registered_model!r}: the train stage registers "
+                            "each model it trains under tracking.registered_model (params.yaml)")
+    candidates, metrics_seen = [], set()
+    for model_version in versions:
+        if not model_version.run_id:
+            continue
+        try:
+            run = client.get_run(model_version.run_id)
+        except mlflow.exceptions.MlflowException:
+            continue  # the run was deleted for good
+        if run.info.experiment_id != found.experiment_id or run.info.lifecycle_stage != "active":
+            continue
+        metrics_seen.update(run.data.metrics)
+        value = run.data.metrics.get(metric)
+        if value is not None and not math.isnan(value):
+            candidates.append((value, int(model_version.version), run.info.run_id))
+    if not candidates:
+        raise TrackingError(f"no run of experiment {experiment!r} with a version of {registered_model!r} has the "
+                            f"metric {metric!r}; metrics there: {sorted(metrics_seen)[:30]}")
+    # Best value first; among equals, the newest version.
+    value, best_version, run_id = max(candidates, key=lambda c: (c[0] if higher_is_better else -c[0], c[1]))
+    client.set_registered_model_alias(registered_model, alias, str(best_version))
+    return {"registered_model": registered_model, "alias": alias, "version": best_version, "run_id": run_id,
+            "metric": metric, "value": value, "candidates": len(candidates)}
 
 
 def log_feature_head(estimator, input_example: np.ndarray, trusted_types: list[str]) -> None:

@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from transfer.data.images import load_rgb
+from transfer.data.images import load_rgb, load_rgb_bytes
 from transfer.data.split import SPLITS, read_manifest
 from transfer.models.backbones import DataConfig
 from transfer.pipeline.errors import UserError
@@ -62,14 +62,21 @@ def cache_geometry(config: DataConfig) -> CacheGeometry:
     return CacheGeometry(config.resize_size, config.interpolation)
 
 
-def decode_to_cache_form(path: str | os.PathLike, geometry: CacheGeometry) -> np.ndarray:
-    """Decode one image file into the cached form: uint8 [S, S, 3], short side resized to S, centre square.
+def decode_to_cache_form(source: str | os.PathLike | bytes, geometry: CacheGeometry) -> np.ndarray:
+    """Decode one image file (or its encoded bytes) into the cached form: uint8 [S, S, 3] (`to_cache_form`).
 
     The single definition of "what the model's input pipeline starts from": the cache stage calls it for
-    every image, and prediction on new files must call it too (then `transforms.eval_batch_transform`).
+    every image, and prediction on new files calls it too (then `transforms.eval_batch_transform`).
     """
     side = geometry.side
-    image = load_rgb(path, draft_size=side)
+    if isinstance(source, bytes):
+        return to_cache_form(load_rgb_bytes(source, draft_size=side), geometry)
+    return to_cache_form(load_rgb(source, draft_size=side), geometry)
+
+
+def to_cache_form(image: Image.Image, geometry: CacheGeometry) -> np.ndarray:
+    """A decoded RGB image -> uint8 [S, S, 3]: the short side resized to S, the centre square kept."""
+    side = geometry.side
     width, height = image.size
     # torchvision's Resize(int) rounding: the short side becomes `side`, the long side is truncated.
     if width <= height:

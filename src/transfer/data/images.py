@@ -251,6 +251,23 @@ def load_rgb(
         raise UnreadableImageError(path, f"cannot read file ({exc.strerror or exc}); check it exists and is readable.") from exc
 
 
+def load_rgb_bytes(
+    data: bytes,
+    name: str = "<image bytes>",
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int = DEFAULT_MAX_SIDE,
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+    draft_size: int | None = None,
+) -> Image.Image:
+    """`load_rgb` for an encoded image held in memory (an upload, a request body); ``name`` goes in errors."""
+    if not data:
+        raise EmptyImageError(name, "no image data (0 bytes).")
+    image, _ = _open_decoded(io.BytesIO(data), name, max_pixels, max_side, draft_size)
+    with image:
+        return to_rgb(ImageOps.exif_transpose(image), background)
+
+
 def probe_image(
     path: str | os.PathLike,
     *,

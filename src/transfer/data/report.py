@@ -66,6 +66,32 @@ ADVICE: dict[str, str] = {
 # Issues listed per kind in the JSON report; the count is always exact.
 MAX_LISTED_PER_KIND = 1000
 
+# data.imbalance_warning's default: largest class over smallest above this, the report warns.
+IMBALANCE_WARNING = 3.0
+
+
+def class_balance(class_counts: Mapping[str, int], warn_above: float = IMBALANCE_WARNING) -> dict[str, Any]:
+    """Images per class, the imbalance ratio (largest class / smallest) and whether it deserves a warning."""
+    counts = {str(name): int(count) for name, count in sorted(class_counts.items())}
+    if not counts:
+        return {"class_counts": {}, "imbalance_ratio": None, "imbalance_warning": False}
+    largest, smallest = max(counts, key=counts.get), min(counts, key=counts.get)
+    ratio = counts[largest] / max(counts[smallest], 1)
+    return {"class_counts": counts, "largest_class": largest, "smallest_class": smallest,
+            "imbalance_ratio": round(ratio, 4), "imbalance_warning": ratio > warn_above}
+
+
+def imbalance_message(balance: Mapping[str, Any], warn_above: float = IMBALANCE_WARNING) -> str | None:
+    """The warning printed for an imbalanced data set, with what to do about it; None when balanced."""
+    if not balance.get("imbalance_warning"):
+        return None
+    counts = balance["class_counts"]
+    return (f"warning: classes are imbalanced, {balance['imbalance_ratio']:.1f}:1 (largest "
+            f"{balance['largest_class']} {counts[balance['largest_class']]} images, smallest "
+            f"{balance['smallest_class']} {counts[balance['smallest_class']]}; above data.imbalance_warning "
+            f"{warn_above:g}). Accuracy hides small classes: set head.class_balance / finetune.class_balance: loss "
+            "and monitor: val_macro_f1, and read the per-class recall in the evaluate report")
+
 
 @dataclass(frozen=True)
 class Policy:

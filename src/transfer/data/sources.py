@@ -40,7 +40,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from transfer.data.report import DataError, DataReport, Policy
+from transfer.data.report import IMBALANCE_WARNING, DataError, DataReport, Policy, class_balance, imbalance_message
 from transfer.pipeline.errors import UserError
 from transfer.data.fetch import ArchiveLimits, default_cache_dir, fetch_archive
 from transfer.pipeline.files import write_csv, write_json
@@ -641,7 +641,9 @@ def materialise(params: Any, raw_dir: str | os.PathLike, repo_root: str | os.Pat
     failing = report.failures(policy)
     # When failing, nothing is copied: the report lists the files where they are.
     index = _index_in_place(frame, repo_root) if failing else _place(frame, raw_dir, repo_root)
-    write_json(report_path, report.to_dict(policy, summarise(index)))
+    warn_above = params.get("imbalance_warning") or IMBALANCE_WARNING
+    balance = class_balance(index["label"].value_counts().to_dict(), warn_above)
+    write_json(report_path, report.to_dict(policy, {**summarise(index), **balance}))
     report.raise_for_policy(policy, shown_report)
     if index.empty:
         raise DataError(f"source {name!r} produced no usable image; see {shown_report}")
@@ -649,6 +651,9 @@ def materialise(params: Any, raw_dir: str | os.PathLike, repo_root: str | os.Pat
     print(f"data: {len(index)} images in {index['label'].nunique()} classes "
           f"({', '.join(f'{k}={v}' for k, v in summarise(index)['per_subset'].items())}); "
           f"{report.summary_line()}; report: {shown_report}")
+    warning = imbalance_message(balance, warn_above)
+    if warning:
+        print(f"data: {warning}")
     return index, report
 
 

@@ -48,6 +48,12 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "overfit_gap": 0.05,
     # train accuracy below this means the model has not even fit its training set
     "underfit_acc": 0.6,
+    # test-feature effective rank below this fraction of the pretrained backbone's: collapsed features.
+    # Not the spread: BatchNorm scales shrink it harmlessly (a fine-tuned digits model kept the probe's
+    # test accuracy at 0.06x the pretrained spread; its effective rank was 0.21x)
+    "collapse_ratio": 0.1,
+    # predicting fewer than this share of the test set's classes: "predicts few classes"
+    "few_classes_share": 0.5,
 }
 
 
@@ -93,6 +99,166 @@ def fit_diagnosis(
     }
 
 
+def feature_spread(features) -> float:
+    """Spread of pooled features over a set of images: the mean over feature dimensions of their std.
+
+    Collapsed features (dead activations, every image mapped to nearly the same vector) have a spread
+    far below the pretrained backbone's on the same images.
+    """
+    data = _as_numpy(features).astype(np.float64, copy=False).reshape(len(features), -1)
+    return float(data.std(axis=0).mean()) if len(data) > 1 else 0.0
+
+
+def effective_rank(features) -> float:
+    """Effective rank (Roy & Vetterli 2007) of centred features: exp of the entropy of the normalised
+    singular values; 1 when all images lie on a line, up to min(N, D) when the spread is even."""
+    data = _as_numpy(features).astype(np.float64, copy=False).reshape(len(features), -1)
+    if len(data) < 2:
+        return 0.0
+    singular = np.linalg.svd(data - data.mean(axis=0), compute_uv=False)
+    total = singular.sum()
+    if total <= 0:
+        return 0.0
+    shares = singular[singular > 0] / total
+    return float(np.exp(-(shares * np.log(shares)).sum()))
+
+
+def class_separation(features, labels) -> float:
+    """Share of the features' variance that lies between the class means (0: the classes overlap
+    completely, 1: every image sits on its class mean). Scale-free, like the effective rank."""
+    data = _as_numpy(features).astype(np.float64, copy=False).reshape(len(features), -1)
+    labels = _as_numpy(labels)
+    centred = data - data.mean(axis=0)
+    total = float((centred ** 2).sum())
+    if total <= 0:
+        return 0.0
+    between = sum(float((labels == c).sum()) * float((centred[labels == c].mean(axis=0) ** 2).sum())
+                  for c in np.unique(labels))
+    return between / total
+
+
+def feature_health(features, pretrained_features, labels=None) -> dict[str, float]:
+    """Spread, effective rank and dead share of the model's test features next to the pretrained backbone's
+    (and, given the labels, the class separation of both)."""
+    data = _as_numpy(features)
+    spread, reference = feature_spread(features), feature_spread(pretrained_features)
+    rank, reference_rank = effective_rank(features), effective_rank(pretrained_features)
+    separation = {} if labels is None else {
+        "class_separation": class_separation(features, labels),
+        "class_separation_pretrained": class_separation(pretrained_features, labels)}
+    return {**separation,
+        "spread": spread,
+        "spread_pretrained": reference,
+        "spread_ratio": spread / reference if reference > 0 else float("nan"),
+        "effective_rank": rank,
+        "effective_rank_pretrained": reference_rank,
+        "effective_rank_ratio": rank / reference_rank if reference_rank > 0 else float("nan"),
+        # pooled dimensions that are exactly zero for every image: channels whose activations all died
+        "dead_share": float(np.mean(np.all(data == 0, axis=0))) if len(data) else 0.0,
+    }
+
+
+# Problems the verdict names, most severe first, with what to try next. The verdict lists every problem
+# found (then over/underfitting), and is "good fit" only when there is none.
+ADVICE: dict[str, str] = {
+    "collapsed features": (
+        "Fine-tuning destroyed the pretrained features. Lower finetune.lr and finetune.head_lr_mult, try "
+        "finetune.batchnorm: train (a domain unlike ImageNet), freeze more layer groups (a larger freeze_layers), "
+        "or keep the linear probe (freeze_layers: all)."),
+    "predicts few classes": (
+        "Balance the classes (head.class_balance: loss for the probe; finetune.class_balance: sampler or loss, "
+        "which has collapsed fine-tuning on imbalanced data: check the features), select the epoch by macro-F1 "
+        "(finetune.monitor / head.monitor: val_macro_f1)."),
+    "zero-recall classes": (
+        "Weight the rare classes (head.class_balance: loss; finetune.class_balance: sampler or loss), select by "
+        "macro-F1 (monitor: val_macro_f1), and add images of these classes."),
+    "fine-tune lost to probe": (
+        "The stage kept the model fine-tuning started from. Try a lower finetune.lr or finetune.head_lr_mult, "
+        "finetune.batchnorm: train, more frozen groups, or freeze_layers: all (the probe: same result, "
+        "seconds instead of minutes)."),
+    "underfitting": (
+        "Train longer (head.epochs / finetune.epochs), raise the learning rate, or unfreeze more layer groups "
+        "(a smaller freeze_layers)."),
+    "overfitting": (
+        "Regularise: stronger augmentation (finetune.augment, mixup_alpha), more weight_decay, fewer unfrozen "
+        "groups, or early stopping (finetune.patience)."),
+}
+
+
+def model_problems(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    class_names: Sequence[str],
+    fit: Mapping,
+    features: Mapping[str, float] | None = None,
+    selection: Mapping | None = None,
+    train_counts: Mapping[str, int] | None = None,
+    thresholds: Mapping[str, float] | None = None,
+) -> tuple[dict, list[dict]]:
+    """Detect what is wrong beyond the train-val gap; returns (health metrics, findings).
+
+    ``features`` is ``feature_health`` of the model's test features (None: the model uses the pretrained
+    features, as a linear probe does); ``selection`` is the train stage's reports/train.json
+    (``kept_start`` 1: no fine-tuning epoch beat the probe it started from); ``train_counts`` the
+    training images per class, quoted in the advice. Each finding is ``{problem, evidence, advice}``,
+    most severe first; the health metrics are numbers (0/1 flags and counts) for DVC and MLflow.
+    """
+    limits = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    present = np.unique(y_true)
+    predicted = np.unique(y_pred)
+    recall = {c: float(np.mean(y_pred[y_true == c] == c)) for c in present}
+    zero_recall = [class_names[c] for c in present if recall[c] == 0]
+    health: dict = {"predicted_classes": int(len(predicted)), "zero_recall_classes": len(zero_recall)}
+    findings: list[dict] = []
+
+    collapsed = 0
+    if features is not None:
+        health.update({key: float(value) for key, value in features.items()})
+        collapsed = int(features["effective_rank_ratio"] < limits["collapse_ratio"])
+        if collapsed:
+            findings.append({"problem": "collapsed features", "evidence": (
+                f"the effective rank of the test features is {features['effective_rank']:.3g}, "
+                f"{features['effective_rank_ratio']:.3g}x the pretrained backbone's (below "
+                f"{limits['collapse_ratio']:g}); their spread is {features['spread_ratio']:.3g}x and "
+                f"{features['dead_share']:.0%} of the feature channels are zero for every test image")})
+    health["collapsed_features"] = collapsed
+
+    few = int(len(predicted) < limits["few_classes_share"] * len(present))
+    health["few_predicted_classes"] = few
+    if few:
+        shares = ", ".join(f"{class_names[c]} {np.mean(y_pred == c):.0%}" for c in predicted)
+        findings.append({"problem": "predicts few classes", "evidence": (
+            f"only {len(predicted)} of the {len(present)} test classes are ever predicted ({shares})")})
+    if zero_recall:
+        counts = "" if train_counts is None else " (training images: " + ", ".join(
+            f"{name} {train_counts.get(name, 0)}" for name in zero_recall) + ")"
+        findings.append({"problem": "zero-recall classes", "evidence": (
+            f"{len(zero_recall)} class(es) never recognised on the test set: {', '.join(zero_recall)}{counts}")})
+
+    lost = int(bool(selection) and selection.get("kept_start") == 1)
+    health["lost_to_probe"] = lost
+    if lost:
+        findings.append({"problem": "fine-tune lost to probe", "evidence": (
+            f"no fine-tuning epoch beat the starting model on val {selection.get('monitor', '')} "
+            f"(best fine-tuning epoch {selection.get('finetune_gain', float('nan')):+.4f} against it); "
+            "the stage kept the starting model")})
+    if fit.get("underfitting"):
+        findings.append({"problem": "underfitting", "evidence": (
+            f"train accuracy is below {limits['underfit_acc']:g}")})
+    elif fit.get("overfitting"):
+        findings.append({"problem": "overfitting", "evidence": (
+            f"train accuracy exceeds val accuracy by {fit['train_val_gap']:.3f} (> {limits['overfit_gap']:g})")})
+    for finding in findings:
+        finding["advice"] = ADVICE[finding["problem"]]
+    return health, findings
+
+
+def verdict_of(findings: Sequence[Mapping]) -> str:
+    """Every problem found, most severe first ("collapsed features, zero-recall classes"), or "good fit"."""
+    return ", ".join(finding["problem"] for finding in findings) or "good fit"
+
+
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
     """Confusion matrix (rows true, columns predicted) over all ``n_classes``.
 
@@ -107,8 +273,9 @@ def per_class_table(
 ) -> pd.DataFrame:
     """Per-class precision, recall, F1, support and one-vs-rest accuracy.
 
-    ``accuracy`` is the binary accuracy of "is it this class?", (TP+TN)/N;
-    the share of a class's own images classified right is its ``recall``.
+    ``one_vs_rest_accuracy`` is the binary accuracy of "is it this class?",
+    (TP+TN)/N, high for any small class; the share of a class's own images
+    classified right is its ``recall`` (the name metrics.json uses too).
     Classes never predicted or absent get 0 rather than a warning.
     """
     labels = np.arange(len(class_names))
@@ -125,7 +292,7 @@ def per_class_table(
             "recall": recall,
             "f1": f1,
             "support": support.astype(np.int64),
-            "accuracy": accuracy,
+            "one_vs_rest_accuracy": accuracy,
         }
     )
 
@@ -600,6 +767,9 @@ def write_run_diagnostics(
     title: str = "Run report",
     projection: str = "pca",
     max_mistakes: int = 16,
+    model_features=None,
+    selection: Mapping | None = None,
+    train_counts: Mapping[str, int] | None = None,
 ) -> tuple[dict, list[Path]]:
     """Write every diagnostic of one run under ``out_dir``; return (metrics, files).
 
@@ -610,6 +780,15 @@ def write_run_diagnostics(
     ``max_mistakes``), so the cost does not grow with the test set.
     ``summary`` adds the stage's own metrics (accuracy, macro-F1) to the
     report's summary table.
+
+    ``features`` are the pretrained backbone's test features (the cache);
+    ``model_features`` the evaluated model's own (a fine-tuned backbone's;
+    None for a linear probe, whose features are the cached ones). Their
+    comparison detects collapsed features; with ``selection`` (the train
+    stage's reports/train.json) and ``train_counts`` (training images per
+    class) the verdict (``fit.verdict``) names every problem found and the
+    report says what to try next (see ``model_problems``); the numbers go
+    to ``metrics["health"]``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -621,6 +800,12 @@ def write_run_diagnostics(
     row = selected_epoch_row(history, best_epoch)
     fit = fit_diagnosis(row["train_acc"], row["val_acc"], test_acc, row["train_loss"], row["val_loss"],
                         thresholds)
+    own_features = features if model_features is None else model_features
+    health, findings = model_problems(
+        y_true, y_pred, class_names, fit,
+        None if model_features is None else feature_health(model_features, features, y_true),
+        selection, train_counts, thresholds)
+    fit["verdict"] = verdict_of(findings)
     topk = top_k_accuracies(y_true, probs)
     table = per_class_table(y_true, y_pred, class_names)
 
@@ -632,10 +817,10 @@ def write_run_diagnostics(
     plot_mistakes([load_image(image_paths[i]) for i in wrong], y_true[wrong], y_pred[wrong],
                   probs[wrong, y_pred[wrong]], class_names, out / MISTAKES_PNG, n=max_mistakes)
 
-    plot_feature_projection(features, y_true, class_names, out / FEATURES_PNG, method=projection)
+    plot_feature_projection(own_features, y_true, class_names, out / FEATURES_PNG, method=projection)
     plot_activation_histograms(model, batch, out / ACTIVATIONS_PNG)
 
-    metrics: dict = {"fit": fit, "topk": topk}
+    metrics: dict = {"fit": fit, "topk": topk, "health": health}
     files = [out / name for name in (LEARNING_CURVES_PNG, CONFUSION_PNG, PER_CLASS_CSV, MISTAKES_PNG,
                                      FEATURES_PNG, ACTIVATIONS_PNG)]
     grads = grad_norm_frame(history).dropna(how="all")
@@ -659,8 +844,12 @@ def write_run_diagnostics(
 
     verdict = (f"Verdict: {fit['verdict']} (train-val accuracy gap {fit['train_val_gap']:.3f}, "
                f"val-test gap {fit['val_test_gap']:.3f}; epoch {int(row['epoch'])}, phase {row.get('phase', '-')}).")
+    next_steps: list = [verdict] + (
+        [pd.DataFrame(findings).rename(columns={"advice": "what to try next"})] if findings
+        else ["No problem found: no collapsed features, every class predicted and recognised."])
     sections: dict[str, list] = {
-        "Summary": [{**(summary or {}), "test_accuracy": test_acc, **topk, **fit}],
+        "Summary": [{**(summary or {}), "test_accuracy": test_acc, **topk, **fit, **health}],
+        "Verdict and what to try next": next_steps,
         "Learning curves": [verdict, out / LEARNING_CURVES_PNG],
         "Confusion and per-class quality": [out / CONFUSION_PNG, table],
         "Most confident mistakes": [out / MISTAKES_PNG],

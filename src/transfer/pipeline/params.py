@@ -71,6 +71,9 @@ class DataParams(Section):
     archive_max_files: int = Field(2_000_000, ge=1, description="archive: refuse to unpack more members than this")
     archive_max_ratio: float = Field(100.0, gt=0, description="archive: refuse a compression ratio (unpacked / "
                                                               "archive bytes) above this, once past 64 MiB")
+    imbalance_warning: float = Field(
+        3.0, ge=1, description="warn when the largest class has more than this many times the images of the "
+                               "smallest (the data report always gives the counts and the ratio)")
     policy: DataPolicyParams = DataPolicyParams()
 
     @model_validator(mode="after")
@@ -125,6 +128,10 @@ class FeatureParams(Section):
     num_workers: int = Field(0, ge=0, description="DataLoader processes reading batches from the image cache")
 
 
+# Model selection (and early stopping): val_macro_f1 suits imbalanced data, where accuracy hides small classes.
+Monitor = Literal["val_acc", "val_macro_f1", "val_loss"]
+
+
 class HeadParams(Section):
     """The head fitted on the cached features (train stage); lr, epochs, batch_size, weight_decay: the linear probe."""
 
@@ -134,10 +141,14 @@ class HeadParams(Section):
                               "forest; bayes: Gaussian naive Bayes (README: Heads on cached features)")
 
     lr: float = Field(0.01, gt=0, le=10, description="AdamW learning rate of the linear probe")
-    epochs: int = Field(40, ge=1, le=10_000, description="epochs of the linear probe (the best epoch by val accuracy "
+    epochs: int = Field(40, ge=1, le=10_000, description="epochs of the linear probe (the best epoch by head.monitor "
                                                           "is kept)")
     batch_size: int = Field(128, ge=1, description="batch size of the linear probe")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay of the linear probe")
+    class_balance: Literal["none", "loss"] = Field(
+        "none", description="`loss`: each training sample weighted by the inverse frequency of its class")
+    monitor: Monitor = Field("val_acc", description="`val_acc`, `val_macro_f1` or `val_loss`: picks the probe's "
+                                                    "best epoch")
 
 
 class FinetuneParams(Section):
@@ -147,7 +158,8 @@ class FinetuneParams(Section):
     epochs: int = Field(5, ge=1, le=10_000, description="fine-tuning epochs (when freeze_layers is an integer)")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum, Nesterov) or adamw")
     lr: float = Field(0.002, gt=0, le=10, description="base learning rate of the unfrozen backbone groups")
-    head_lr_mult: float = Field(10.0, gt=0, description="the head learns at head_lr_mult x lr")
+    head_lr_mult: float = Field(1.0, gt=0, description="the head learns at head_lr_mult x lr (the probe already "
+                                                       "fitted it; 10 shook the features on data unlike ImageNet)")
     layer_decay: float = Field(1.0, gt=0, le=1, description="each layer group toward the input learns at "
                                                                "layer_decay x the next one; 1 = same LR for all")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum; AdamW beta1")
@@ -155,8 +167,9 @@ class FinetuneParams(Section):
     weight_decay: float = Field(1e-4, ge=0, description="not applied to BatchNorm weights and biases")
     warmup_epochs: float = Field(0.3, ge=0, description="linear LR warmup (may be fractional), then cosine decay")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the cosine ends at min_lr_ratio x each group's LR")
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the training loss (the val loss "
-                                                                  "is plain cross-entropy)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training loss (the val loss "
+                                                                  "is plain cross-entropy); 0: the probe that starts "
+                                                                  "fine-tuning was fitted without it")
     grad_clip_norm: float | None = Field(None, gt=0, description="clip the global gradient L2 norm; null = off")
     # Augmentation (evaluation always resizes and centre-crops)
     augment: Literal["none", "trivialaugment", "randaugment", "autoaugment"] = Field(
@@ -175,10 +188,13 @@ class FinetuneParams(Section):
     head_init: Literal["probe", "xavier", "imagenet"] = Field(
         "probe", description="probe: the linear probe's weights; xavier: random; imagenet: rows of matching "
                              "ImageNet classes from the pretrained classifier, Xavier elsewhere")
-    monitor: Literal["val_acc", "val_loss"] = Field("val_acc", description="metric for the best epoch and patience")
+    monitor: Monitor = Field("val_acc", description="`val_acc`, `val_macro_f1` (imbalanced data) or `val_loss`: "
+                                                    "picks the best epoch, the start model (epoch 0) included, and "
+                                                    "drives early stopping")
     patience: int = Field(0, ge=0, description="early stopping after this many epochs without improvement; 0 = off")
     class_balance: Literal["none", "loss", "sampler"] = Field(
-        "none", description="class imbalance: inverse-frequency loss weights or a balanced sampler")
+        "none", description="`loss` (each sample weighted by the inverse frequency of its class; label smoothing "
+                            "stays unweighted) or `sampler` (balanced sampling with replacement)")
     # Runtime (GPU features switch themselves off on CPU)
     batch_size: int = Field(32, ge=1, description="global batch size (split across nproc processes)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = in the main process)")
@@ -203,14 +219,21 @@ class DiagnosticsParams(Section):
     overfit_gap: float = Field(0.05, ge=0, le=1,
                                description="train minus val accuracy above this is 'overfitting'")
     underfit_acc: float = Field(0.6, ge=0, le=1, description="train accuracy below this is 'underfitting'")
+    collapse_ratio: float = Field(
+        0.1, ge=0, le=1, description="a fine-tuned model's test-feature effective rank below this fraction of "
+                                     "the pretrained backbone's is 'collapsed features'")
+    few_classes_share: float = Field(
+        0.5, ge=0, le=1, description="predicting fewer than this share of the test set's classes is "
+                                     "'predicts few classes'")
     projection: Literal["pca", "tsne"] = Field("pca", description="2-D projection of the test features; "
                                                                   "tsne is slower (seconds to minutes)")
     mistakes: int = Field(16, ge=0, le=64, description="most confident mistakes drawn in the grid")
     batch_size: int = Field(8, ge=1, le=256, description="test images in the activation-histogram batch")
 
     def thresholds(self) -> dict[str, float]:
-        """The verdict thresholds, as transfer.diagnostics.fit_diagnosis takes them."""
-        return {"overfit_gap": self.overfit_gap, "underfit_acc": self.underfit_acc}
+        """The verdict thresholds, as transfer.evaluate.diagnostics takes them."""
+        return {"overfit_gap": self.overfit_gap, "underfit_acc": self.underfit_acc,
+                "collapse_ratio": self.collapse_ratio, "few_classes_share": self.few_classes_share}
 
 
 # Keys `transfer tune` may search: what shapes training. Not backbone/data (the cached features depend on
@@ -340,6 +363,10 @@ class TrackingParams(Section):
     """MLflow: where runs are recorded."""
 
     experiment: str = Field("transfer", min_length=1, description="MLflow experiment name")
+    registered_model: str | None = Field(
+        "transfer-classifier", min_length=1,
+        description="MLflow registered model the train stage adds each model to (a new version per run); "
+                    "null = do not register. `transfer promote` moves an alias among its versions")
 
 
 _ONE, _SEVERAL = "one backbone", "several backbones"  # union tags: left out of error locations

@@ -4,7 +4,6 @@ The train stage keeps `data/checkpoints/` (a DVC output with `persist: true`, so
 delete it before re-running the stage):
     last.pt      model, optimiser, schedule, epoch, history, early-stopping state, RNG states, the MLflow
                  run id and the linear probe's history: everything needed to continue
-    best.pt      the best model so far by the monitored val metric
     initial.pt   the weights fine-tuning started from (for the per-group relative weight change)
 Every file carries a fingerprint of the training params and the data hash; a checkpoint with another
 fingerprint (other params, other data) is ignored, never resumed. A finished run clears the folder.
@@ -93,13 +92,6 @@ class Checkpointer:
     def save_last(self, payload: dict[str, Any]) -> None:
         self._save("last", {**payload, "extra": self.extra})
 
-    def save_best(self, state_dict: dict[str, torch.Tensor], epoch: int) -> None:
-        self._save("best", {"state_dict": state_dict, "epoch": epoch})
-
-    def load_best(self) -> dict[str, torch.Tensor] | None:
-        payload = self._load("best")
-        return None if payload is None else payload["state_dict"]
-
     def save_initial(self, state_dict: dict[str, torch.Tensor]) -> None:
         self._save("initial", {"state_dict": state_dict})
 
@@ -111,7 +103,7 @@ class Checkpointer:
         """The run completed: drop the checkpoints (a re-run starts afresh) and leave a marker for DVC."""
         if not self.writer:
             return
-        for name in ("last", "best", "initial"):
+        for name in ("last", "initial"):
             self._path(name).unlink(missing_ok=True)
         write_json(self.directory / "status.json", {"complete": True, "fingerprint": self.fingerprint})
 

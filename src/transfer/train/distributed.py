@@ -89,11 +89,6 @@ def all_reduce_tensor(values: torch.Tensor, context: DistContext) -> torch.Tenso
     return values
 
 
-def barrier(context: DistContext) -> None:
-    if context.enabled:
-        dist.barrier()
-
-
 class EpochBatchSampler(Sampler[list[int]]):
     """Global batches from one seeded order per epoch; each rank yields its slice of every global batch.
 

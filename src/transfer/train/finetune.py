@@ -4,6 +4,8 @@
 `finetune:` in params.yaml: the first k layer groups frozen (optionally unfrozen one by one every
 `unfreeze_every` epochs), SGD/AdamW with discriminative LRs (transfer.optim), warmup then cosine, label
 smoothing, mixup/cutmix, gradient clipping, early stopping, the best epoch by the monitored val metric.
+The model it starts from (the probe-initialised network) is scored on val first, as "epoch 0", and takes
+part in that selection: fine-tuning never returns a model worse on val than the one it was given.
 Each epoch is checkpointed (transfer.checkpoint) so a killed run resumes; with torchrun it runs
 data-parallel (transfer.distributed). channels_last is on by default everywhere (oneDNN's depthwise
 convolutions train EfficientNet about 2x faster in it on CPU too); bf16 autocast and pinned memory are
@@ -27,6 +29,7 @@ from tqdm import tqdm
 
 from transfer.data.datasets import DeviceLoader, ImageDataset
 from transfer.data.transforms import BatchMixer, batch_mixer
+from transfer.evaluate.metrics import macro_f1_from_confusion
 from transfer.models.backbones import Classifier, freeze_first_groups
 from transfer.pipeline.params import FinetuneParams
 from transfer.pipeline.runtime import seed_everything
@@ -44,6 +47,7 @@ from transfer.train.distributed import (
     shard_indices,
 )
 from transfer.train.layer_stats import group_grad_norm_tensor
+from transfer.train.losses import class_weights, classification_loss, improves
 from transfer.train.optim import WarmupCosine, add_layer_group, build_optimizer
 from transfer.train.result import EpochCallback, TrainResult
 
@@ -90,13 +94,6 @@ def unfreeze_down_to(model: Classifier, optimizer: torch.optim.Optimizer, params
         add_layer_group(optimizer, model, params, index, scale)
 
 
-def class_weights(labels: list[int], num_classes: int) -> torch.Tensor:
-    """Inverse class frequency, scaled to mean 1 (a class with no training image gets weight 0)."""
-    counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).double()
-    weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
-    return weights.float()
-
-
 # finetune.class_balance -> (loss weights, per-sample sampling weights), from the training labels.
 CLASS_BALANCE: dict[str, Callable[[list[int], int], tuple[torch.Tensor | None, torch.Tensor | None]]] = {
     "none": lambda labels, n: (None, None),
@@ -106,11 +103,8 @@ CLASS_BALANCE: dict[str, Callable[[list[int], int], tuple[torch.Tensor | None, t
 
 
 def make_loss(params: FinetuneParams, weights: torch.Tensor | None) -> Callable:
-    """Training objective: cross-entropy with label smoothing (and class weights); accepts soft targets."""
-    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, targets, weight=None if weights is None else weights.to(logits.device),
-                               label_smoothing=params.label_smoothing)
-    return loss
+    """Training objective: cross-entropy with label smoothing (and per-sample class weights); accepts soft targets."""
+    return classification_loss(params.label_smoothing, weights)
 
 
 def make_loaders(train_data: ImageDataset, val_data: ImageDataset, params: FinetuneParams, seed: int,
@@ -209,19 +203,24 @@ def _reduced(totals: torch.Tensor, seen: int, context: DistContext) -> list[floa
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DeviceLoader, runtime: Runtime, context: DistContext) -> tuple[float, float]:
-    """Plain cross-entropy (no smoothing, no weights: comparable across recipes) and accuracy, over all ranks."""
+def evaluate(model: Classifier, loader: DeviceLoader, runtime: Runtime, context: DistContext) -> dict[str, float]:
+    """val_loss (plain cross-entropy: no smoothing, no weights, comparable across recipes), val_acc and
+    val_macro_f1 over all ranks. Sums stay on the device (one sync at the end)."""
     model.eval()
-    totals, seen = torch.zeros(2, dtype=torch.float64, device=runtime.device), 0  # loss sum, correct
+    num_classes = model.head.out_features
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=runtime.device)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=runtime.device)
     for images, labels in tqdm(loader, desc="validate", unit="batch", leave=False, disable=not context.is_main):
         images = runtime.prepare(images)
         with runtime.autocast():
             logits = model(images).float()
-        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                               (logits.argmax(1) == labels).sum().double()])
-        seen += len(labels)
-    loss_sum, correct, seen = _reduced(totals, seen, context)
-    return loss_sum / max(seen, 1), correct / max(seen, 1)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes ** 2).double()
+    totals = _reduced(torch.cat([loss_sum, confusion]), 0, context)[:-1]
+    matrix = torch.tensor(totals[1:]).reshape(num_classes, num_classes)
+    seen = max(float(matrix.sum()), 1.0)
+    return {"val_loss": totals[0] / seen, "val_acc": float(matrix.diagonal().sum()) / seen,
+            "val_macro_f1": macro_f1_from_confusion(matrix.numpy())}
 
 
 @dataclass
@@ -236,8 +235,7 @@ class EarlyStopping:
 
     def update(self, value: float, epoch: int) -> bool:
         """Record an epoch's value; True when it is a new best."""
-        better = self.best_value is None or (value > self.best_value if self.monitor == "val_acc"
-                                             else value < self.best_value)
+        better = improves(self.monitor, value, self.best_value)
         if better:
             self.best_value, self.best_epoch, self.bad_epochs = value, epoch, 0
         else:
@@ -260,10 +258,14 @@ class EarlyStopping:
 def fine_tune(model: Classifier, freeze_layers: int, train_data: ImageDataset, val_data: ImageDataset,
               params: FinetuneParams, seed: int, device: torch.device, first_epoch: int = 1,
               on_epoch: EpochCallback | None = None, checkpointer: Checkpointer | None = None,
-              context: DistContext = SINGLE, pretrained: bool = True) -> TrainResult:
+              context: DistContext = SINGLE, pretrained: bool = True,
+              start_train: dict[str, float] | None = None) -> TrainResult:
     """Fine-tune the unfrozen groups and the head; returns the model at its best epoch by `params.monitor`.
 
-    With a `checkpointer`, every epoch is saved and a matching last.pt is resumed: the run continues at
+    The starting model is scored on val first: history row `first_epoch - 1`, phase "start" (with the
+    `start_train` metrics, e.g. the probe's train_loss/train_acc, when the caller knows them). It competes
+    with every fine-tuning epoch, so when none beats it the starting weights are returned and
+    `result.kept_start` is True. With a `checkpointer`, every epoch is saved and a matching last.pt is resumed: the run continues at
     the next epoch with the same optimiser, schedule, RNG and early-stopping state. `on_epoch` receives
     each history row (call it on one rank only); under torchrun every rank calls fine_tune. `pretrained`
     (the backbone has pretrained weights) decides `params.batchnorm: auto`.
@@ -289,6 +291,7 @@ def fine_tune(model: Classifier, freeze_layers: int, train_data: ImageDataset, v
     stopper = EarlyStopping(params.monitor, params.patience)
     result = TrainResult(model, initial_state=cpu_state_dict(model))
     best_state, done = None, 0
+    start_epoch = first_epoch - 1
 
     saved = checkpointer.load_last() if checkpointer is not None and params.resume else None
     if saved is not None:
@@ -303,6 +306,15 @@ def fine_tune(model: Classifier, freeze_layers: int, train_data: ImageDataset, v
         done, best_state, result.history = saved["done"], saved["best_state"], list(saved["history"])
         if context.is_main:
             print(f"fine-tune: resuming after epoch {done} of {params.epochs} from {checkpointer.directory}")
+
+    if saved is None:  # epoch 0: the starting model, scored like every epoch, takes part in the selection
+        start = dict(epoch=start_epoch, phase="start", frozen_groups=model.frozen_groups,
+                     **(start_train or {}), **evaluate(model, val_loader, runtime, context))
+        result.history.append(start)
+        stopper.update(start[params.monitor], start_epoch)
+        best_state = result.initial_state
+        if on_epoch:
+            on_epoch(start)
 
     engine = wrap_for_training(model, params, context, runtime)
     for index in range(done, params.epochs):
@@ -319,7 +331,7 @@ def fine_tune(model: Classifier, freeze_layers: int, train_data: ImageDataset, v
         row.update(train_one_epoch(engine, model, train_loader, optimizer, schedule, loss_fn, mixer, runtime, params,
                                    context, desc=f"fine-tune epoch {index + 1}/{params.epochs}",
                                    bn_frozen=batchnorm_frozen(params, pretrained)))
-        row["val_loss"], row["val_acc"] = evaluate(model, val_loader, runtime, context)
+        row.update(evaluate(model, val_loader, runtime, context))
         result.history.append(row)
         if stopper.update(row[params.monitor], epoch):
             best_state = cpu_state_dict(model)
@@ -336,5 +348,7 @@ def fine_tune(model: Classifier, freeze_layers: int, train_data: ImageDataset, v
             break
     model.load_state_dict(best_state)
     result.best_epoch = stopper.best_epoch
-    result.stopped_early = stopper.should_stop and len(result.history) < params.epochs
+    result.kept_start = stopper.best_epoch == start_epoch
+    finetuned = [row for row in result.history if row["phase"] != "start"]
+    result.stopped_early = stopper.should_stop and len(finetuned) < params.epochs
     return result

@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from transfer.evaluate.metrics import macro_f1_from_confusion
 from transfer.features import FeatureCache
 from transfer.models.heads import FEATURE_HEADS, head_logits
 from transfer.pipeline.params import HeadParams
 from transfer.pipeline.runtime import seed_everything, single_threaded
+from transfer.train.losses import class_weights, classification_loss, improves
 from transfer.train.result import EpochCallback, TrainResult
 
 
@@ -28,12 +30,24 @@ def _loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[floa
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
+def _split_scores(logits: torch.Tensor, labels: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Plain (unweighted) cross-entropy, accuracy and macro-F1 of a split."""
+    num_classes = logits.shape[1]
+    confusion = torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes ** 2)
+    return {f"{prefix}_loss": F.cross_entropy(logits, labels).item(),
+            f"{prefix}_acc": (logits.argmax(1) == labels).float().mean().item(),
+            f"{prefix}_macro_f1": macro_f1_from_confusion(confusion.reshape(num_classes, num_classes).numpy())}
+
+
 # --- Linear probe --------------------------------------------------------------------------------
 
 @single_threaded()  # [batch, ~1000] x [~1000, classes] matmuls: threads cost more than they give
 def train_linear_probe(train: FeatureCache, val: FeatureCache, num_classes: int, params: HeadParams, seed: int,
                        on_epoch: EpochCallback | None = None) -> TrainResult:
-    """Fit a linear classifier on cached features with AdamW; keep the epoch with the best val accuracy."""
+    """Fit a linear classifier on cached features with AdamW; keep the best epoch by `params.monitor`.
+
+    `params.class_balance: loss` weights each sample by the inverse frequency of its class.
+    """
     seed_everything(seed)
     head = nn.Linear(train.features.shape[1], num_classes)
     initial_state = copy.deepcopy(head.state_dict())
@@ -41,27 +55,27 @@ def train_linear_probe(train: FeatureCache, val: FeatureCache, num_classes: int,
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
     loader = DataLoader(TensorDataset(train.features, train.labels), batch_size=params.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
-    result, best_acc, best_state = TrainResult(head, initial_state=initial_state), -1.0, None
+    loss_fn = classification_loss(weights=class_weights(train.labels, num_classes)
+                                  if params.class_balance == "loss" else None)
+    result, best_value, best_state = TrainResult(head, initial_state=initial_state), None, None
     for epoch in range(1, params.epochs + 1):
         head.train()
         lr = optimizer.param_groups[0]["lr"]
         for features, labels in loader:
-            loss = F.cross_entropy(head(features), labels)
+            loss = loss_fn(head(features), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         scheduler.step()
         head.eval()
         with torch.no_grad():
-            train_loss, train_acc = _loss_and_accuracy(head(train.features), train.labels)
-            val_loss, val_acc = _loss_and_accuracy(head(val.features), val.labels)
-        row = dict(epoch=epoch, phase="probe", lr=lr, train_loss=train_loss, train_acc=train_acc,
-                   val_loss=val_loss, val_acc=val_acc)
+            row = dict(epoch=epoch, phase="probe", lr=lr, **_split_scores(head(train.features), train.labels, "train"),
+                       **_split_scores(head(val.features), val.labels, "val"))
         result.history.append(row)
         if on_epoch:
             on_epoch(row)
-        if val_acc > best_acc:
-            best_acc, best_state, result.best_epoch = val_acc, copy.deepcopy(head.state_dict()), epoch
+        if improves(params.monitor, row[params.monitor], best_value):
+            best_value, best_state, result.best_epoch = row[params.monitor], copy.deepcopy(head.state_dict()), epoch
     head.load_state_dict(best_state)
     return result
 

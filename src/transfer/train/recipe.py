@@ -174,7 +174,7 @@ def train_and_score(params: Params, inputs: TrainingInputs, metric: str, on_epoc
                                                          finetune.hflip)
     train_data = inputs.images("train", config, batch_transform, sample_transform)
     val_data = inputs.images("val", config, eval_batch_transform(config))
-    first_epoch = len(history) + 1
+    first_epoch = len(history) + 2  # as the train stage: the start model is the row after the probe's
     values: dict[int, float] = {}
 
     def predict() -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,53 @@
+"""Training objectives and model-selection monitors, shared by the linear probe and fine-tuning.
+
+Class balancing weights each *sample* by the inverse frequency of its class (`class_weights`, mean 1 over
+the training set) and divides by the batch size. torch's `cross_entropy(weight=..., label_smoothing=...)`
+does two other things that together made `class_balance: loss` collapse on imbalanced data: its smoothing
+term is weighted by every class's weight, so for each image it pulls the prediction toward the rare classes
+(the smoothing optimum is p_c proportional to w_c, whatever the label), and its mean divides by the batch's
+sum of weights, so a batch without a rare image weighs as much as one with several.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# Model selection and early stopping: monitored metric -> +1 when larger is better, -1 when smaller is.
+MONITOR_DIRECTION: dict[str, int] = {"val_acc": 1, "val_macro_f1": 1, "val_loss": -1}
+
+
+def improves(monitor: str, value: float, best: float | None) -> bool:
+    """True when `value` of `monitor` is strictly better than `best` (None: nothing to beat yet)."""
+    return best is None or MONITOR_DIRECTION[monitor] * (value - best) > 0
+
+
+def class_weights(labels: list[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, scaled so the mean weight over the training samples is 1.
+
+    w_c = N / (C * n_c): sum_i w[y_i] = N. A class with no training image gets weight 0.
+    """
+    counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).double()
+    present = int((counts > 0).sum())
+    weights = torch.where(counts > 0, counts.sum() / (max(present, 1) * counts.clamp(min=1)),
+                          torch.zeros_like(counts))
+    return weights.float()
+
+
+def classification_loss(label_smoothing: float = 0.0, weights: torch.Tensor | None = None) -> Callable:
+    """Cross-entropy with label smoothing; `weights` (per class) weight each sample by its class.
+
+    Accepts hard labels [B] or soft targets [B, C] (mixup/cutmix; a soft target's weight is the
+    target-weighted mean of the class weights). Smoothing is applied per sample, unweighted, so it only
+    softens each sample's own target and never favours a class.
+    """
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        per_sample = F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction="none")
+        if weights is None:
+            return per_sample.mean()
+        class_weight = weights.to(logits.device, logits.dtype)
+        sample_weight = class_weight[targets] if targets.ndim == 1 else targets @ class_weight
+        return (per_sample * sample_weight).mean()
+    return loss
