@@ -14,6 +14,7 @@ import torch
 
 from conftest import write_image_folder
 from finetune_helpers import params, tiny_classifier, tiny_dataset
+from transfer.data.datasets import DeviceLoader
 from transfer.data.report import class_balance, imbalance_message
 from transfer.data.sources import materialise
 from transfer.evaluate import diagnostics as diag
@@ -152,7 +153,7 @@ def test_probe_class_balance_recovers_a_rare_class():
 @torch.no_grad()
 def pooled_features(model, dataset) -> torch.Tensor:
     model.eval()
-    return torch.cat([model.backbone(images) for images, _ in torch.utils.data.DataLoader(dataset, batch_size=16)])
+    return torch.cat([model.backbone(images) for images, _ in DeviceLoader(dataset, CPU, batch_size=16)])
 
 
 def collapse(model) -> None:
