@@ -66,9 +66,11 @@ FASHION_CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Ankle_boot"]
 CPU = torch.device("cpu")
 
-# Variant name -> FinetuneParams overrides (on the schema's defaults). The study ran on the recipe before
-# issue 13 (OLD: label smoothing 0.1, head at 10x the LR), so every variant but `default` starts from it.
-OLD = {"label_smoothing": 0.1, "head_lr_mult": 10.0}
+# Variant name -> FinetuneParams overrides (on the schema's defaults). The first study ran on the recipe before
+# issue 13 (OLD: label smoothing 0.1, head at 10x the LR, no clipping), so those variants start from it;
+# PREVIOUS is the default before the class_balance fix (no gradient clipping).
+OLD = {"label_smoothing": 0.1, "head_lr_mult": 10.0, "grad_clip_norm": None}
+PREVIOUS = {"label_smoothing": 0.0, "head_lr_mult": 1.0, "grad_clip_norm": None}
 VARIANTS: dict[str, dict] = {
     "default": {},
     "old_default": OLD,
@@ -82,12 +84,22 @@ VARIANTS: dict[str, dict] = {
     "balance_loss_f1": {**OLD, "class_balance": "loss", "monitor": "val_macro_f1"},
     "legacy_balance_loss": {**OLD, "class_balance": "loss"},  # torch's weighted CE, as before the fix
     "sampler": {**OLD, "class_balance": "sampler"},
-    "ls0_head_lr_1": {"label_smoothing": 0.0, "head_lr_mult": 1.0},  # = the new default
+    "ls0_head_lr_1": PREVIOUS,
     "no_smoothing_balance_loss": {**OLD, "label_smoothing": 0.0, "class_balance": "loss"},
-    "ls0_head_lr_1_balance_loss": {"label_smoothing": 0.0, "head_lr_mult": 1.0, "class_balance": "loss"},
+    "ls0_head_lr_1_balance_loss": {**PREVIOUS, "class_balance": "loss"},
     # fine-tuning starts from the probe fitted with the same class-weighted loss (probe_balanced)
-    "balanced_start_ls0_head_lr_1_balance_loss": {"label_smoothing": 0.0, "head_lr_mult": 1.0,
-                                                  "class_balance": "loss"},
+    "balanced_start_ls0_head_lr_1_balance_loss": {**PREVIOUS, "class_balance": "loss"},
+    # gradient clipping (the class_balance fix): the default clips at 2; these vary it on today's default
+    "no_clip": {"grad_clip_norm": None},
+    "clip_1": {"grad_clip_norm": 1.0},
+    "clip_5": {"grad_clip_norm": 5.0},
+    "default_balance_loss": {"class_balance": "loss"},
+    "default_balance_loss_f1": {"class_balance": "loss", "monitor": "val_macro_f1"},
+    "default_sampler": {"class_balance": "sampler"},
+    "no_clip_balance_loss": {"grad_clip_norm": None, "class_balance": "loss"},
+    "no_clip_sampler": {"grad_clip_norm": None, "class_balance": "sampler"},
+    "default_bn_train": {"batchnorm": "train"},
+    "default_freeze_2": {"freeze_layers": 2},
 }
 
 
@@ -237,6 +249,7 @@ def run_dataset(name: str, args) -> dict:
     results["info"] = info
     for variant in args.variants:
         overrides = {**VARIANTS[variant], "epochs": args.epochs}
+        freeze_layers = overrides.pop("freeze_layers", args.freeze_layers)
         params = FinetuneParams(**overrides)
         model = Classifier(copy.deepcopy(loaded.backbone), len(classes))
         start_probe = "probe_balanced" if variant.startswith("balanced_start") else "probe"
@@ -255,7 +268,7 @@ def run_dataset(name: str, args) -> dict:
             finetune_module.make_loss = legacy_weighted_loss
         began = time.time()
         try:
-            result = fine_tune(model, args.freeze_layers, train_set, sets["val"], params, 0, CPU,
+            result = fine_tune(model, freeze_layers, train_set, sets["val"], params, 0, CPU,
                                on_epoch=keep_best_tuned, start_train=probe_train)
         finally:
             finetune_module.make_loss = original
