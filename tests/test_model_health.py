@@ -24,7 +24,7 @@ from transfer.evaluate.metrics import macro_f1_from_confusion
 from transfer.features import FeatureCache, extract_features
 from transfer.pipeline.params import FinetuneParams, HeadParams
 from transfer.train.finetune import fine_tune
-from transfer.train.losses import class_weights, classification_loss
+from transfer.train.losses import class_weights, classification_loss, grad_clip_norm
 from transfer.train.probe import train_linear_probe
 from transfer.train.result import model_selection, selection_message
 
@@ -175,7 +175,8 @@ def test_class_balanced_fine_tuning_keeps_its_features_alive():
     The class weights (up to 5.6 here) multiply the gradients of the rarest, worst-classified images: the
     first steps from the fitted probe reached global gradient norms of 120 (30 unweighted) and drove most
     ReLU6 channels of the unfrozen groups to zero in the first epoch. The default gradient clipping keeps
-    them alive and the model no worse than its start; without it the features collapse."""
+    them alive and the model no worse than its start; without it the features collapse. (`auto` does not clip
+    unweighted fine-tuning, which did better without.)"""
     from transfer.data.datasets import ImageDataset
     from transfer.data.transforms import eval_transform, train_transform
     from transfer.models.backbones import Classifier, load_backbone
@@ -206,7 +207,8 @@ def test_class_balanced_fine_tuning_keeps_its_features_alive():
 
         return fine_tune(model, 4, train, val, finetune, 0, CPU, on_epoch=measure).history
 
-    assert FinetuneParams().grad_clip_norm is not None  # the default clips
+    assert grad_clip_norm(FinetuneParams().grad_clip_norm, "loss") == 2.0  # auto clips a weighted loss
+    assert grad_clip_norm("auto", "none") is None and grad_clip_norm(5.0, "none") == 5.0
     clipped = fine_tune_balanced()
     start, tuned = clipped
     assert start["phase"] == "start" and start["dead_share"] < 0.1

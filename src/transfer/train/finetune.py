@@ -44,7 +44,7 @@ from transfer.train.distributed import (
     shard_indices,
 )
 from transfer.train.layer_stats import group_grad_norms
-from transfer.train.losses import class_weights, classification_loss, improves
+from transfer.train.losses import class_weights, classification_loss, grad_clip_norm, improves
 from transfer.train.optim import WarmupCosine, add_layer_group, build_optimizer
 from transfer.train.result import EpochCallback, TrainResult
 
@@ -157,6 +157,7 @@ def train_one_epoch(engine: nn.Module, model: Classifier, loader: DataLoader, op
         freeze_batchnorm_stats(model)
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
     grad_sums: dict[str, float] = {}
+    clip_norm = grad_clip_norm(params.grad_clip_norm, params.class_balance)
     for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not context.is_main):
         images, labels = runtime.prepare(images), labels.to(runtime.device, non_blocking=runtime.pin_memory)
         targets = labels
@@ -170,8 +171,8 @@ def train_one_epoch(engine: nn.Module, model: Classifier, loader: DataLoader, op
         # After backward (and DDP's all-reduce): every rank sees the same averaged gradients.
         for group, norm in group_grad_norms(model).items():
             grad_sums[group] = grad_sums.get(group, 0.0) + norm
-        if params.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(_trainable(model), params.grad_clip_norm)
+        if clip_norm:
+            torch.nn.utils.clip_grad_norm_(_trainable(model), clip_norm)
         optimizer.step()
         schedule.step()
         loss_sum += loss.item() * len(labels)
