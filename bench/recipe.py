@@ -14,18 +14,18 @@ effective rank, dead share), the classes it predicts and those with zero recall.
 
 Data sets (all offline):
     embedded    the committed Fashion-MNIST subset (1,500 images, 10 classes), data.source: archive, 112 px
-    fmnist      the full Fashion-MNIST from Debian's IDX files (what data.source: idx reads), a stratified
-                subset to fit a shared 2-core CPU: N per class of the official train (15% carved for
-                val), M per class of the official test
+    fmnist      Fashion-MNIST from Debian's IDX files (what data.source: idx reads): N per class of the official
+                train (15% carved for val), M per class of the official test; 6000 and 1000 = the full set
     digits      scikit-learn's bundled digits (8x8 grayscale, 1,797 images), written as PNGs under
                 data/sklearn-digits/ and read with data.source: folder
     imbalanced  4 look-alike Fashion-MNIST classes (T-shirt, Pullover, Coat, Shirt) at 1400:500:250:100
                 (14:1) from the official train, split 70/15/15 stratified
 
-    nice -n 10 PYTHONPATH=src python bench/recipe.py --datasets embedded digits --variants old_default default
-    nice -n 10 PYTHONPATH=src python bench/recipe.py --datasets imbalanced --variants default balance_loss \\
-        legacy_balance_loss --image-size 64
+    nice -n 10 PYTHONPATH=src python bench/recipe.py --datasets digits --image-size 64 --variants default clip_2
+    nice -n 10 PYTHONPATH=src python bench/recipe.py --datasets imbalanced --image-size 64 \
+        --variants default default_balance_loss no_clip_balance_loss
 
+(the README's "The recipe across domains" has every command of its table).
 Results go to bench/results/recipe-<dataset>.json (one entry per variant, appended as they finish).
 """
 
@@ -69,9 +69,11 @@ FASHION_CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Ankle_boot"]
 CPU = torch.device("cpu")
 
-# Variant name -> FinetuneParams overrides (on the schema's defaults). The study ran on the recipe before
-# issue 13 (OLD: label smoothing 0.1, head at 10x the LR), so every variant but `default` starts from it.
-OLD = {"label_smoothing": 0.1, "head_lr_mult": 10.0}
+# Variant name -> FinetuneParams overrides (on the schema's defaults). The first study ran on the recipe before
+# issue 13 (OLD: label smoothing 0.1, head at 10x the LR, no clipping), so those variants start from it;
+# PREVIOUS is the default before the class_balance fix (no gradient clipping).
+OLD = {"label_smoothing": 0.1, "head_lr_mult": 10.0, "grad_clip_norm": None}
+PREVIOUS = {"label_smoothing": 0.0, "head_lr_mult": 1.0, "grad_clip_norm": None}
 VARIANTS: dict[str, dict] = {
     "default": {},
     "old_default": OLD,
@@ -85,12 +87,28 @@ VARIANTS: dict[str, dict] = {
     "balance_loss_f1": {**OLD, "class_balance": "loss", "monitor": "val_macro_f1"},
     "legacy_balance_loss": {**OLD, "class_balance": "loss"},  # torch's weighted CE, as before the fix
     "sampler": {**OLD, "class_balance": "sampler"},
-    "ls0_head_lr_1": {"label_smoothing": 0.0, "head_lr_mult": 1.0},  # = the new default
+    "ls0_head_lr_1": PREVIOUS,
     "no_smoothing_balance_loss": {**OLD, "label_smoothing": 0.0, "class_balance": "loss"},
-    "ls0_head_lr_1_balance_loss": {"label_smoothing": 0.0, "head_lr_mult": 1.0, "class_balance": "loss"},
+    "ls0_head_lr_1_balance_loss": {**PREVIOUS, "class_balance": "loss"},
     # fine-tuning starts from the probe fitted with the same class-weighted loss (probe_balanced)
-    "balanced_start_ls0_head_lr_1_balance_loss": {"label_smoothing": 0.0, "head_lr_mult": 1.0,
-                                                  "class_balance": "loss"},
+    "balanced_start_ls0_head_lr_1_balance_loss": {**PREVIOUS, "class_balance": "loss"},
+    # gradient clipping (the class_balance fix): the default (auto) clips at 2 only with class_balance: loss
+    "no_clip": {"grad_clip_norm": None},
+    "clip_1": {"grad_clip_norm": 1.0},
+    "clip_2": {"grad_clip_norm": 2.0},
+    "clip_5": {"grad_clip_norm": 5.0},
+    "clip_10": {"grad_clip_norm": 10.0},
+    "clip_5_balance_loss": {"grad_clip_norm": 5.0, "class_balance": "loss"},
+    "clip_10_balance_loss": {"grad_clip_norm": 10.0, "class_balance": "loss"},
+    "default_balance_loss": {"class_balance": "loss"},
+    "default_balance_loss_f1": {"class_balance": "loss", "monitor": "val_macro_f1"},
+    "default_sampler": {"class_balance": "sampler"},
+    "clip_2_sampler": {"grad_clip_norm": 2.0, "class_balance": "sampler"},
+    "clip_2_balance_loss_f1": {"grad_clip_norm": 2.0, "class_balance": "loss", "monitor": "val_macro_f1"},
+    "no_clip_balance_loss": {"grad_clip_norm": None, "class_balance": "loss"},
+    "no_clip_sampler": {"grad_clip_norm": None, "class_balance": "sampler"},
+    "default_bn_train": {"batchnorm": "train"},
+    "default_freeze_2": {"freeze_layers": 2},
 }
 
 
@@ -204,6 +222,13 @@ def legacy_weighted_loss(params: FinetuneParams, weights):
     return loss
 
 
+def cached_pixels(data: dict, config) -> dict[str, torch.Tensor]:
+    """Each split's images as the cache stage stores them (uint8 [N, 3, S, S]), for the batch transforms."""
+    geometry = cache_geometry(config)
+    return {split: torch.stack([torch.from_numpy(to_cache_form(image, geometry)).permute(2, 0, 1)
+                                for image in data[split][0]]) for split in ("train", "val", "test") if split in data}
+
+
 def run_dataset(name: str, args) -> dict:
     out = args.out_dir / f"recipe-{name}.json"
     results = json.loads(out.read_text()) if out.is_file() and args.append else {}
@@ -211,10 +236,7 @@ def run_dataset(name: str, args) -> dict:
     data = load_dataset(name, args)
     classes = data["classes"]
     loaded = load_backbone("efficientnet_lite0", "imagenet", args.image_size)
-    # The images as the cache stage stores them, then evaluation's batch transform (as the pipeline does).
-    geometry = cache_geometry(loaded.data_config)
-    pixels = {split: torch.stack([torch.from_numpy(to_cache_form(image, geometry)).permute(2, 0, 1)
-                                  for image in data[split][0]]) for split in ("train", "val", "test")}
+    pixels = cached_pixels(data, loaded.data_config)
     evaluate_tf = eval_batch_transform(loaded.data_config)
     sets = {split: ImageDataset(pixels[split], data[split][1], batch_transform=evaluate_tf)
             for split in ("train", "val", "test")}
@@ -244,6 +266,7 @@ def run_dataset(name: str, args) -> dict:
     results["info"] = info
     for variant in args.variants:
         overrides = {**VARIANTS[variant], "epochs": args.epochs}
+        freeze_layers = overrides.pop("freeze_layers", args.freeze_layers)
         params = FinetuneParams(**overrides)
         model = Classifier(copy.deepcopy(loaded.backbone), len(classes))
         start_probe = "probe_balanced" if variant.startswith("balanced_start") else "probe"
@@ -264,7 +287,7 @@ def run_dataset(name: str, args) -> dict:
             finetune_module.make_loss = legacy_weighted_loss
         began = time.time()
         try:
-            result = fine_tune(model, args.freeze_layers, train_set, sets["val"], params, 0, CPU,
+            result = fine_tune(model, freeze_layers, train_set, sets["val"], params, 0, CPU,
                                on_epoch=keep_best_tuned, start_train=probe_train)
         finally:
             finetune_module.make_loss = original

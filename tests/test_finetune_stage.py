@@ -30,7 +30,7 @@ def project(tmp_path: Path, **overrides) -> Path:
     images = write_image_folder(tmp_path / "images", {"cat": 14, "dog": 14, "fox": 14})
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("src", "stages", "assets"):
+    for name in ("src", "stages", "assets", "weights"):
         shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -18,7 +18,7 @@ from transfer.models.heads import (
     load_feature_head,
     save_feature_head,
 )
-from transfer.train.probe import fit_feature_head
+from transfer.train.probe import GRID_PATIENCE, fit_feature_head
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,12 @@ def test_each_kind_chooses_on_val_and_round_trips_through_its_file(kind, digits,
     seen = []
     fitted = fit_feature_head(kind, train, val, seed=0, on_epoch=seen.append)
     spec = FEATURE_HEADS[kind]
-    assert [row[spec.hyperparameter] for row in fitted.history] == list(spec.grid) and seen == fitted.history
+    tried = [row[spec.hyperparameter] for row in fitted.history]
+    assert tried == list(spec.grid[:len(tried)]) and seen == fitted.history
     best = max(row["val_acc"] for row in fitted.history)
+    if len(tried) < len(spec.grid):  # the search stopped: the last GRID_PATIENCE values did not beat the best
+        assert all(row["val_acc"] <= best for row in fitted.history[-GRID_PATIENCE:])
+        assert fitted.best_epoch == len(tried) - GRID_PATIENCE
     assert fitted.history[fitted.best_epoch - 1]["val_acc"] == best
     assert fitted.chosen == spec.grid[fitted.best_epoch - 1]
     logits = head_logits(fitted.estimator, test.features.numpy(), kind)
@@ -75,3 +79,20 @@ def test_a_head_file_with_code_is_refused(tmp_path):
         load_feature_head(path)
     with pytest.raises(HeadFileError, match="not found"):
         load_feature_head(tmp_path / "missing.skops")
+
+
+def test_train_scores_use_a_fixed_sample_of_large_training_sets(digits, monkeypatch):
+    from transfer.train import probe
+
+    train, val, _ = digits
+    monkeypatch.setattr(probe, "TRAIN_SCORE_ROWS", 100)
+    sample = probe._score_sample(train, seed=0)
+    assert len(sample.labels) == 100 and torch.equal(probe._score_sample(train, seed=0).features, sample.features)
+    rows = {tuple(row.tolist()) for row in train.features}
+    assert all(tuple(row.tolist()) in rows for row in sample.features)
+    # The history's train accuracy is the train-only fit's on those rows.
+    fitted = fit_feature_head("bayes", train, val, seed=0)
+    spec = FEATURE_HEADS["bayes"]
+    train_only = spec.build(spec.grid[0], 0).fit(train.features.numpy(), train.labels.numpy())
+    expected = (train_only.predict(sample.features.numpy()) == sample.labels.numpy()).mean()
+    assert fitted.history[0]["train_acc"] == pytest.approx(expected)

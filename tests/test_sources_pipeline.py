@@ -21,7 +21,7 @@ def stage_copy(tmp_path: Path, data: dict) -> Path:
     """A temporary copy of the repository's code and params, with `data:` replaced."""
     copy = tmp_path / "repo"
     copy.mkdir()
-    for name in ("src", "stages", "assets"):
+    for name in ("src", "stages", "assets", "weights"):
         shutil.copytree(REPO / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(REPO / name, copy / name)

