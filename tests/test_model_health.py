@@ -307,14 +307,14 @@ def test_class_balance_and_warning_threshold():
     assert not balanced["imbalance_warning"] and imbalance_message(balanced) is None
 
 
-def test_download_reports_class_counts_and_warns_on_imbalance(tmp_path: Path, capsys):
+def test_download_reports_class_counts_and_warns_on_imbalance(tmp_path: Path, caplog):
     images = write_image_folder(tmp_path / "images", {"common": 28, "rare": 2}, size=8)
     raw = tmp_path / "repo" / "data" / "raw"
     materialise({"source": "folder", "path": str(images), "imbalance_warning": 5.0}, raw, tmp_path / "repo")
     report = json.loads((raw / "data_report.json").read_text())
     assert report["class_counts"] == {"common": 28, "rare": 2} and report["imbalance_ratio"] == 14
     assert report["imbalance_warning"] is True
-    out = capsys.readouterr().out
-    assert "warning: classes are imbalanced, 14.0:1" in out and "class_balance: loss" in out
+    assert "warning: classes are imbalanced, 14.0:1" in caplog.text and "class_balance: loss" in caplog.text
+    caplog.clear()
     materialise({"source": "folder", "path": str(images), "imbalance_warning": 20.0}, raw, tmp_path / "repo")
-    assert "imbalanced" not in capsys.readouterr().out
+    assert "imbalanced" not in caplog.text

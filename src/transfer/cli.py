@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from transfer import __version__
-from transfer.pipeline.errors import UserError
+from transfer.pipeline.errors import UserError, configure_logging
 
 # Modules with a `register(subparsers)` function, in the order `transfer --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = ("transfer.evaluate.predict", "transfer.models.registry", "transfer.models.export",
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

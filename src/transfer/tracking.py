@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import math
 import os
 import shutil
@@ -41,6 +42,8 @@ from mlflow.tracking import MlflowClient
 
 from transfer.pipeline.errors import UserError
 from transfer.pipeline.runtime import single_threaded
+
+log = logging.getLogger(__name__)
 
 # Seconds a writer waits for SQLite's lock before giving up; queue workers only hold it for milliseconds.
 SQLITE_BUSY_TIMEOUT = 120
@@ -250,7 +253,7 @@ def model_run(experiment: str, digest: str) -> Iterator[str]:
         with reopen_run(found[0].info.run_id, experiment) as run_id:
             yield run_id
         return
-    print(f"mlflow: no run of experiment {experiment!r} trained this model; recording the evaluation in a new run")
+    log.info(f"mlflow: no run of experiment {experiment!r} trained this model; recording the evaluation in a new run")
     with mlflow.start_run(experiment_id=experiment_id, tags={MODEL_DIGEST_TAG: digest}) as run, \
             _killed_on_interrupt(run.info.run_id):
         yield run.info.run_id

@@ -27,6 +27,7 @@ applies the :class:`~transfer.data_report.Policy`, and writes ``index.csv`` and
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import shutil
 import string
@@ -45,6 +46,8 @@ from transfer.pipeline.errors import UserError
 from transfer.data.fetch import ArchiveLimits, default_cache_dir, fetch_archive
 from transfer.pipeline.files import write_csv, write_json
 from transfer.data.images import ImageError, is_image_file, probe_image
+
+log = logging.getLogger(__name__)
 
 INDEX_COLUMNS = ["path", "label", "subset"]
 INDEX_FILE = "index.csv"
@@ -648,13 +651,19 @@ def materialise(params: Any, raw_dir: str | os.PathLike, repo_root: str | os.Pat
     if index.empty:
         raise DataError(f"source {name!r} produced no usable image; see {shown_report}")
     write_csv(raw_dir / INDEX_FILE, index)
-    print(f"data: {len(index)} images in {index['label'].nunique()} classes "
-          f"({', '.join(f'{k}={v}' for k, v in summarise(index)['per_subset'].items())}); "
-          f"{report.summary_line()}; report: {shown_report}")
     warning = imbalance_message(balance, warn_above)
     if warning:
-        print(f"data: {warning}")
+        log.warning(f"data: {warning}")
     return index, report
+
+
+def summary_line(index: pd.DataFrame, report: DataReport, raw_dir: str | os.PathLike,
+                 repo_root: str | os.PathLike) -> str:
+    """The download stage's one line: images, classes, subsets, what the report counted and where it is."""
+    report_path = display_path(Path(raw_dir) / REPORT_FILE, Path(repo_root))
+    per_subset = ", ".join(f"{k}={v}" for k, v in summarise(index)["per_subset"].items())
+    return (f"data: {len(index)} images in {index['label'].nunique()} classes ({per_subset}); "
+            f"{report.summary_line()}; report: {report_path}")
 
 
 def _index_in_place(frame: pd.DataFrame, repo_root: Path) -> pd.DataFrame:
