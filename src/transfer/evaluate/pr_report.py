@@ -86,23 +86,22 @@ def workspace_metrics(repo: Path) -> dict[str, Any]:
 
 def confusion_counts(confusion_csv: Path):
     """(counts, class names) from the confusion plot file (path, actual, predicted per test image)."""
-    import numpy as np
     import pandas as pd
+
+    from transfer.evaluate.metrics import confusion
 
     pairs = pd.read_csv(confusion_csv)
     classes = sorted(set(pairs["actual"].astype(str)) | set(pairs["predicted"].astype(str)))
     index = {name: i for i, name in enumerate(classes)}
-    counts = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    for actual, predicted in zip(pairs["actual"].astype(str), pairs["predicted"].astype(str)):
-        counts[index[actual], index[predicted]] += 1
-    return counts, classes
+    return confusion(pairs["actual"].astype(str).map(index), pairs["predicted"].astype(str).map(index),
+                     len(classes)), classes
 
 
 def render_plots(repo: Path, out_dir: Path) -> list[tuple[str, str]]:
     """Learning curves and confusion matrix as PNGs in out_dir; returns (title, file name) of each drawn."""
     import pandas as pd
 
-    from transfer.evaluate.diagnostics import plot_confusion_matrix, plot_learning_curves
+    from transfer.evaluate.plots import plot_confusion_matrix, plot_learning_curves
 
     drawn = []
     if (repo / HISTORY_FILE).is_file():
