@@ -18,7 +18,8 @@ from PIL import Image
 
 from test_fetch import ArchiveServer, digest
 from transfer.data.report import DataError, Policy
-from transfer.data.sources import SourceError, detect_layout, materialise, read_idx, summary_line
+from transfer.data.scan import detect_layout
+from transfer.data.sources import SourceError, materialise, read_idx, summary_line
 
 
 def png(path: Path, seed: int, mode: str = "RGB", size: tuple[int, int] = (12, 10)) -> Path:
@@ -268,6 +269,6 @@ def test_torchvision_source_reads_local_root_offline(repo: Path, tmp_path: Path)
 
 
 def test_policy_validation() -> None:
-    assert Policy.from_mapping(None) == Policy("skip", "fail", "skip")
-    with pytest.raises(ValueError, match="must be 'skip' or 'fail'"):
-        Policy.from_mapping({"bad_files": "ignore"})
+    assert Policy.model_validate({}) == Policy(bad_files="skip", label_issues="fail", duplicates="skip")
+    with pytest.raises(ValueError, match="should be 'skip' or 'fail'"):
+        Policy.model_validate({"bad_files": "ignore"})
