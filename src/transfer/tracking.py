@@ -41,6 +41,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from transfer.pipeline.errors import UserError
+from transfer.pipeline.params import flatten_dict
 from transfer.pipeline.runtime import single_threaded
 
 log = logging.getLogger(__name__)
@@ -268,16 +269,8 @@ def log_epoch(row: dict[str, Any]) -> None:
 
 def log_metrics(metrics: dict[str, Any], prefix: str = "") -> None:
     """Log a (possibly nested) metrics dict under dotted keys; non-numbers are skipped."""
-    flat: dict[str, float] = {}
-
-    def walk(key: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for inner_key, inner in value.items():
-                walk(f"{key}.{inner_key}" if key else str(inner_key), inner)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[key] = float(value)
-
-    walk(prefix, metrics)
+    flat = {key: float(value) for key, value in flatten_dict(metrics, prefix).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
     # MLflow metric keys allow only alphanumerics and _-. /; class names may have others.
     mlflow.log_metrics({"".join(c if c.isalnum() or c in "_-./ " else "_" for c in k): v for k, v in flat.items()})
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from transfer.pipeline.errors import UserError
+from transfer.pipeline.params import flatten_dict
 
 # Short name -> dotted key in the merged metrics files (reports/metrics.json, reports/train.json).
 KEY_METRICS: dict[str, str] = {"test_acc": "accuracy", "test_f1": "macro_f1", "val_acc": "val_acc",
@@ -41,22 +42,11 @@ class ExperimentRow:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{dotted}."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
 def _merged(files: dict[str, Any] | None) -> dict[str, Any]:
     """The `data` of every params or metrics file of one revision, flattened into one dict."""
     merged: dict[str, Any] = {}
     for content in (files or {}).values():
-        merged.update(flatten((content or {}).get("data") or {}))
+        merged.update(flatten_dict((content or {}).get("data") or {}))
     return merged
 
 

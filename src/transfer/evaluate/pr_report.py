@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from transfer.evaluate.compare import KEY_METRICS, flatten
+from transfer.evaluate.compare import KEY_METRICS
+from transfer.pipeline.params import flatten_dict
 from transfer.pipeline.errors import UserError
 from transfer.pipeline.files import write_text
 from transfer.pipeline.layout import REPORTS_DIR
@@ -80,7 +81,7 @@ def workspace_metrics(repo: Path) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for name in (KEY_TRAIN_FILE, KEY_METRICS_FILE):
         if (repo / name).is_file():
-            merged.update(flatten(json.loads((repo / name).read_text())))
+            merged.update(flatten_dict(json.loads((repo / name).read_text())))
     return merged
 
 

@@ -17,7 +17,7 @@ which a change of that value re-runs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Mapping, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
@@ -484,19 +484,21 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(raw, source=str(path))
 
 
+def flatten_dict(tree: Mapping[str, Any], prefix: str = "", keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A nested mapping as one level of dotted keys (`head.lr`, `fit.verdict`); the keys in `keep` stay one value."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and name not in keep:
+            flat.update(flatten_dict(value, name, keep))
+        else:
+            flat[name] = value
+    return flat
+
+
 def flatten(params: Params) -> dict[str, Any]:
     """Dotted keys (`head.lr`), the names `dvc exp run -S` and the MLflow UI use.
 
     `tune.space` stays one value: its own keys are dotted keys of other params.
     """
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict) and prefix != "tune.space":
-            for key, inner in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, inner)
-        else:
-            flat[prefix] = value
-
-    walk("", params.model_dump())
-    return flat
+    return flatten_dict(params.model_dump(), keep=("tune.space",))
