@@ -127,13 +127,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "compare", help="the experiments side by side: changed params and key metrics",
-        description="The workspace, HEAD and its DVC experiments (queued, failed ones too) with the params that "
-                    "differ between them and the key metrics, best first. Built from `dvc exp show --json`.")
+# The `transfer compare` command (transfer.cli builds its parser from these and `add_arguments`).
+COMMAND = "compare"
+COMMAND_HELP = "the experiments side by side: changed params and key metrics"
+COMMAND_DESCRIPTION = ("The workspace, HEAD and its DVC experiments (queued, failed ones too) with the params that "
+                       "differ between them and the key metrics, best first. Built from `dvc exp show --json`.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sort-by", default=DEFAULT_SORT,
                         help=f"a key metric ({', '.join(KEY_METRICS)}) or a param key (default {DEFAULT_SORT})")
     parser.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not HEAD's")
     parser.add_argument("--repo", default=".", help="the repository (default: here)")
-    parser.set_defaults(func=run)

@@ -143,12 +143,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "report", help="markdown report of this branch against a base revision (what CI posts on a PR)",
-        description="Key metrics, changed metrics and params (dvc metrics/params diff) against --base, and the "
-                    "learning curves and confusion matrix as images, in reports/pr/report.md.")
+# The `transfer report` command (transfer.cli builds its parser from these and `add_arguments`).
+COMMAND = "report"
+COMMAND_HELP = "markdown report of this branch against a base revision (what CI posts on a PR)"
+COMMAND_DESCRIPTION = ("Key metrics, changed metrics and params (dvc metrics/params diff) against --base, and the "
+                       "learning curves and confusion matrix as images, in reports/pr/report.md.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default="main", help="the revision to compare with (default: main)")
     parser.add_argument("--repo", default=".", help="the repository (default: here)")
     parser.add_argument("--out", default=None, help="output folder (default: reports/pr under the repository)")
-    parser.set_defaults(func=run)
