@@ -2,21 +2,21 @@
 
 Public API:
 
-* :func:`sha256_of` - hex sha256 of a file, streamed.
-* :func:`fetch_archive` - download (with progress and HTTP Range resume) into a
+* `sha256_of` - hex sha256 of a file, streamed.
+* `fetch_archive` - download (with progress and HTTP Range resume) into a
   cache, verify the sha256, unpack a .zip / .tar.gz / .tgz / .tar into
-  ``dest_dir`` atomically, and return ``dest_dir``.
+  `dest_dir` atomically, and return `dest_dir`.
 
-Why a cache outside the repository: a half-downloaded ``.part`` file must
+Why a cache outside the repository: a half-downloaded `.part` file must
 survive an interrupted run (so the next run resumes) but must never land in a
-DVC-tracked output folder. The cache lives in ``$TRANSFER_CACHE_DIR`` or
-``$XDG_CACHE_HOME/transfer/downloads`` (``~/.cache/transfer/downloads``).
+DVC-tracked output folder. The cache lives in `$TRANSFER_CACHE_DIR` or
+`$XDG_CACHE_HOME/transfer/downloads` (`~/.cache/transfer/downloads`).
 
 Failure modes are explicit errors, never a silently wrong data set:
-:class:`ChecksumMismatchError` (says expected, actual and the URL),
-:class:`DownloadError` (network / HTTP problems after retries),
-:class:`UnsafeArchiveError` (a member would escape ``dest_dir``) and
-:class:`ArchiveTooLargeError` (more bytes, files or compression than :class:`ArchiveLimits` allow; the
+`ChecksumMismatchError` (says expected, actual and the URL),
+`DownloadError` (network / HTTP problems after retries),
+`UnsafeArchiveError` (a member would escape `dest_dir`) and
+`ArchiveTooLargeError` (more bytes, files or compression than `ArchiveLimits` allow; the
 sizes come from the member headers, which zipfile and tarfile hold each member to, and are checked
 before anything is written).
 """

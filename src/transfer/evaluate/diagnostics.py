@@ -68,24 +68,24 @@ def write_run_diagnostics(
     selection: Mapping | None = None,
     train_counts: Mapping[str, int] | None = None,
 ) -> tuple[dict, list[Path]]:
-    """Write every diagnostic of one run under ``out_dir``; return (metrics, files).
+    """Write every diagnostic of one run under `out_dir`; return (metrics, files).
 
-    ``metrics`` is nested (``fit``, ``topk``, and ``weight_change`` when
-    given) for the evaluate stage's metrics file; ``files`` are the
-    PNGs, CSVs and the self-contained ``report.html`` to log to the run.
-    ``load_image(path)`` is called only for the mistakes drawn (at most
-    ``max_mistakes``), so the cost does not grow with the test set.
-    ``summary`` adds the stage's own metrics (accuracy, macro-F1) to the
+    `metrics` is nested (`fit`, `topk`, and `weight_change` when
+    given) for the evaluate stage's metrics file; `files` are the
+    PNGs, CSVs and the self-contained `report.html` to log to the run.
+    `load_image(path)` is called only for the mistakes drawn (at most
+    `max_mistakes`), so the cost does not grow with the test set.
+    `summary` adds the stage's own metrics (accuracy, macro-F1) to the
     report's summary table.
 
-    ``features`` are the pretrained backbone's test features (the cache);
-    ``model_features`` the evaluated model's own (a fine-tuned backbone's;
+    `features` are the pretrained backbone's test features (the cache);
+    `model_features` the evaluated model's own (a fine-tuned backbone's;
     None for a linear probe, whose features are the cached ones). Their
-    comparison detects collapsed features; with ``selection`` (the train
-    stage's reports/train.json) and ``train_counts`` (training images per
-    class) the verdict (``fit.verdict``) names every problem found and the
-    report says what to try next (see ``model_problems``); the numbers go
-    to ``metrics["health"]``.
+    comparison detects collapsed features; with `selection` (the train
+    stage's reports/train.json) and `train_counts` (training images per
+    class) the verdict (`fit.verdict`) names every problem found and the
+    report says what to try next (see `model_problems`); the numbers go
+    to `metrics["health"]`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

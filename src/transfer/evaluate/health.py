@@ -30,10 +30,10 @@ def fit_diagnosis(
 ) -> dict:
     """Return the over/under-fitting verdict of a run, with its evidence.
 
-    Numeric entries (sortable in ``dvc exp show`` and the MLflow UI):
-    ``train_val_gap`` (train minus val accuracy), ``val_test_gap`` (val minus
-    test accuracy), ``val_train_loss_gap`` (val minus train loss),
-    ``overfitting`` and ``underfitting`` (0/1). ``verdict`` is a string.
+    Numeric entries (sortable in `dvc exp show` and the MLflow UI):
+    `train_val_gap` (train minus val accuracy), `val_test_gap` (val minus
+    test accuracy), `val_train_loss_gap` (val minus train loss),
+    `overfitting` and `underfitting` (0/1). `verdict` is a string.
     Underfitting wins when both hold: a model that has not fit its training
     set has a gap for other reasons than memorisation.
     """
@@ -155,10 +155,10 @@ def model_problems(
 ) -> tuple[dict, list[dict]]:
     """Detect what is wrong beyond the train-val gap; returns (health metrics, findings).
 
-    ``features`` is ``feature_health`` of the model's test features (None: the model uses the pretrained
-    features, as a linear probe does); ``selection`` is the train stage's reports/train.json
-    (``kept_start`` 1: no fine-tuning epoch beat the probe it started from); ``train_counts`` the
-    training images per class, quoted in the advice. Each finding is ``{problem, evidence, advice}``,
+    `features` is `feature_health` of the model's test features (None: the model uses the pretrained
+    features, as a linear probe does); `selection` is the train stage's reports/train.json
+    (`kept_start` 1: no fine-tuning epoch beat the probe it started from); `train_counts` the
+    training images per class, quoted in the advice. Each finding is `{problem, evidence, advice}`,
     most severe first; the health metrics are numbers (0/1 flags and counts) for DVC and MLflow.
     """
     limits = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
@@ -220,7 +220,7 @@ def verdict_of(findings: Sequence[Mapping]) -> str:
 def selected_epoch_row(history: pd.DataFrame, best_epoch: int | None = None) -> pd.Series:
     """The history row of the model being evaluated.
 
-    ``best_epoch`` when given; otherwise the best validation accuracy within
+    `best_epoch` when given; otherwise the best validation accuracy within
     the last phase, which is the epoch the training loop keeps (first one on
     ties, as it only replaces the best on a strict improvement).
     """

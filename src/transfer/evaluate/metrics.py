@@ -106,9 +106,9 @@ def per_class_table(
 ) -> pd.DataFrame:
     """Per-class precision, recall, F1, support and one-vs-rest accuracy.
 
-    ``one_vs_rest_accuracy`` is the binary accuracy of "is it this class?",
+    `one_vs_rest_accuracy` is the binary accuracy of "is it this class?",
     (TP+TN)/N, high for any small class; the share of a class's own images
-    classified right is its ``recall`` (the name metrics.json uses too).
+    classified right is its `recall` (the name metrics.json uses too).
     Classes never predicted or absent get 0 rather than a warning.
     """
     labels = np.arange(len(class_names))
@@ -133,7 +133,7 @@ def per_class_table(
 def top_k_accuracies(
     y_true: np.ndarray, probs: np.ndarray, ks: Iterable[int] = (1, 3, 5)
 ) -> dict[str, float]:
-    """Top-k accuracy as ``{"top{k}_accuracy": value}`` for each k < classes.
+    """Top-k accuracy as `{"top{k}_accuracy": value}` for each k < classes.
 
     k >= number of classes is skipped: it is always 1 and says nothing.
     """
@@ -150,7 +150,7 @@ def top_k_accuracies(
 
 
 def most_confident_mistakes(y_true: np.ndarray, probs: np.ndarray, n: int = 16) -> np.ndarray:
-    """Indices of up to ``n`` wrong predictions, most confident first."""
+    """Indices of up to `n` wrong predictions, most confident first."""
     probs = np.asarray(probs)
     y_pred = probs.argmax(axis=1)
     wrong = np.flatnonzero(y_pred != np.asarray(y_true))

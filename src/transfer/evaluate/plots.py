@@ -46,9 +46,9 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
-    """Save ``figure`` as a PNG at ``path`` atomically; return the path.
+    """Save `figure` as a PNG at `path` atomically; return the path.
 
-    No ``bbox_inches="tight"``: the saved pixels then match the figure's own
+    No `bbox_inches="tight"`: the saved pixels then match the figure's own
     coordinates, which lets tests find a cell of a plot in the PNG.
     """
     with atomic_path(path) as tmp:
@@ -107,7 +107,7 @@ def plot_confusion_matrix(
 
 
 def _epoch_axis(history: pd.DataFrame) -> np.ndarray:
-    """x values: ``epoch`` if it increases through the phases, else 1..rows."""
+    """x values: `epoch` if it increases through the phases, else 1..rows."""
     epochs = history["epoch"].to_numpy() if "epoch" in history else None
     if epochs is not None and len(epochs) and np.all(np.diff(epochs) > 0):
         return epochs
@@ -159,7 +159,7 @@ def plot_learning_curves(history: pd.DataFrame, path: str | os.PathLike) -> Figu
 
 
 def grad_norm_frame(history: pd.DataFrame) -> pd.DataFrame:
-    """The ``grad_norm/<group>`` columns of a history, renamed to the groups."""
+    """The `grad_norm/<group>` columns of a history, renamed to the groups."""
     columns = [c for c in history.columns if str(c).startswith(GRAD_NORM_PREFIX)]
     frame = history[columns].rename(columns=lambda c: c[len(GRAD_NORM_PREFIX):])
     frame.index = _epoch_axis(history)
@@ -173,8 +173,8 @@ def plot_layer_movement(
 ) -> Figure:
     """Relative weight change per group (bars) and gradient norm per epoch.
 
-    ``grad_norms`` has one row per epoch and one column per group (the
-    ``grad_norm/`` prefix of history columns is accepted and dropped).
+    `grad_norms` has one row per epoch and one column per group (the
+    `grad_norm/` prefix of history columns is accepted and dropped).
     Zero norms (frozen groups, epochs before a group was unfrozen) are left
     off the log-scale line plot.
     """
@@ -284,9 +284,9 @@ def _first_tensor(output) -> torch.Tensor | None:
 def image_batch(
     paths: Sequence[str], load_image, transform, size: int = 8
 ) -> torch.Tensor:
-    """The first ``size`` images of ``paths`` as one transformed batch.
+    """The first `size` images of `paths` as one transformed batch.
 
-    ``load_image(path)`` returns a PIL image; ``transform`` takes a uint8 CHW
+    `load_image(path)` returns a PIL image; `transform` takes a uint8 CHW
     tensor (the pipeline's eval transform). Decoding only these few images
     keeps the activation histograms cheap whatever the test set's size.
     """
@@ -302,9 +302,9 @@ def collect_group_activations(
 ) -> dict[str, np.ndarray]:
     """Flattened output values of every backbone group for one batch.
 
-    Forward hooks record each group's output during one ``model.backbone``
+    Forward hooks record each group's output during one `model.backbone`
     pass in eval mode (no grad); large outputs are subsampled to
-    ``max_values`` with a fixed seed to keep the histograms cheap and
+    `max_values` with a fixed seed to keep the histograms cheap and
     reproducible. The model's train/eval mode is restored afterwards.
     """
     captured: dict[str, np.ndarray] = {}
@@ -341,7 +341,7 @@ def collect_group_activations(
 def plot_activation_histograms(
     model: torch.nn.Module, batch: torch.Tensor, path: str | os.PathLike
 ) -> Figure:
-    """One histogram per backbone group of its activations on ``batch``.
+    """One histogram per backbone group of its activations on `batch`.
 
     Each title carries the mean, standard deviation and share of exact
     zeros (dead ReLUs show up there).
@@ -384,10 +384,10 @@ def plot_mistakes(
     path: str | os.PathLike,
     n: int = 16,
 ) -> Figure:
-    """A grid of up to ``n`` misclassified images, each titled true/pred/prob.
+    """A grid of up to `n` misclassified images, each titled true/pred/prob.
 
-    Pass the images already ordered (see ``most_confident_mistakes``); only
-    the first ``n`` are drawn. With no mistakes the PNG says so.
+    Pass the images already ordered (see `most_confident_mistakes`); only
+    the first `n` are drawn. With no mistakes the PNG says so.
     """
     count = min(n, len(images))
     cols = max(1, min(4, count))

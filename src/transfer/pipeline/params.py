@@ -36,7 +36,7 @@ class Section(BaseModel):
 
 
 class DataPolicyParams(Section):
-    """Fail or skip, per group of data problems (see transfer.data_report for the kinds)."""
+    """Fail or skip, per group of data problems (see transfer.data.report for the kinds)."""
 
     bad_files: Literal["skip", "fail"] = Field(
         "skip", description="corrupt, truncated, empty, unreadable, oversized; symlinks out of the source or "

@@ -112,7 +112,7 @@ class Checkpointer:
 
 
 def training_fingerprint(params, data_hash: str) -> str:
-    """Fingerprint of a train-stage configuration (transfer.params.Params) on data with `data_hash`."""
+    """Fingerprint of a train-stage configuration (transfer.pipeline.params.Params) on data with `data_hash`."""
     finetune = {key: value for key, value in params.finetune.model_dump().items() if key not in RUNTIME_KEYS}
     backbones = params.backbone if isinstance(params.backbone, list) else [params.backbone]
     shaping = {"backbone": [b.model_dump() for b in backbones], "layers": params.features.layers,
