@@ -41,6 +41,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from transfer.pipeline.errors import UserError
+from transfer.pipeline.params import DataParams
 
 CHUNK_SIZE = 1 << 20
 # Attempts per fetch; each attempt after the first resumes the .part file.
@@ -79,11 +80,12 @@ class ArchiveTooLargeError(FetchError):
 
 @dataclass(frozen=True)
 class ArchiveLimits:
-    """What an archive may unpack to (data.archive_max_bytes, data.archive_max_files, data.archive_max_ratio)."""
+    """What an archive may unpack to (data.archive_max_bytes, data.archive_max_files, data.archive_max_ratio;
+    the defaults are the schema's)."""
 
-    max_bytes: int = 50 * 1024**3
-    max_files: int = 2_000_000
-    max_ratio: float = 100.0  # unpacked bytes per archive byte; image archives are close to 1
+    max_bytes: int = DataParams.model_fields["archive_max_bytes"].default
+    max_files: int = DataParams.model_fields["archive_max_files"].default
+    max_ratio: float = DataParams.model_fields["archive_max_ratio"].default  # unpacked bytes per archive byte
 
 
 # Below this many unpacked bytes the ratio is not checked: a small archive of text may compress 1000x
