@@ -124,11 +124,11 @@ def bench_model(name: str, args, device: torch.device, workdir: Path) -> dict:
     row["features_ceiling_img_s"] = forward_ceiling(loaded.backbone, batch, device, args.steps, args.compile)
 
     # Fine-tuning: one epoch over the cache, validation on one batch.
-    sample_transform, batch_transform = train_transforms(config, "none", 0.35, 0.5)
-    train_data = ImageDataset(images, labels, batch_transform=batch_transform, sample_transform=sample_transform)
-    val_data = eval_data.subset(range(args.batch_size))
     recipe = FinetuneParams(epochs=1, batch_size=args.batch_size, num_workers=args.workers, compile=args.compile,
                             warmup_epochs=0.0, lr=1e-3)
+    sample_transform, batch_transform = train_transforms(config, "none", recipe.crop_min_scale, recipe.hflip)
+    train_data = ImageDataset(images, labels, batch_transform=batch_transform, sample_transform=sample_transform)
+    val_data = eval_data.subset(range(args.batch_size))
     model = Classifier(load_backbone(name, "none", args.image_size).backbone, 10)
     fine_tune(model, 0, train_data.subset(range(2 * args.batch_size)), val_data, recipe, 0, device)  # warm-up
     seconds = timed(lambda: fine_tune(model, 0, train_data, val_data, recipe, 0, device), device)

@@ -54,7 +54,7 @@ from transfer.data.images import load_rgb  # noqa: E402
 from transfer.data.sources import materialise, read_idx  # noqa: E402
 from transfer.data.split import stratified_split  # noqa: E402
 from transfer.data.transforms import eval_batch_transform, train_transforms  # noqa: E402
-from transfer.evaluate.diagnostics import feature_health  # noqa: E402
+from transfer.evaluate.health import feature_health  # noqa: E402
 from transfer.features import FeatureCache, extract_features  # noqa: E402
 from transfer.models.backbones import Classifier, load_backbone  # noqa: E402
 from transfer.pipeline.params import FinetuneParams, HeadParams  # noqa: E402

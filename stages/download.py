@@ -12,12 +12,13 @@ from pathlib import Path
 from transfer.pipeline.errors import run_stage
 from transfer.pipeline.layout import RAW_DIR
 from transfer.pipeline.params import load_params
-from transfer.data.sources import materialise
+from transfer.data.sources import materialise, summary_line
 
 
 def main() -> None:
     params = load_params()
-    materialise(params.data, RAW_DIR, Path.cwd())
+    index, report = materialise(params.data, RAW_DIR, Path.cwd())
+    print(summary_line(index, report, RAW_DIR, Path.cwd()))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from PIL import Image
 from transfer import tracking
 from transfer.models.saved import SavedModel, load_model, model_digest
 from transfer.data.datasets import load_split_dataset
-from transfer.evaluate.diagnostics import image_batch, write_run_diagnostics
+from transfer.evaluate.diagnostics import write_run_diagnostics
+from transfer.evaluate.plots import image_batch
 from transfer.pipeline.errors import run_stage
 from transfer.evaluate.metrics import classification_metrics, confusion_pairs, predict_logits_and_features
 from transfer.features import load_feature_cache

@@ -45,9 +45,9 @@ from transfer.train.layer_stats import relative_weight_change
 from transfer.pipeline.layout import (
     CACHE_DIR,
     CHECKPOINT_DIR,
+    DATA_REPORT_FILE,
     FEATURES_DIR,
     MODEL_DIR,
-    RAW_DIR,
     REPORTS_DIR,
     SPLIT_DIR,
 )
@@ -123,7 +123,7 @@ def train(params: Params, context: DistContext) -> None:
     with run as run_id:
         if saved is None and context.is_main:
             # What the download stage skipped or ignored, and why (see transfer.data_report).
-            tracking.log_artifacts([RAW_DIR / "data_report.json"], artifact_path="data")
+            tracking.log_artifacts([DATA_REPORT_FILE], artifact_path="data")
         feature_head = None
         if saved is not None:
             history, best_epoch = saved["extra"]["probe_history"], saved["extra"]["probe_best_epoch"]

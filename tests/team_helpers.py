@@ -1,4 +1,4 @@
-"""Helpers of the team-workflow tests: a small real git + DVC project, a project copy, an MLflow server.
+"""Helpers of the team-workflow tests: a small real git + DVC project and an MLflow server.
 
 The small project has one stage, a Python script that writes the files the real pipeline's evaluate and
 train stages write (reports/metrics.json, train.json, history.csv, confusion.csv) as a function of its
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,8 +18,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DVC = [sys.executable, "-m", "dvc"]
+from project_helpers import DVC, git_env, run
+
 
 SMALL_STAGE = '''
 import json, yaml
@@ -67,24 +66,6 @@ head:
 '''
 
 
-def git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The test process's environment without MLflow/DVC variables, with a git identity, the venv first
-    and this checkout's package importable (`python -m transfer.cli`)."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1",
-               PYTHONPATH=str(REPO_ROOT / "src"),
-               GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@localhost", GIT_COMMITTER_NAME="test",
-               GIT_COMMITTER_EMAIL="test@localhost", **(extra or {}))
-    return env
-
-
-def run(args: list[str], cwd: Path, env: dict, timeout: int = 300) -> str:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{' '.join(map(str, args))} failed ({done.returncode}):\n{output[-4000:]}"
-    return output
-
-
 def small_dvc_project(repo: Path, env: dict) -> Path:
     """A git + DVC repository with one stage and the real pipeline's metrics and plot files, committed."""
     repo.mkdir(parents=True, exist_ok=True)
@@ -96,18 +77,6 @@ def small_dvc_project(repo: Path, env: dict) -> Path:
     run(DVC + ["repro", "-q"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "baseline"], repo, env)
-    return repo
-
-
-def copy_project(repo: Path) -> Path:
-    """This project's files (tracked and new, never ignored ones, no outputs) in `repo`."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO_ROOT, capture_output=True, check=True).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        source = REPO_ROOT / name
-        if source.is_file() and not name.startswith(("data/", "reports/", "mlruns/", "dvc.lock")):
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, repo / name)
     return repo
 
 

@@ -13,7 +13,8 @@ import sys
 import pytest
 from PIL import Image
 
-from team_helpers import DVC, git_env, run, small_dvc_project
+from project_helpers import DVC, git_env, run
+from team_helpers import small_dvc_project
 from transfer.evaluate.compare import CompareError, changed_params, comparison_table, experiment_rows
 
 

@@ -12,7 +12,9 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw
 from sklearn.metrics import accuracy_score, confusion_matrix
 
-from transfer.evaluate import diagnostics as diag
+from transfer.evaluate import diagnostics as diag, health, plots
+from transfer.evaluate import metrics as evaluate_metrics
+from transfer.pipeline.runtime import single_threaded
 from transfer.train import layer_stats
 
 CLASSES = ["cat", "dog", "fox", "owl", "yak", "emu"]
@@ -108,27 +110,27 @@ def history_frame(fine_tune: bool = True) -> pd.DataFrame:
 
 def test_fit_diagnosis_verdicts() -> None:
     thresholds = {"overfit_gap": 0.05, "underfit_acc": 0.6}
-    over = diag.fit_diagnosis(0.99, 0.80, 0.78, 0.05, 0.7, thresholds)
+    over = health.fit_diagnosis(0.99, 0.80, 0.78, 0.05, 0.7, thresholds)
     assert over["verdict"] == "overfitting" and over["overfitting"] == 1 and over["underfitting"] == 0
     assert over["train_val_gap"] == pytest.approx(0.19)
     assert over["val_test_gap"] == pytest.approx(0.02)
     assert over["val_train_loss_gap"] == pytest.approx(0.65)
 
-    under = diag.fit_diagnosis(0.40, 0.38, 0.37, 1.6, 1.7, thresholds)
+    under = health.fit_diagnosis(0.40, 0.38, 0.37, 1.6, 1.7, thresholds)
     assert (under["verdict"], under["underfitting"], under["overfitting"]) == ("underfitting", 1, 0)
 
-    good = diag.fit_diagnosis(0.90, 0.88, 0.87, 0.3, 0.35, thresholds)
+    good = health.fit_diagnosis(0.90, 0.88, 0.87, 0.3, 0.35, thresholds)
     assert (good["verdict"], good["overfitting"], good["underfitting"]) == ("good fit", 0, 0)
     # everything but the verdict is a plain number, so it sorts in dvc exp show
     assert all(isinstance(v, (int, float)) for k, v in good.items() if k != "verdict")
     # a stricter gap threshold flips the same numbers to overfitting
-    assert diag.fit_diagnosis(0.90, 0.88, 0.87, 0.3, 0.35, {"overfit_gap": 0.01})["verdict"] == "overfitting"
+    assert health.fit_diagnosis(0.90, 0.88, 0.87, 0.3, 0.35, {"overfit_gap": 0.01})["verdict"] == "overfitting"
 
 
 def test_per_class_table_matches_definitions(predictions) -> None:
     y_true, probs = predictions
     y_pred = probs.argmax(axis=1)
-    table = diag.per_class_table(y_true, y_pred, CLASSES)
+    table = evaluate_metrics.per_class_table(y_true, y_pred, CLASSES)
     assert list(table.columns) == ["class", "precision", "recall", "f1", "support", "one_vs_rest_accuracy"]
     assert list(table["class"]) == CLASSES
     cm = confusion_matrix(y_true, y_pred, labels=range(len(CLASSES)))
@@ -140,21 +142,21 @@ def test_per_class_table_matches_definitions(predictions) -> None:
         tn = cm.sum() - cm[index].sum() - cm[:, index].sum() + tp
         assert row["one_vs_rest_accuracy"] == pytest.approx((tp + tn) / cm.sum())
     # a class absent from the test set still has its row, with zeros
-    absent = diag.per_class_table(np.array([0, 1, 1]), np.array([0, 1, 0]), ["a", "b", "c"])
+    absent = evaluate_metrics.per_class_table(np.array([0, 1, 1]), np.array([0, 1, 0]), ["a", "b", "c"])
     assert absent.loc[2, ["precision", "recall", "f1", "support"]].tolist() == [0, 0, 0, 0]
 
 
 def test_top_k_accuracies(predictions) -> None:
     y_true, probs = predictions
-    result = diag.top_k_accuracies(y_true, probs)
+    result = evaluate_metrics.top_k_accuracies(y_true, probs)
     assert set(result) == {"top1_accuracy", "top3_accuracy", "top5_accuracy"}
     assert result["top1_accuracy"] == pytest.approx(accuracy_score(y_true, probs.argmax(1)))
     top3 = np.argsort(-probs, axis=1)[:, :3]
     assert result["top3_accuracy"] == pytest.approx(np.mean([t in row for t, row in zip(y_true, top3)]))
     assert result["top1_accuracy"] <= result["top3_accuracy"] <= result["top5_accuracy"] < 1.0
     # k must be below the number of classes: 3 classes keep only top-1
-    assert set(diag.top_k_accuracies(y_true % 3, probs[:, :3])) == {"top1_accuracy"}
-    binary = diag.top_k_accuracies(np.array([0, 1, 1]), np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]]))
+    assert set(evaluate_metrics.top_k_accuracies(y_true % 3, probs[:, :3])) == {"top1_accuracy"}
+    binary = evaluate_metrics.top_k_accuracies(np.array([0, 1, 1]), np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]]))
     assert binary == {"top1_accuracy": pytest.approx(2 / 3)}
 
 
@@ -167,9 +169,9 @@ def test_most_confident_mistakes() -> None:
          [0.2, 0.7, 0.1],     # wrong, 0.7
          [0.1, 0.8, 0.1]],    # right
     )
-    assert diag.most_confident_mistakes(y_true, probs, n=16).tolist() == [2, 3, 1]
-    assert diag.most_confident_mistakes(y_true, probs, n=2).tolist() == [2, 3]
-    assert diag.most_confident_mistakes(y_true[:1], probs[:1], n=4).tolist() == []
+    assert evaluate_metrics.most_confident_mistakes(y_true, probs, n=16).tolist() == [2, 3, 1]
+    assert evaluate_metrics.most_confident_mistakes(y_true, probs, n=2).tolist() == [2, 3]
+    assert evaluate_metrics.most_confident_mistakes(y_true[:1], probs[:1], n=4).tolist() == []
 
 
 def test_relative_weight_change_and_grad_norms() -> None:
@@ -210,17 +212,17 @@ def test_relative_weight_change_and_grad_norms() -> None:
 def test_confusion_plot_draws_sklearn_matrix(tmp_path, predictions) -> None:
     y_true, probs = predictions
     y_pred = probs.argmax(axis=1)
-    cm = diag.confusion(y_true, y_pred, len(CLASSES))
+    cm = evaluate_metrics.confusion(y_true, y_pred, len(CLASSES))
     np.testing.assert_array_equal(cm, confusion_matrix(y_true, y_pred))
     path = tmp_path / "confusion.png"
-    figure = diag.plot_confusion_matrix(cm, CLASSES, path)
+    figure = plots.plot_confusion_matrix(cm, CLASSES, path)
     pixels = decode_png(path)
 
     # each cell's colour in the decoded PNG is the colormap of its row rate
     ax = figure.axes[0]
     height = pixels.shape[0]
     rates = cm / cm.sum(axis=1, keepdims=True)
-    cmap = colormaps[diag.CONFUSION_CMAP]
+    cmap = colormaps[plots.CONFUSION_CMAP]
     for i in range(len(CLASSES)):
         for j in range(len(CLASSES)):
             # a point in the cell's corner, clear of the count text
@@ -232,7 +234,7 @@ def test_confusion_plot_draws_sklearn_matrix(tmp_path, predictions) -> None:
 
 def test_learning_curves_png(tmp_path) -> None:
     path = tmp_path / "learning_curves.png"
-    figure = diag.plot_learning_curves(history_frame(), path)
+    figure = plots.plot_learning_curves(history_frame(), path)
     decode_png(path)
     loss_ax = figure.axes[0]
     assert [line.get_label() for line in loss_ax.get_lines()][:2] == ["train_loss", "val_loss"]
@@ -242,21 +244,21 @@ def test_learning_curves_png(tmp_path) -> None:
 
 def test_layer_movement_png(tmp_path) -> None:
     history = history_frame()
-    grads = diag.grad_norm_frame(history)
+    grads = plots.grad_norm_frame(history)
     assert list(grads.columns) == ["stem", "stage1", "head"]
     path = tmp_path / "layer_movement.png"
-    figure = diag.plot_layer_movement({"stem": 0.001, "stage1": 0.01, "head": 0.5}, grads, path)
+    figure = plots.plot_layer_movement({"stem": 0.001, "stage1": 0.01, "head": 0.5}, grads, path)
     decode_png(path)
     bars = figure.axes[0].patches
     assert [b.get_height() for b in bars] == pytest.approx([0.001, 0.01, 0.5])
     legend = [text.get_text() for text in figure.axes[1].get_legend().get_texts()]
     assert legend == ["stem", "stage1", "head"]
     # a group frozen throughout has no line
-    frozen = diag.plot_layer_movement({"stem": 0.0}, grads.assign(stage2=0.0), tmp_path / "frozen.png")
+    frozen = plots.plot_layer_movement({"stem": 0.0}, grads.assign(stage2=0.0), tmp_path / "frozen.png")
     assert "stage2" not in [t.get_text() for t in frozen.axes[1].get_legend().get_texts()]
     # feature-extraction runs have no movement to show, the picture says so
     empty = tmp_path / "empty_movement.png"
-    diag.plot_layer_movement(None, None, empty)
+    plots.plot_layer_movement(None, None, empty)
     decode_png(empty)
 
 
@@ -266,10 +268,10 @@ def test_feature_projection_png(tmp_path, predictions, method) -> None:
     rng = np.random.default_rng(2)
     centres = rng.normal(scale=5, size=(len(CLASSES), 32))
     features = torch.tensor(centres[y_true] + rng.normal(size=(len(y_true), 32)), dtype=torch.float32)
-    coords = diag.project_features(features, method)
+    coords = plots.project_features(features, method)
     assert coords.shape == (len(y_true), 2)
     path = tmp_path / f"features_{method}.png"
-    figure = diag.plot_feature_projection(features, y_true, CLASSES, path, method=method)
+    figure = plots.plot_feature_projection(features, y_true, CLASSES, path, method=method)
     decode_png(path)
     assert len(figure.axes[0].collections) == len(np.unique(y_true))
 
@@ -278,14 +280,14 @@ def test_activation_histograms_png(tmp_path) -> None:
     torch.manual_seed(0)
     model = TinyModel().train()
     batch = torch.randn(4, 3, 32, 32)
-    activations = diag.collect_group_activations(model, batch)
+    activations = plots.collect_group_activations(model, batch)
     assert list(activations) == ["stem", "stage1", "stage2"]
     assert activations["stem"].size == 4 * 8 * 16 * 16
     assert (activations["stem"] >= 0).all()  # after the ReLU
     assert model.training  # mode restored
     assert not any(module._forward_hooks for module in model.modules())  # hooks removed
     path = tmp_path / "activations.png"
-    figure = diag.plot_activation_histograms(model, batch, path)
+    figure = plots.plot_activation_histograms(model, batch, path)
     decode_png(path)
     titled = [ax for ax in figure.axes if ax.get_title()]
     assert [ax.get_title().split("\n")[0] for ax in titled] == ["stem", "stage1", "stage2"]
@@ -294,12 +296,12 @@ def test_activation_histograms_png(tmp_path) -> None:
 def test_mistakes_grid_png(tmp_path, image_files, predictions) -> None:
     y_true, probs = predictions
     y_true, probs = y_true[: len(image_files)], probs[: len(image_files)]
-    order = diag.most_confident_mistakes(y_true, probs, n=16)
+    order = evaluate_metrics.most_confident_mistakes(y_true, probs, n=16)
     assert 0 < len(order) <= 16
     images = [Image.open(image_files[i]).convert("RGB") for i in order]
     y_pred = probs.argmax(axis=1)
     path = tmp_path / "mistakes.png"
-    figure = diag.plot_mistakes(images, y_true[order], y_pred[order], probs[order, y_pred[order]], CLASSES, path)
+    figure = plots.plot_mistakes(images, y_true[order], y_pred[order], probs[order, y_pred[order]], CLASSES, path)
     decode_png(path)
     titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
     assert len(titles) == len(order)
@@ -307,7 +309,7 @@ def test_mistakes_grid_png(tmp_path, image_files, predictions) -> None:
     assert titles[0] == (f"true: {CLASSES[y_true[first]]}\n"
                          f"pred: {CLASSES[y_pred[first]]} ({probs[first, y_pred[first]]:.2f})")
     none = tmp_path / "no_mistakes.png"
-    diag.plot_mistakes([], [], [], [], CLASSES, none)
+    plots.plot_mistakes([], [], [], [], CLASSES, none)
     decode_png(none)
 
 
@@ -317,8 +319,8 @@ def test_mistakes_grid_png(tmp_path, image_files, predictions) -> None:
 def test_selected_epoch_row() -> None:
     history = history_frame()
     history.loc[1, "val_acc"] = 0.99  # best overall, but in the probe phase
-    assert diag.selected_epoch_row(history)["epoch"] == 6  # best of the last phase
-    assert diag.selected_epoch_row(history, best_epoch=2)["epoch"] == 2
+    assert health.selected_epoch_row(history)["epoch"] == 6  # best of the last phase
+    assert health.selected_epoch_row(history, best_epoch=2)["epoch"] == 2
 
 
 def test_write_run_diagnostics(tmp_path, image_files, predictions) -> None:
@@ -343,13 +345,13 @@ def test_write_run_diagnostics(tmp_path, image_files, predictions) -> None:
         thresholds={"overfit_gap": 0.05, "underfit_acc": 0.6}, summary={"macro_f1": 0.5},
     )
     test_acc = float(np.mean(probs.argmax(1) == y_true))
-    assert metrics["fit"] == diag.fit_diagnosis(0.92, 0.81, test_acc, 2 / 6, 2.2 / 6 + 0.05)
+    assert metrics["fit"] == health.fit_diagnosis(0.92, 0.81, test_acc, 2 / 6, 2.2 / 6 + 0.05)
     assert metrics["fit"]["verdict"] == "overfitting"
     assert metrics["health"]["predicted_classes"] == len(CLASSES) and metrics["health"]["collapsed_features"] == 0
     assert set(metrics["topk"]) == {"top1_accuracy", "top3_accuracy", "top5_accuracy"}
     assert metrics["weight_change"]["head"] == 0.4
     # only the mistakes drawn were decoded
-    assert len(loaded) == len(diag.most_confident_mistakes(y_true, probs, 16))
+    assert len(loaded) == len(evaluate_metrics.most_confident_mistakes(y_true, probs, 16))
 
     names = sorted(p.name for p in files)
     assert names == sorted([diag.LEARNING_CURVES_PNG, diag.CONFUSION_PNG, diag.PER_CLASS_CSV, diag.MISTAKES_PNG,
@@ -423,14 +425,14 @@ def test_image_batch(image_files) -> None:
     from torchvision.transforms import v2
 
     transform = v2.Compose([v2.Resize((32, 32), antialias=True), v2.ToDtype(torch.float32, scale=True)])
-    batch = diag.image_batch([str(p) for p in image_files], lambda p: Image.open(p), transform, size=5)
+    batch = plots.image_batch([str(p) for p in image_files], lambda p: Image.open(p), transform, size=5)
     assert batch.shape == (5, 3, 32, 32) and batch.dtype == torch.float32
     assert 0.0 <= float(batch.min()) and float(batch.max()) <= 1.0 and float(batch.std()) > 0
 
 
 def test_single_threaded_restores_thread_count() -> None:
     before = torch.get_num_threads()
-    with diag.single_threaded():
+    with single_threaded():
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
 

@@ -150,7 +150,7 @@ CONFIG = DataConfig(image_size=24, resize_size=28, mean=(0.5, 0.4, 0.3), std=(0.
 @pytest.mark.parametrize("augment", ["none", "trivialaugment", "randaugment", "autoaugment"])
 def test_train_transforms_crop_to_the_backbone_size_and_normalise_with_its_stats(augment):
     batch = torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8)
-    per_sample, on_device = train_transforms(CONFIG, augment)
+    per_sample, on_device = train_transforms(CONFIG, augment, crop_min_scale=0.8, hflip=0.5)
     # The policies run per image in the workers (uint8 out); crop and flip alone run on the whole batch.
     assert (per_sample is None) == (augment == "none")
     if per_sample is not None:
@@ -163,7 +163,7 @@ def test_train_transforms_crop_to_the_backbone_size_and_normalise_with_its_stats
     assert evaluated.shape == (2, 3, 24, 24)
     assert torch.allclose(evaluated[0, :, 0, 0], (1 - torch.tensor(CONFIG.mean)) / torch.tensor(CONFIG.std))
     with pytest.raises(ValueError, match="finetune.augment"):
-        train_transforms(CONFIG, "everything")
+        train_transforms(CONFIG, "everything", 0.8, 0.5)
 
 
 def test_mixup_and_cutmix_give_soft_targets():

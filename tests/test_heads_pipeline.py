@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
-import time
 
 import pytest
 import yaml
 
-from test_pipeline import mlflow_runs, project, run, stages_run  # noqa: F401 (project is a fixture)
+from project_helpers import run, stages_run, wait_for_queue
+from test_pipeline import mlflow_runs, project  # noqa: F401 (project is a fixture)
 
 pytestmark = pytest.mark.slow
 SKLEARN_KINDS = ["logreg", "svm", "knn", "forest", "bayes"]
@@ -30,12 +29,7 @@ def test_each_head_kind_layers_and_two_backbones_through_the_pipeline(project): 
     # The comparison the README shows: one queued experiment per kind, on two workers.
     run(dvc + ["exp", "run", "--queue", "-S", f"head.kind={','.join(SKLEARN_KINDS)}"], repo, env)
     run(dvc + ["queue", "start", "-j", "2"], repo, env)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        status = run(dvc + ["queue", "status"], repo, env)
-        if not re.search(r"\b(Queued|Running)\b", status):
-            break
-        time.sleep(3)
+    status = wait_for_queue(repo, env)
     assert status.count("Success") == len(SKLEARN_KINDS), status
 
     shown = json.loads(run(dvc + ["exp", "show", "--json"], repo, env))

@@ -21,6 +21,7 @@ from transfer.data.datasets import DeviceLoader
 from transfer.data.report import class_balance, imbalance_message
 from transfer.data.sources import materialise
 from transfer.evaluate import diagnostics as diag
+from transfer.evaluate.health import feature_health, model_problems, verdict_of
 from transfer.evaluate.metrics import macro_f1_from_confusion
 from transfer.features import FeatureCache, extract_features
 from transfer.pipeline.params import FinetuneParams, HeadParams
@@ -251,14 +252,14 @@ def test_collapse_and_zero_recall_detectors_fire_on_a_collapsed_model_and_not_on
     def verdict(model):
         features = pooled_features(model, test)
         predictions = model.head(features).argmax(1).numpy()
-        health, findings = diag.model_problems(
+        health, findings = model_problems(
             labels, predictions, ["dark", "mid", "bright"], {"underfitting": 0, "overfitting": 0},
-            diag.feature_health(features, pretrained_features, labels), None, {"dark": 8, "mid": 8, "bright": 8})
+            feature_health(features, pretrained_features, labels), None, {"dark": 8, "mid": 8, "bright": 8})
         return health, findings
 
     health, findings = verdict(healthy)
     assert health["collapsed_features"] == 0 and health["zero_recall_classes"] == 0
-    assert health["few_predicted_classes"] == 0 and diag.verdict_of(findings) == "good fit"
+    assert health["few_predicted_classes"] == 0 and verdict_of(findings) == "good fit"
 
     collapsed = copy.deepcopy(healthy)
     collapse(collapsed)
@@ -268,7 +269,7 @@ def test_collapse_and_zero_recall_detectors_fire_on_a_collapsed_model_and_not_on
     assert health["zero_recall_classes"] >= 2
     problems = [finding["problem"] for finding in findings]
     assert problems[:3] == ["collapsed features", "predicts few classes", "zero-recall classes"]
-    assert diag.verdict_of(findings).startswith("collapsed features, predicts few classes")
+    assert verdict_of(findings).startswith("collapsed features, predicts few classes")
     assert all(finding["advice"] for finding in findings)
     assert "training images: " in findings[2]["evidence"]
 
@@ -315,14 +316,14 @@ def test_class_balance_and_warning_threshold():
     assert not balanced["imbalance_warning"] and imbalance_message(balanced) is None
 
 
-def test_download_reports_class_counts_and_warns_on_imbalance(tmp_path: Path, capsys):
+def test_download_reports_class_counts_and_warns_on_imbalance(tmp_path: Path, caplog):
     images = write_image_folder(tmp_path / "images", {"common": 28, "rare": 2}, size=8)
     raw = tmp_path / "repo" / "data" / "raw"
     materialise({"source": "folder", "path": str(images), "imbalance_warning": 5.0}, raw, tmp_path / "repo")
     report = json.loads((raw / "data_report.json").read_text())
     assert report["class_counts"] == {"common": 28, "rare": 2} and report["imbalance_ratio"] == 14
     assert report["imbalance_warning"] is True
-    out = capsys.readouterr().out
-    assert "warning: classes are imbalanced, 14.0:1" in out and "class_balance: loss" in out
+    assert "warning: classes are imbalanced, 14.0:1" in caplog.text and "class_balance: loss" in caplog.text
+    caplog.clear()
     materialise({"source": "folder", "path": str(images), "imbalance_warning": 20.0}, raw, tmp_path / "repo")
-    assert "imbalanced" not in capsys.readouterr().out
+    assert "imbalanced" not in caplog.text

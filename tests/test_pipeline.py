@@ -7,55 +7,28 @@ from a fresh clone (the embedded archive included). Slow (minutes): `make test-f
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
+from project_helpers import copy_project, git_env, run, stages_run, wait_for_queue
 from transfer import tracking
 
 pytestmark = pytest.mark.slow
-REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["params", "download", "split", "cache", "features", "train", "evaluate"]
 # An edit of params.yaml re-runs the params stage (it validates the whole file), then what depends on the keys.
 HEAD_ONLY = ["params", "train", "evaluate"]
 
 
-def run(args: list[str], cwd: Path, env: dict, timeout: int = 600) -> str:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{' '.join(args)} failed ({done.returncode}):\n{output[-4000:]}"
-    return output
-
-
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Path, dict]:
     """A fresh git repository holding the project's files (tracked and new, never ignored ones)."""
-    repo = tmp_path_factory.mktemp("project")
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO_ROOT, capture_output=True, check=True).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        source = REPO_ROOT / name
-        if source.is_file() and not name.startswith(("data/", "reports/", "mlruns/", "dvc.lock")):
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, repo / name)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1",
-               GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@localhost", GIT_COMMITTER_NAME="test",
-               GIT_COMMITTER_EMAIL="test@localhost",
-               # Stage processes start cold unless a test starts a server here (never the user's one).
-               TRANSFER_SERVER_DIR=str(repo.parent / "server"))
+    repo = copy_project(tmp_path_factory.mktemp("project"))
+    # Stage processes start cold unless a test starts a server here (never the user's one).
+    env = git_env({"TRANSFER_SERVER_DIR": str(repo.parent / "server")}, importable=False)
     run(["git", "init", "-q", "-b", "main"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "project"], repo, env)
@@ -103,12 +76,7 @@ def test_pipeline_experiments_and_queue_end_to_end(project):
     for lr in ("0.05", "0.003"):
         run(dvc + ["exp", "run", "--queue", "-S", f"head.lr={lr}", "-S", "freeze_layers=all"], repo, env)
     run(dvc + ["queue", "start", "-j", "2"], repo, env)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        status = run(dvc + ["queue", "status"], repo, env)
-        if not re.search(r"\b(Queued|Running)\b", status):
-            break
-        time.sleep(3)
+    status = wait_for_queue(repo, env)
     assert status.count("Success") == 2, status
 
     # Every run is in the repository's own store, none in DVC's temporary copies.

@@ -18,7 +18,8 @@ from PIL import Image
 
 from test_fetch import ArchiveServer, digest
 from transfer.data.report import DataError, Policy
-from transfer.data.sources import SourceError, detect_layout, materialise, read_idx
+from transfer.data.scan import detect_layout
+from transfer.data.sources import SourceError, materialise, read_idx, summary_line
 
 
 def png(path: Path, seed: int, mode: str = "RGB", size: tuple[int, int] = (12, 10)) -> Path:
@@ -85,7 +86,7 @@ def test_default_policy_fails_on_label_problems_and_names_them(repo: Path, tmp_p
     assert not (repo / "data/raw/index.csv").exists()
 
 
-def test_skip_policy_indexes_good_images_and_counts_every_skip(repo: Path, tmp_path: Path, capsys) -> None:
+def test_skip_policy_indexes_good_images_and_counts_every_skip(repo: Path, tmp_path: Path) -> None:
     source = messy_folder(tmp_path / "incoming")
     index, report = materialise({"source": "folder", "path": str(source), "policy": {"label_issues": "skip"}},
                                 repo / "data/raw", repo)
@@ -104,7 +105,7 @@ def test_skip_policy_indexes_good_images_and_counts_every_skip(repo: Path, tmp_p
     report_json = load_report(repo)
     assert report_json["images"] == 15 and report_json["classes"] == 2
     assert {i["kind"] for i in report_json["issues"] if i["action"] == "skip"} >= {"corrupt", "unreadable"}
-    printed = capsys.readouterr().out
+    printed = summary_line(index, report, repo / "data/raw", repo)  # what the download stage prints
     assert "15 images in 2 classes" in printed and "corrupt=1" in printed
 
 
@@ -268,6 +269,6 @@ def test_torchvision_source_reads_local_root_offline(repo: Path, tmp_path: Path)
 
 
 def test_policy_validation() -> None:
-    assert Policy.from_mapping(None) == Policy("skip", "fail", "skip")
-    with pytest.raises(ValueError, match="must be 'skip' or 'fail'"):
-        Policy.from_mapping({"bad_files": "ignore"})
+    assert Policy.model_validate({}) == Policy(bad_files="skip", label_issues="fail", duplicates="skip")
+    with pytest.raises(ValueError, match="should be 'skip' or 'fail'"):
+        Policy.model_validate({"bad_files": "ignore"})

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from team_helpers import DVC, copy_project, git_env, mlflow_server, run
+from project_helpers import DVC, copy_project, git_env, run, stages_run, wait_for_queue
+from team_helpers import mlflow_server
 
 pytestmark = pytest.mark.slow
 STAGES = ["params", "download", "split", "cache", "features", "train", "evaluate"]
@@ -35,10 +35,6 @@ class Team:
     clone: Path  # a second teammate's clone
     env: dict
     server: str  # the MLflow tracking server's URL
-
-
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
 
 
 def server_runs(team: Team):
@@ -104,15 +100,6 @@ def test_fresh_clone_pulls_every_output_and_reruns_nothing(team):
     assert stages_run(run(DVC + ["repro"], team.clone, env)) == []
     for output in ("data/model/model.safetensors", "reports/diagnostics/report.html", "data/features/test.pt"):
         assert (team.clone / output).read_bytes() == (team.repo / output).read_bytes(), output
-
-
-def wait_for_queue(repo: Path, env: dict, timeout: float = 600) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = run(DVC + ["queue", "status"], repo, env)
-        if not re.search(r"\b(Queued|Running)\b", status) or time.monotonic() > deadline:
-            return status
-        time.sleep(3)
 
 
 def test_queue_on_two_workers_logs_to_the_server_and_experiments_travel(team):

@@ -2,15 +2,22 @@
 
 The packages follow the data, which flows one way (raw -> manifests -> features -> model -> metrics):
 
-    data/       sources and archives (fetch, sources), image decoding (images), the data report,
-                the stratified split and manifests (split), datasets and transforms
+    data/       fetch (downloads, archives), sources (the five kinds of data.source and `materialise`),
+                scan (folders, labels CSVs, checking every image, duplicates), place (files under data/raw),
+                images (decoding), report (the data report and policy), split (stratified manifests),
+                datasets and transforms
     features    pooled features of a frozen backbone, cached per split
-    models/     backbones (registry, layer groups, data config) and classifier heads
-    train/      the linear probe, fine-tuning, optimiser groups, checkpoints, data parallelism
-    evaluate/   test metrics, diagnostics pictures and the HTML run report
+    models/     backbones (registry, layer groups, data config), heads (linear and scikit-learn), saved
+                (the model folder), registry (`transfer promote`), export (ONNX)
+    train/      probe, finetune, result (model selection), optim (parameter groups, schedule), losses,
+                checkpoint, distributed (data parallelism), layer_stats, lr_find, tune (Optuna), recipe
+    evaluate/   metrics, health (fit verdict, feature health, problems and advice), plots, diagnostics (a run's
+                folder and report), report (the HTML page), inference, predict, compare, pr_report
     tracking    everything MLflow (the only module that imports it)
-    pipeline/   the plumbing apart from the science: params schema, file layout, atomic files, errors,
-                runtime (device, threads, seeds), and the stage launcher/server behind every dvc.yaml command
+    cli         the `transfer` command: predict, promote, export, compare, report, tune, lr-find
+    pipeline/   the plumbing apart from the science: params (the schema) and params_doc, layout (file
+                paths), files (atomic writes, safe loads), errors (and logging setup), runtime (device,
+                threads, seeds), and the stage launcher/server behind every dvc.yaml command
 """
 
 __version__ = "0.1.0"

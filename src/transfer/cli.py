@@ -1,8 +1,9 @@
 """The `transfer` command: what a user runs after (or around) the pipeline.
 
-Each sub-command lives with its concept and registers itself here through a `register(subparsers)`
-function that adds its parser and sets `func`; `main` only dispatches. Heavy imports stay inside the
-commands, so `transfer --help` answers at once.
+Each sub-command lives with its concept, in a module that declares it: `COMMAND` (its name),
+`COMMAND_HELP` (the line `transfer --help` shows), `COMMAND_DESCRIPTION`, `add_arguments(parser)` and
+`run(args)`; this module builds the parsers from them and only dispatches. Heavy imports stay inside the
+`run` functions, so `transfer --help` answers at once.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import importlib
 import sys
 
 from transfer import __version__
-from transfer.pipeline.errors import UserError
+from transfer.pipeline.errors import UserError, configure_logging
 
-# Modules with a `register(subparsers)` function, in the order `transfer --help` lists them.
+# The modules that declare a command, in the order `transfer --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = ("transfer.evaluate.predict", "transfer.models.registry", "transfer.models.export",
                                    "transfer.evaluate.compare", "transfer.evaluate.pr_report", "transfer.train.tune",
                                    "transfer.train.lr_find")
@@ -25,11 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"transfer {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+        module = importlib.import_module(name)
+        command = subparsers.add_parser(module.COMMAND, help=module.COMMAND_HELP,
+                                        description=module.COMMAND_DESCRIPTION)
+        module.add_arguments(command)
+        command.set_defaults(func=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import math
 import os
 import shutil
@@ -40,7 +41,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from transfer.pipeline.errors import UserError
+from transfer.pipeline.params import flatten_dict
 from transfer.pipeline.runtime import single_threaded
+
+log = logging.getLogger(__name__)
 
 # Seconds a writer waits for SQLite's lock before giving up; queue workers only hold it for milliseconds.
 SQLITE_BUSY_TIMEOUT = 120
@@ -250,7 +254,7 @@ def model_run(experiment: str, digest: str) -> Iterator[str]:
         with reopen_run(found[0].info.run_id, experiment) as run_id:
             yield run_id
         return
-    print(f"mlflow: no run of experiment {experiment!r} trained this model; recording the evaluation in a new run")
+    log.info(f"mlflow: no run of experiment {experiment!r} trained this model; recording the evaluation in a new run")
     with mlflow.start_run(experiment_id=experiment_id, tags={MODEL_DIGEST_TAG: digest}) as run, \
             _killed_on_interrupt(run.info.run_id):
         yield run.info.run_id
@@ -265,16 +269,8 @@ def log_epoch(row: dict[str, Any]) -> None:
 
 def log_metrics(metrics: dict[str, Any], prefix: str = "") -> None:
     """Log a (possibly nested) metrics dict under dotted keys; non-numbers are skipped."""
-    flat: dict[str, float] = {}
-
-    def walk(key: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for inner_key, inner in value.items():
-                walk(f"{key}.{inner_key}" if key else str(inner_key), inner)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[key] = float(value)
-
-    walk(prefix, metrics)
+    flat = {key: float(value) for key, value in flatten_dict(metrics, prefix).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
     # MLflow metric keys allow only alphanumerics and _-. /; class names may have others.
     mlflow.log_metrics({"".join(c if c.isalnum() or c in "_-./ " else "_" for c in k): v for k, v in flat.items()})
 

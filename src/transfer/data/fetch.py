@@ -2,21 +2,21 @@
 
 Public API:
 
-* :func:`sha256_of` - hex sha256 of a file, streamed.
-* :func:`fetch_archive` - download (with progress and HTTP Range resume) into a
+* `sha256_of` - hex sha256 of a file, streamed.
+* `fetch_archive` - download (with progress and HTTP Range resume) into a
   cache, verify the sha256, unpack a .zip / .tar.gz / .tgz / .tar into
-  ``dest_dir`` atomically, and return ``dest_dir``.
+  `dest_dir` atomically, and return `dest_dir`.
 
-Why a cache outside the repository: a half-downloaded ``.part`` file must
+Why a cache outside the repository: a half-downloaded `.part` file must
 survive an interrupted run (so the next run resumes) but must never land in a
-DVC-tracked output folder. The cache lives in ``$TRANSFER_CACHE_DIR`` or
-``$XDG_CACHE_HOME/transfer/downloads`` (``~/.cache/transfer/downloads``).
+DVC-tracked output folder. The cache lives in `$TRANSFER_CACHE_DIR` or
+`$XDG_CACHE_HOME/transfer/downloads` (`~/.cache/transfer/downloads`).
 
 Failure modes are explicit errors, never a silently wrong data set:
-:class:`ChecksumMismatchError` (says expected, actual and the URL),
-:class:`DownloadError` (network / HTTP problems after retries),
-:class:`UnsafeArchiveError` (a member would escape ``dest_dir``) and
-:class:`ArchiveTooLargeError` (more bytes, files or compression than :class:`ArchiveLimits` allow; the
+`ChecksumMismatchError` (says expected, actual and the URL),
+`DownloadError` (network / HTTP problems after retries),
+`UnsafeArchiveError` (a member would escape `dest_dir`) and
+`ArchiveTooLargeError` (more bytes, files or compression than `ArchiveLimits` allow; the
 sizes come from the member headers, which zipfile and tarfile hold each member to, and are checked
 before anything is written).
 """
@@ -41,6 +41,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from transfer.pipeline.errors import UserError
+from transfer.pipeline.params import DataParams
 
 CHUNK_SIZE = 1 << 20
 # Attempts per fetch; each attempt after the first resumes the .part file.
@@ -79,11 +80,12 @@ class ArchiveTooLargeError(FetchError):
 
 @dataclass(frozen=True)
 class ArchiveLimits:
-    """What an archive may unpack to (data.archive_max_bytes, data.archive_max_files, data.archive_max_ratio)."""
+    """What an archive may unpack to (data.archive_max_bytes, data.archive_max_files, data.archive_max_ratio;
+    the defaults are the schema's)."""
 
-    max_bytes: int = 50 * 1024**3
-    max_files: int = 2_000_000
-    max_ratio: float = 100.0  # unpacked bytes per archive byte; image archives are close to 1
+    max_bytes: int = DataParams.model_fields["archive_max_bytes"].default
+    max_files: int = DataParams.model_fields["archive_max_files"].default
+    max_ratio: float = DataParams.model_fields["archive_max_ratio"].default  # unpacked bytes per archive byte
 
 
 # Below this many unpacked bytes the ratio is not checked: a small archive of text may compress 1000x

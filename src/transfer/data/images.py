@@ -1,23 +1,23 @@
 """Image decoding: the single place in the project where PIL opens a file.
 
 Every image the pipeline reads (validation at download time, datasets at
-train/feature time) goes through :func:`load_rgb`, so colour handling is the
+train/feature time) goes through `load_rgb`, so colour handling is the
 same everywhere:
 
-* grayscale (``1``, ``L``), 16-bit (``I;16``, ``I``) and float (``F``) images
+* grayscale (`1`, `L`), 16-bit (`I;16`, `I`) and float (`F`) images
   are scaled to 8 bits, not clipped (a 16-bit PNG would otherwise be white);
-* palette, ``LA`` and ``RGBA`` images are composited on a solid background,
+* palette, `LA` and `RGBA` images are composited on a solid background,
   so transparent pixels do not become black;
 * CMYK (and other colour spaces) are converted to RGB, through the embedded
   ICC profile when there is one;
 * the EXIF orientation tag is applied, so phone photos are upright;
 * decompression bombs and absurd dimensions are refused *before* decoding,
-  with :class:`ImageTooLargeError`.
+  with `ImageTooLargeError`.
 
-:func:`probe_image` is the validation entry point used when a source is
+`probe_image` is the validation entry point used when a source is
 materialised: it reads the bytes once, hashes them (for duplicate / leakage
-detection) and fully decodes the image, raising an :class:`ImageError` whose
-``reason`` is a short machine-readable code that the data report counts.
+detection) and fully decodes the image, raising an `ImageError` whose
+`reason` is a short machine-readable code that the data report counts.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ DEFAULT_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 
 
 class ImageError(UserError, ValueError):
-    """An image file that cannot be used; ``reason`` is a short report code."""
+    """An image file that cannot be used; `reason` is a short report code."""
 
     reason = "corrupt"
 
@@ -123,9 +123,9 @@ def _check_size(path: str | os.PathLike, size: tuple[int, int], max_pixels: int,
 
 
 def _scale_to_uint8(image: Image.Image) -> Image.Image:
-    """Map a high-bit-depth single-channel image (I;16*, I, F) to 8-bit ``L``.
+    """Map a high-bit-depth single-channel image (I;16*, I, F) to 8-bit `L`.
 
-    PIL's own ``convert("L")`` clips 16-bit values at 255, which turns almost
+    PIL's own `convert("L")` clips 16-bit values at 255, which turns almost
     every real 16-bit image white; scale by the type's range instead.
     """
     arr = np.asarray(image)
@@ -229,12 +229,12 @@ def load_rgb(
     background: tuple[int, int, int] = DEFAULT_BACKGROUND,
     draft_size: int | None = None,
 ) -> Image.Image:
-    """Decode ``path`` into an upright 8-bit RGB PIL image, detached from the file.
+    """Decode `path` into an upright 8-bit RGB PIL image, detached from the file.
 
-    With ``draft_size``, large JPEGs may decode at reduced scale, never below ``draft_size`` per side
+    With `draft_size`, large JPEGs may decode at reduced scale, never below `draft_size` per side
     (for callers that resize to that size anyway: the image cache).
 
-    Raises an :class:`ImageError` subclass (a ``ValueError``) naming the file
+    Raises an `ImageError` subclass (a `ValueError`) naming the file
     when it is empty, unreadable, not an image, corrupt or too large.
     """
     try:
@@ -260,7 +260,7 @@ def load_rgb_bytes(
     background: tuple[int, int, int] = DEFAULT_BACKGROUND,
     draft_size: int | None = None,
 ) -> Image.Image:
-    """`load_rgb` for an encoded image held in memory (an upload, a request body); ``name`` goes in errors."""
+    """`load_rgb` for an encoded image held in memory (an upload, a request body); `name` goes in errors."""
     if not data:
         raise EmptyImageError(name, "no image data (0 bytes).")
     image, _ = _open_decoded(io.BytesIO(data), name, max_pixels, max_side, draft_size)
@@ -278,7 +278,7 @@ def probe_image(
 
     The returned sha256 is of the file bytes, so byte-identical copies (the
     same photo under two labels, or in train and test) can be detected.
-    Raises an :class:`ImageError` subclass with a ``reason`` code on failure.
+    Raises an `ImageError` subclass with a `reason` code on failure.
     """
     try:
         data = Path(path).read_bytes()

@@ -1,9 +1,10 @@
 """The data report: every file a source did not turn into an index row, and why.
 
 Bad input never disappears silently. Each problem found while materialising a
-source is an :class:`Issue` of a known *kind*; the :class:`Policy` decides per
-group of kinds whether the stage fails (a :class:`DataError` naming the files
-and what to do) or skips the files and lists them in ``data_report.json``.
+source is an `Issue` of a known *kind*; the policy (`data.policy`, the schema's
+`DataPolicyParams`) decides per group of kinds whether the stage fails (a
+`DataError` naming the files and what to do) or skips the files and lists them
+in `data_report.json`.
 
 Kinds and the policy key that governs them:
 
@@ -36,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping
 
 from transfer.pipeline.errors import UserError
+from transfer.pipeline.params import DataParams
+from transfer.pipeline.params import DataPolicyParams as Policy  # data.policy: its keys and defaults live in the schema
 
 Action = Literal["skip", "fail"]
 
@@ -66,8 +69,8 @@ ADVICE: dict[str, str] = {
 # Issues listed per kind in the JSON report; the count is always exact.
 MAX_LISTED_PER_KIND = 1000
 
-# data.imbalance_warning's default: largest class over smallest above this, the report warns.
-IMBALANCE_WARNING = 3.0
+# Largest class over smallest above this, the report warns: data.imbalance_warning's default in the schema.
+IMBALANCE_WARNING: float = DataParams.model_fields["imbalance_warning"].default
 
 
 def class_balance(class_counts: Mapping[str, int], warn_above: float = IMBALANCE_WARNING) -> dict[str, Any]:
@@ -93,28 +96,10 @@ def imbalance_message(balance: Mapping[str, Any], warn_above: float = IMBALANCE_
             "and monitor: val_macro_f1, and read the per-class recall in the evaluate report")
 
 
-@dataclass(frozen=True)
-class Policy:
-    """Fail or skip, per group of issue kinds (data.policy in params.yaml)."""
-
-    bad_files: Action = "skip"
-    label_issues: Action = "fail"
-    duplicates: Action = "skip"
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any] | None) -> "Policy":
-        raw = dict(raw or {})
-        unknown = set(raw) - {"bad_files", "label_issues", "duplicates"}
-        if unknown:
-            raise ValueError(f"data.policy: unknown key(s) {sorted(unknown)}; use bad_files, label_issues, duplicates")
-        for key, value in raw.items():
-            if value not in ("skip", "fail"):
-                raise ValueError(f"data.policy.{key} must be 'skip' or 'fail' (given {value!r})")
-        return cls(**raw)
-
-    def action(self, kind: str) -> Action:
-        key = POLICY_OF_KIND[kind]
-        return "skip" if key is None else getattr(self, key)
+def action_for(policy: Policy, kind: str) -> Action:
+    """What the policy does with an issue of this kind: "skip" or "fail" (kinds no key governs: skip)."""
+    key = POLICY_OF_KIND[kind]
+    return "skip" if key is None else getattr(policy, key)
 
 
 @dataclass(frozen=True)
@@ -145,7 +130,7 @@ class DataReport:
         return dict(sorted(Counter(issue.kind for issue in self.issues).items()))
 
     def failures(self, policy: Policy) -> list[Issue]:
-        return [issue for issue in self.issues if policy.action(issue.kind) == "fail"]
+        return [issue for issue in self.issues if action_for(policy, issue.kind) == "fail"]
 
     def raise_for_policy(self, policy: Policy, report_path: str) -> None:
         """Raise a DataError listing every issue whose kind the policy fails on."""
@@ -171,10 +156,10 @@ class DataReport:
             per_kind[issue.kind] += 1
             if per_kind[issue.kind] <= MAX_LISTED_PER_KIND:
                 listed.append({**asdict(issue), "action": "ignored" if POLICY_OF_KIND[issue.kind] is None
-                               else policy.action(issue.kind)})
+                               else action_for(policy, issue.kind)})
         return {
             "source": self.source,
-            "policy": asdict(policy),
+            "policy": policy.model_dump(),
             **index_summary,
             "issue_counts": self.counts(),
             "issues": listed,

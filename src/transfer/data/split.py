@@ -18,9 +18,9 @@ from sklearn.model_selection import train_test_split
 
 from transfer.pipeline.errors import UserError
 from transfer.pipeline.files import read_json, write_csv, write_json
+from transfer.pipeline.layout import INDEX_COLUMNS
 
 SPLITS = ("train", "val", "test")
-INDEX_COLUMNS = ["path", "label", "subset"]
 
 
 class SplitError(UserError, ValueError):

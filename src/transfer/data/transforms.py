@@ -122,7 +122,7 @@ def random_resized_boxes(count: int, height: int, width: int, scale: tuple[float
 class TrainBatchTransform:
     """Per-sample RandomResizedCrop and horizontal flip on a whole batch (roi_align), then normalisation."""
 
-    def __init__(self, config: DataConfig, crop_min_scale: float = 0.35, hflip: float = 0.5):
+    def __init__(self, config: DataConfig, crop_min_scale: float, hflip: float):
         self.image_size, self.scale, self.hflip = config.image_size, (crop_min_scale, 1.0), hflip
         self.normalise = NormaliseBatch(config.mean, config.std)
 
@@ -152,8 +152,8 @@ AUGMENT_POLICIES: dict[str, Callable[[DataConfig], list]] = {
 }
 
 
-def train_sample_transform(config: DataConfig, augment: str, crop_min_scale: float = 0.35,
-                           hflip: float = 0.5) -> v2.Compose:
+def train_sample_transform(config: DataConfig, augment: str, crop_min_scale: float,
+                           hflip: float) -> v2.Compose:
     """Per image, in DataLoader workers: RandomResizedCrop, flip and a policy, uint8 in and out."""
     return v2.Compose([
         v2.RandomResizedCrop(config.image_size, scale=(crop_min_scale, 1.0), interpolation=_interpolation(config),
@@ -163,9 +163,12 @@ def train_sample_transform(config: DataConfig, augment: str, crop_min_scale: flo
     ])
 
 
-def train_transforms(config: DataConfig, augment: str = "none", crop_min_scale: float = 0.35,
-                     hflip: float = 0.5) -> tuple[Callable | None, BatchTransform]:
-    """(per-sample transform for the workers or None, batch transform for the device) of a training set."""
+def train_transforms(config: DataConfig, augment: str, crop_min_scale: float,
+                     hflip: float) -> tuple[Callable | None, BatchTransform]:
+    """(per-sample transform for the workers or None, batch transform for the device) of a training set.
+
+    The values come from `finetune:` (augment, crop_min_scale, hflip), whose defaults live in the params schema.
+    """
     if augment not in AUGMENT_POLICIES:
         raise ValueError(f"finetune.augment: unknown policy {augment!r}; choose one of {sorted(AUGMENT_POLICIES)}")
     if augment == "none":

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from transfer.pipeline.errors import UserError
+from transfer.pipeline.params import flatten_dict
 
 # Short name -> dotted key in the merged metrics files (reports/metrics.json, reports/train.json).
 KEY_METRICS: dict[str, str] = {"test_acc": "accuracy", "test_f1": "macro_f1", "val_acc": "val_acc",
@@ -41,22 +42,11 @@ class ExperimentRow:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{dotted}."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
 def _merged(files: dict[str, Any] | None) -> dict[str, Any]:
     """The `data` of every params or metrics file of one revision, flattened into one dict."""
     merged: dict[str, Any] = {}
     for content in (files or {}).values():
-        merged.update(flatten((content or {}).get("data") or {}))
+        merged.update(flatten_dict((content or {}).get("data") or {}))
     return merged
 
 
@@ -137,13 +127,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "compare", help="the experiments side by side: changed params and key metrics",
-        description="The workspace, HEAD and its DVC experiments (queued, failed ones too) with the params that "
-                    "differ between them and the key metrics, best first. Built from `dvc exp show --json`.")
+# The `transfer compare` command (transfer.cli builds its parser from these and `add_arguments`).
+COMMAND = "compare"
+COMMAND_HELP = "the experiments side by side: changed params and key metrics"
+COMMAND_DESCRIPTION = ("The workspace, HEAD and its DVC experiments (queued, failed ones too) with the params that "
+                       "differ between them and the key metrics, best first. Built from `dvc exp show --json`.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sort-by", default=DEFAULT_SORT,
                         help=f"a key metric ({', '.join(KEY_METRICS)}) or a param key (default {DEFAULT_SORT})")
     parser.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not HEAD's")
     parser.add_argument("--repo", default=".", help="the repository (default: here)")
-    parser.set_defaults(func=run)

@@ -6,10 +6,19 @@ metrics.json, per_class.csv, the report and MLflow (`test.recall.<class>`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    multilabel_confusion_matrix,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
 from tqdm import tqdm
 
 from transfer.data.datasets import DeviceLoader
@@ -62,10 +71,19 @@ def macro_f1_from_confusion(matrix) -> float:
     return float(f1.mean()) if len(f1) else 0.0
 
 
+def confusion(y_true, y_pred, n_classes: int) -> np.ndarray:
+    """Confusion matrix (rows true, columns predicted) over all `n_classes`, scikit-learn's.
+
+    Every class keeps its row and column even when absent from this test set, so matrices of different
+    runs line up.
+    """
+    return confusion_matrix(y_true, y_pred, labels=np.arange(n_classes))
+
+
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
     """Accuracy, macro-F1 and per-class recall, keyed for DVC metrics and MLflow."""
     labels = list(range(len(classes)))
-    matrix = confusion_matrix(y_true, y_pred, labels=labels)
+    matrix = confusion(y_true, y_pred, len(classes))
     recall = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
@@ -78,3 +96,69 @@ def confusion_pairs(paths: list[str], y_true: np.ndarray, y_pred: np.ndarray, cl
     """One row per test image (actual, predicted class names): the input of DVC's confusion template."""
     return pd.DataFrame({"path": paths, "actual": [classes[i] for i in y_true],
                          "predicted": [classes[i] for i in y_pred]})
+
+
+def as_numpy(array) -> np.ndarray:
+    """Accept a numpy array or a (possibly GPU) tensor."""
+    if isinstance(array, torch.Tensor):
+        return array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def per_class_table(
+    y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]
+) -> pd.DataFrame:
+    """Per-class precision, recall, F1, support and one-vs-rest accuracy.
+
+    `one_vs_rest_accuracy` is the binary accuracy of "is it this class?",
+    (TP+TN)/N, high for any small class; the share of a class's own images
+    classified right is its `recall` (the name metrics.json uses too).
+    Classes never predicted or absent get 0 rather than a warning.
+    """
+    labels = np.arange(len(class_names))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    per_class_cm = multilabel_confusion_matrix(y_true, y_pred, labels=labels)
+    correct = per_class_cm[:, 0, 0] + per_class_cm[:, 1, 1]
+    accuracy = correct / max(len(y_true), 1)
+    return pd.DataFrame(
+        {
+            "class": list(class_names),
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": support.astype(np.int64),
+            "one_vs_rest_accuracy": accuracy,
+        }
+    )
+
+
+def top_k_accuracies(
+    y_true: np.ndarray, probs: np.ndarray, ks: Iterable[int] = (1, 3, 5)
+) -> dict[str, float]:
+    """Top-k accuracy as `{"top{k}_accuracy": value}` for each k < classes.
+
+    k >= number of classes is skipped: it is always 1 and says nothing.
+    """
+    probs = np.asarray(probs)
+    n_classes = probs.shape[1]
+    labels = np.arange(n_classes)
+    # sklearn wants the positive-class score alone for two classes
+    scores = probs[:, 1] if n_classes == 2 else probs
+    return {
+        f"top{k}_accuracy": float(top_k_accuracy_score(y_true, scores, k=k, labels=labels))
+        for k in ks
+        if k < n_classes
+    }
+
+
+def most_confident_mistakes(y_true: np.ndarray, probs: np.ndarray, n: int = 16) -> np.ndarray:
+    """Indices of up to `n` wrong predictions, most confident first."""
+    probs = np.asarray(probs)
+    y_pred = probs.argmax(axis=1)
+    wrong = np.flatnonzero(y_pred != np.asarray(y_true))
+    confidence = probs[wrong, y_pred[wrong]]
+    # stable sort keeps test-set order among equal confidences: reproducible
+    order = np.argsort(-confidence, kind="stable")
+    return wrong[order][:n].astype(np.int64)

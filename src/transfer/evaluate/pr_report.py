@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from transfer.evaluate.compare import KEY_METRICS, flatten
+from transfer.evaluate.compare import KEY_METRICS
+from transfer.pipeline.params import flatten_dict
 from transfer.pipeline.errors import UserError
 from transfer.pipeline.files import write_text
 from transfer.pipeline.layout import REPORTS_DIR
@@ -80,29 +81,28 @@ def workspace_metrics(repo: Path) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for name in (KEY_TRAIN_FILE, KEY_METRICS_FILE):
         if (repo / name).is_file():
-            merged.update(flatten(json.loads((repo / name).read_text())))
+            merged.update(flatten_dict(json.loads((repo / name).read_text())))
     return merged
 
 
 def confusion_counts(confusion_csv: Path):
     """(counts, class names) from the confusion plot file (path, actual, predicted per test image)."""
-    import numpy as np
     import pandas as pd
+
+    from transfer.evaluate.metrics import confusion
 
     pairs = pd.read_csv(confusion_csv)
     classes = sorted(set(pairs["actual"].astype(str)) | set(pairs["predicted"].astype(str)))
     index = {name: i for i, name in enumerate(classes)}
-    counts = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    for actual, predicted in zip(pairs["actual"].astype(str), pairs["predicted"].astype(str)):
-        counts[index[actual], index[predicted]] += 1
-    return counts, classes
+    return confusion(pairs["actual"].astype(str).map(index), pairs["predicted"].astype(str).map(index),
+                     len(classes)), classes
 
 
 def render_plots(repo: Path, out_dir: Path) -> list[tuple[str, str]]:
     """Learning curves and confusion matrix as PNGs in out_dir; returns (title, file name) of each drawn."""
     import pandas as pd
 
-    from transfer.evaluate.diagnostics import plot_confusion_matrix, plot_learning_curves
+    from transfer.evaluate.plots import plot_confusion_matrix, plot_learning_curves
 
     drawn = []
     if (repo / HISTORY_FILE).is_file():
@@ -143,12 +143,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "report", help="markdown report of this branch against a base revision (what CI posts on a PR)",
-        description="Key metrics, changed metrics and params (dvc metrics/params diff) against --base, and the "
-                    "learning curves and confusion matrix as images, in reports/pr/report.md.")
+# The `transfer report` command (transfer.cli builds its parser from these and `add_arguments`).
+COMMAND = "report"
+COMMAND_HELP = "markdown report of this branch against a base revision (what CI posts on a PR)"
+COMMAND_DESCRIPTION = ("Key metrics, changed metrics and params (dvc metrics/params diff) against --base, and the "
+                       "learning curves and confusion matrix as images, in reports/pr/report.md.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default="main", help="the revision to compare with (default: main)")
     parser.add_argument("--repo", default=".", help="the repository (default: here)")
     parser.add_argument("--out", default=None, help="output folder (default: reports/pr under the repository)")
-    parser.set_defaults(func=run)

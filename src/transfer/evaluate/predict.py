@@ -110,7 +110,7 @@ def write_predictions(path: Path | None, predictions: Sequence, classes: list[st
 
 # --- `transfer predict` ------------------------------------------------------------------------------
 
-def run_predict(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise PredictError(f"--top-k must be at least 1 (got {args.top_k})")
     if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
@@ -138,11 +138,14 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "predict", help="classify image files with a trained model",
-        description="Classify images with the preprocessing of the evaluation; writes path, top-k classes and "
-                    "probabilities. Unreadable files are listed with their error (exit status 1).")
+# The `transfer predict` command (transfer.cli builds its parser from these and `add_arguments`).
+COMMAND = "predict"
+COMMAND_HELP = "classify image files with a trained model"
+COMMAND_DESCRIPTION = ("Classify images with the preprocessing of the evaluation; writes path, top-k classes and "
+                       "probabilities. Unreadable files are listed with their error (exit status 1).")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="image files, folders (searched recursively) or glob patterns (quote them: 'a/**/*.jpg')")
     parser.add_argument("--model", default=DEFAULT_MODEL,
@@ -152,4 +155,3 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CUDA when available (default)")
-    parser.set_defaults(func=run_predict)

@@ -42,7 +42,7 @@ figcaption { font-size: .85em; color: #555; }
 
 
 def png_data_uri(png_path: str | os.PathLike) -> str:
-    """Return the PNG file at ``png_path`` as a ``data:image/png;base64`` URI.
+    """Return the PNG file at `png_path` as a `data:image/png;base64` URI.
 
     Raises ValueError for a file that is not a PNG, because a browser would
     silently show a broken image instead.
@@ -116,10 +116,10 @@ def render_html_report(title: str, sections: Mapping[str, Sequence[SectionItem]]
 def write_html_report(
     path: str | os.PathLike, title: str, sections: Mapping[str, Sequence[SectionItem]]
 ) -> Path:
-    """Write one self-contained HTML page gathering ``sections``; return its path.
+    """Write one self-contained HTML page gathering `sections`; return its path.
 
-    ``sections`` maps a heading to its items, each a PNG ``Path`` (inlined as a
-    data URI), a ``DataFrame`` (table), a mapping (metrics table) or a ``str``
+    `sections` maps a heading to its items, each a PNG `Path` (inlined as a
+    data URI), a `DataFrame` (table), a mapping (metrics table) or a `str`
     (paragraph). Nothing outside the file is referenced.
     """
     write_text(path, render_html_report(title, sections))

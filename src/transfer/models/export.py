@@ -126,7 +126,7 @@ def default_check_images(limit: int = MAX_CHECK_IMAGES) -> list[str]:
     return list(pd.read_csv(DEFAULT_CHECK_SPLIT)["path"].head(limit))
 
 
-def run_export(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from transfer.evaluate.inference import resolve_model
     from transfer.evaluate.predict import collect_images
     from transfer.pipeline.files import write_json
@@ -150,11 +150,14 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "export", help="export a trained model to ONNX, checked against PyTorch",
-        description="Write an ONNX model (dynamic batch; outputs logits and probabilities; class names and "
-                    "preprocessing in metadata_props) and compare it with PyTorch on real images.")
+# The `transfer export` command (transfer.cli builds its parser from these and `add_arguments`).
+COMMAND = "export"
+COMMAND_HELP = "export a trained model to ONNX, checked against PyTorch"
+COMMAND_DESCRIPTION = ("Write an ONNX model (dynamic batch; outputs logits and probabilities; class names and "
+                       "preprocessing in metadata_props) and compare it with PyTorch on real images.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default="onnx", choices=("onnx",), help="export format (onnx)")
     parser.add_argument("--model", default="data/model",
                         help="a model folder (default data/model), runs:/<run_id> or models:/<name>@<alias>")
@@ -163,4 +166,3 @@ def register(subparsers) -> None:
                         help="images, folders or globs to compare on (default: the test split, data/split/test.csv)")
     parser.add_argument("--max-check-images", type=int, default=MAX_CHECK_IMAGES,
                         help=f"compare on at most this many images (default {MAX_CHECK_IMAGES})")
-    parser.set_defaults(func=run_export)

@@ -31,7 +31,7 @@ def _defaults() -> tuple[str, str | None]:
     return tracking.experiment, tracking.registered_model
 
 
-def run_promote(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from transfer import tracking
 
     experiment, registered_model = _defaults()
@@ -48,10 +48,13 @@ def run_promote(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "promote", help="move a registry alias (champion) to the best run of an experiment",
-        description="Set an alias of the registered model to the version whose run is best by a metric.")
+# The `transfer promote` command (transfer.cli builds its parser from these and `add_arguments`).
+COMMAND = "promote"
+COMMAND_HELP = "move a registry alias (champion) to the best run of an experiment"
+COMMAND_DESCRIPTION = "Set an alias of the registered model to the version whose run is best by a metric."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metric", default=DEFAULT_METRIC,
                         help=f"MLflow metric of the runs to compare (default {DEFAULT_METRIC})")
     parser.add_argument("--lowest", action="store_true", help="lower is better (e.g. a loss)")
@@ -60,4 +63,3 @@ def register(subparsers) -> None:
                         help="MLflow experiment (default: tracking.experiment of params.yaml)")
     parser.add_argument("--name", default=None,
                         help="registered model (default: tracking.registered_model of params.yaml)")
-    parser.set_defaults(func=run_promote)

@@ -5,10 +5,15 @@ error's message, which names the file or key and what to do, and exits non-zero 
 Ctrl-C (SIGINT) and SIGTERM end a stage the same way: one line saying what was interrupted, what became
 of the MLflow run (tracking adds that to the exception as a note) and that `dvc repro` resumes.
 Anything else is a bug and keeps its traceback.
+
+Library modules report through `logging` (`log = logging.getLogger(__name__)`); `configure_logging`, called
+once by `run_stage` and by the `transfer` command, shows their INFO and above on stderr as plain lines.
+The stages and commands print their own one-line summaries on stdout.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from typing import Callable
@@ -30,7 +35,33 @@ def _raise_interrupted(signum: int, _frame) -> None:
     raise StageInterrupted(signum)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a message comes (the stage server's child rebinds it)."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show this package's log messages on stderr as plain lines; calling it again changes nothing."""
+    logger = logging.getLogger(__package__.split(".")[0])
+    logger.setLevel(level)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+
+
 def run_stage(name: str, main: Callable[[], None]) -> None:
+    configure_logging()
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         main()

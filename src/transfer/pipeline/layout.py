@@ -3,8 +3,12 @@
 from pathlib import Path
 
 PARAMS_OK_FILE = Path("data/params.ok")  # params: written once params.yaml validates; its bytes never change
-RAW_DIR = Path("data/raw")  # download: the images and index.csv
-INDEX_FILE = RAW_DIR / "index.csv"
+RAW_DIR = Path("data/raw")  # download: the images, index.csv and data_report.json
+INDEX_NAME = "index.csv"  # each image's path (relative to the repository root), label and subset
+INDEX_COLUMNS = ["path", "label", "subset"]
+DATA_REPORT_NAME = "data_report.json"  # every skipped or ignored file and why (transfer.data.report)
+INDEX_FILE = RAW_DIR / INDEX_NAME
+DATA_REPORT_FILE = RAW_DIR / DATA_REPORT_NAME
 SPLIT_DIR = Path("data/split")  # split: train/val/test.csv, classes.json, summary.json
 CACHE_DIR = Path("data/cache")  # cache: train/val/test.npy (uint8 [N, S, S, 3]) and meta.json
 FEATURES_DIR = Path("data/features")  # features: train/val/test.pt

@@ -6,9 +6,11 @@ dvc.yaml's commands are `python -m transfer.pipeline.stage stages/<name>.py`; th
 
 import sys
 
+from transfer.pipeline.errors import configure_logging
 from transfer.pipeline.stage_server import run_script
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit("usage: python -m transfer.pipeline.stage stages/<name>.py [args...]")
+    configure_logging()
     run_script(sys.argv[1], sys.argv[2:])

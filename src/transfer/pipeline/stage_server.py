@@ -46,6 +46,7 @@ import contextlib
 import hashlib
 import importlib
 import json
+import logging
 import os
 import random
 import runpy
@@ -62,6 +63,8 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # Imported once by the server: what the stages import, heaviest first.
 PRELOAD = (
@@ -211,7 +214,7 @@ def run_in_server(script: str, args: list[str]) -> int | None:
     try:
         sock = _connect(socket_path())
     except ServerError as exc:
-        print(f"stage server: {exc}; running without it", file=sys.stderr)
+        log.warning(f"stage server: {exc}; running without it")
         return None
     if sock is None:
         return None
@@ -227,8 +230,8 @@ def run_in_server(script: str, args: list[str]) -> int | None:
             signal.signal(signum, lambda received, _frame: _signal_group(child, received))
         finished, _ = _receive(sock)
     if finished is None:
-        print(f"stage server: lost the server while it ran {script} (see `python -m transfer.pipeline.stage_server "
-              f"status`); run again, or set TRANSFER_STAGE_SERVER=off", file=sys.stderr)
+        log.error(f"stage server: lost the server while it ran {script} (see `python -m transfer.pipeline.stage_server "
+                  f"status`); run again, or set TRANSFER_STAGE_SERVER=off")
         return 1
     return int(finished["exit"])
 

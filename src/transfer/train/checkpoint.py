@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 from transfer.pipeline.files import UnreadableFileError, load_torch, save_torch, write_json
+
+log = logging.getLogger(__name__)
 
 # Runtime-only knobs: changing them must not discard a checkpoint.
 RUNTIME_KEYS = ("num_workers", "resume")
@@ -74,10 +77,10 @@ class Checkpointer:
         try:
             payload = load_torch(path, "checkpoint", "it is ignored and training starts over")
         except UnreadableFileError as exc:  # damaged, from an older version, or tampered with
-            print(f"checkpoint: {exc}")
+            log.warning(f"checkpoint: {exc}")
             return None
         if not isinstance(payload, dict) or payload.get("fingerprint") != self.fingerprint:
-            print(f"checkpoint: {path} belongs to other params or data; starting over")
+            log.warning(f"checkpoint: {path} belongs to other params or data; starting over")
             return None
         return payload
 
@@ -109,7 +112,7 @@ class Checkpointer:
 
 
 def training_fingerprint(params, data_hash: str) -> str:
-    """Fingerprint of a train-stage configuration (transfer.params.Params) on data with `data_hash`."""
+    """Fingerprint of a train-stage configuration (transfer.pipeline.params.Params) on data with `data_hash`."""
     finetune = {key: value for key, value in params.finetune.model_dump().items() if key not in RUNTIME_KEYS}
     backbones = params.backbone if isinstance(params.backbone, list) else [params.backbone]
     shaping = {"backbone": [b.model_dump() for b in backbones], "layers": params.features.layers,

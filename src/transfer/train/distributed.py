@@ -11,6 +11,7 @@ Only rank 0 logs to MLflow and writes outputs.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ def relaunch_with_torchrun(script: str | Path, nproc: int, stage: str = "train")
     """Run `script` as `nproc` processes under torchrun (single node); returns torchrun's exit code."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                str(script)]
-    print(f"{stage}: starting {nproc} data-parallel processes: {' '.join(command[1:])}", flush=True)
+    log.info("%s: starting %d data-parallel processes: %s", stage, nproc, " ".join(command[1:]))
     return subprocess.run(command, check=False).returncode
 
 

@@ -19,6 +19,7 @@ accuracy and per-group gradient norms are summed in device tensors and read once
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -50,6 +51,9 @@ from transfer.train.layer_stats import group_grad_norm_tensor
 from transfer.train.losses import class_weights, classification_loss, grad_clip_norm, improves
 from transfer.train.optim import WarmupCosine, add_layer_group, build_optimizer
 from transfer.train.result import EpochCallback, TrainResult
+
+log = logging.getLogger(__name__)
+
 
 # --- Fine-tuning: pieces ---------------------------------------------------------------------------
 
@@ -306,7 +310,7 @@ def fine_tune(model: Classifier, freeze_layers: int, train_data: ImageDataset, v
         restore_rng_state(saved["rng"])
         done, best_state, result.history = saved["done"], saved["best_state"], list(saved["history"])
         if context.is_main:
-            print(f"fine-tune: resuming after epoch {done} of {params.epochs} from {checkpointer.directory}")
+            log.info("fine-tune: resuming after epoch %d of %d from %s", done, params.epochs, checkpointer.directory)
 
     if saved is None:  # epoch 0: the starting model, scored like every epoch, takes part in the selection
         start = dict(epoch=start_epoch, phase="start", frozen_groups=model.frozen_groups,
@@ -344,8 +348,8 @@ def fine_tune(model: Classifier, freeze_layers: int, train_data: ImageDataset, v
                                         best_state=best_state, history=result.history))
         if stopper.should_stop:
             if context.is_main:
-                print(f"fine-tune: early stop after epoch {epoch}: {params.monitor} has not improved for "
-                      f"{params.patience} epoch(s)")
+                log.info("fine-tune: early stop after epoch %d: %s has not improved for %d epoch(s)", epoch,
+                         params.monitor, params.patience)
             break
     model.load_state_dict(best_state)
     result.best_epoch = stopper.best_epoch

@@ -230,11 +230,14 @@ def plot_sweep(result: LRSweep, path: Path, title: str, current_lr: float | None
         figure.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "lr-find", help="sweep the learning rate exponentially and suggest one",
-        description="A short run of the recipe with an exponentially growing LR; suggests the LR of the "
-                    "steepest loss descent and saves the loss-vs-LR plot under data/lr_find/.")
+# The `transfer lr-find` command (transfer.cli builds its parser from these and `add_arguments`).
+COMMAND = "lr-find"
+COMMAND_HELP = "sweep the learning rate exponentially and suggest one"
+COMMAND_DESCRIPTION = ("A short run of the recipe with an exponentially growing LR; suggests the LR of the "
+                       "steepest loss descent and saves the loss-vs-LR plot under data/lr_find/.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     parser.add_argument("--recipe", choices=("auto", "probe", "finetune"), default="auto",
                         help="probe: head.lr on the cached features; finetune: finetune.lr; auto (default): "
@@ -243,10 +246,9 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=200, help="steps of the sweep (default 200)")
     parser.add_argument("--min-lr", type=float, default=1e-6, help="first LR (default 1e-6)")
     parser.add_argument("--max-lr", type=float, default=10.0, help="last LR (default 10)")
-    parser.set_defaults(func=command)
 
 
-def command(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from transfer import tracking
     from transfer.pipeline.files import write_json
     from transfer.pipeline.params import load_params

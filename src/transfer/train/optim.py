@@ -17,6 +17,7 @@ import math
 from typing import Callable
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from transfer.models.backbones import Classifier
@@ -29,15 +30,17 @@ def group_lr(params: FinetuneParams, index: int, num_groups: int) -> float:
 
 
 def _decay_split(module: nn.Module, lr: float, weight_decay: float, name: str) -> list[dict]:
-    """Two optimiser groups for one module's trainable parameters: with and without weight decay."""
-    decay, no_decay = [], []
-    for parameter in module.parameters():
-        if parameter.requires_grad:
-            # ndim <= 1: biases and normalisation scales/shifts.
-            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-    groups = [dict(params=decay, lr=lr, initial_lr=lr, weight_decay=weight_decay, name=name),
-              dict(params=no_decay, lr=lr, initial_lr=lr, weight_decay=0.0, name=f"{name}/no_decay")]
-    return [group for group in groups if group["params"]]
+    """Optimiser groups for one module's trainable parameters, with and without weight decay (timm's split:
+    biases and normalisation scales/shifts, every parameter with ndim <= 1, get none), at one LR.
+
+    timm's `param_groups_layer_decay` is not used for the LRs: it numbers layers through a timm
+    `group_matcher`, while the layer groups here are the backbone registry's (torchvision models too), and
+    gradual unfreezing adds them to the optimiser one at a time.
+    """
+    groups = sorted(param_groups_weight_decay(module, weight_decay), key=lambda group: not group["weight_decay"])
+    for group in groups:  # decayed group first, as the checkpoints of earlier versions hold them
+        group.update(lr=lr, initial_lr=lr, name=name if group["weight_decay"] else f"{name}/no_decay")
+    return groups
 
 
 def layer_group_param_groups(model: Classifier, params: FinetuneParams, index: int) -> list[dict]:

@@ -438,11 +438,14 @@ def save_plots(study, out_dir: Path) -> list[Path]:
 
 # --- The command --------------------------------------------------------------------------------
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "tune", help="search hyper-parameters with Optuna (params.yaml tune:)",
-        description="An Optuna study over tune.space, scored on the validation split. Run it again, or on "
-                    "other machines, with the same tune.storage and study_name to add workers to the study.")
+# The `transfer tune` command (transfer.cli builds its parser from these and `add_arguments`).
+COMMAND = "tune"
+COMMAND_HELP = "search hyper-parameters with Optuna (params.yaml tune:)"
+COMMAND_DESCRIPTION = ("An Optuna study over tune.space, scored on the validation split. Run it again, or on "
+                       "other machines, with the same tune.storage and study_name to add workers to the study.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     parser.add_argument("--n-trials", type=int, help="the study's trial budget (overrides tune.n_trials)")
     parser.add_argument("--timeout-min", type=float, help="start no trial after this many minutes")
@@ -453,10 +456,9 @@ def register(subparsers) -> None:
                              "a study propose different trials")
     parser.add_argument("--apply", action="store_true", help="then run the best params through the pipeline "
                                                              "(dvc exp run -S ...)")
-    parser.set_defaults(func=command)
 
 
-def command(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from transfer import tracking
     from transfer.pipeline.params import load_params
     from transfer.train.recipe import load_training_inputs
