@@ -132,9 +132,11 @@ def _svm(c: float, seed: int):
 
     # The dual solver (coordinate descent), whatever the shape: on 54k x 1280 standardised features the primal
     # one (dual="auto" picks it when rows outnumber features) had not finished C = 1e-5 in 9 minutes, the dual
-    # took 84 s. Its cost grows with C (12 passes over the data at C = 1e-5, 286 at 1e-3), so max_iter bounds
-    # the weakly regularised fits, which the search on val reaches only when they keep improving.
-    return make_pipeline(StandardScaler(), LinearSVC(C=c, dual=True, max_iter=200, random_state=seed))
+    # took 84 s. Its cost grows with C; tol 0.1 is liblinear's own default for this solver (scikit-learn's
+    # 1e-4 is far stricter): at C = 1e-3, 83 passes over the data instead of 286 for the same val accuracy
+    # (0.8828 vs 0.8827). max_iter bounds the weakly regularised fits, which the search on val reaches only
+    # when they keep improving.
+    return make_pipeline(StandardScaler(), LinearSVC(C=c, dual=True, tol=0.1, max_iter=200, random_state=seed))
 
 
 def _knn(k: int, seed: int):
