@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Stage commands run `python`: put the project's environment first on PATH for DVC.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro server server-stop lint test test-fast ui server-mlflow server-url report compare bench clean
+.PHONY: setup repro server server-stop lint format test test-fast ui server-mlflow server-url report compare bench clean
 
 setup: $(VENV)/.installed
 
@@ -27,8 +27,13 @@ server: setup  ## start the stage server (fast head-only iterations)
 server-stop:  ## stop the stage server
 	-$(BIN)/python -m transfer.pipeline.stage_server stop
 
-lint: setup  ## ruff's checks (configured in pyproject.toml)
+lint: setup  ## ruff's checks and the formatter's verdict (configured in pyproject.toml)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup  ## sort imports and format the whole tree with ruff
+	$(BIN)/ruff check --select I --fix .
+	$(BIN)/ruff format .
 
 test: setup  ## the whole test suite, the end-to-end DVC/MLflow tests included
 	$(BIN)/python -m pytest

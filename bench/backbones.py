@@ -19,8 +19,17 @@ import torch
 
 from transfer.models.backbones import load_backbone
 
-DEFAULT = ["efficientnet_lite0", "efficientnet_lite1", "resnet18", "resnet50", "resnet10t", "efficientnet_b0",
-           "convnext_atto", "vit_tiny_patch16_224", "vit_small_patch16_224"]
+DEFAULT = [
+    "efficientnet_lite0",
+    "efficientnet_lite1",
+    "resnet18",
+    "resnet50",
+    "resnet10t",
+    "efficientnet_b0",
+    "convnext_atto",
+    "vit_tiny_patch16_224",
+    "vit_small_patch16_224",
+]
 
 
 @torch.inference_mode()
@@ -34,10 +43,18 @@ def throughput(name: str, image_size: int, batch_size: int, batches: int) -> dic
     for _ in range(batches):
         backbone(images)
     seconds = time.perf_counter() - started
-    result = {"name": name, "image_size": size, "groups": len(backbone.group_names),
-              "width": backbone.num_features, "images_per_second": round(batch_size * batches / seconds, 1)}
-    print(f"{name:>24}: {size} px, {result['groups']:>2} groups, width {result['width']:>5}, "
-          f"{result['images_per_second']:>7.1f} img/s", flush=True)
+    result = {
+        "name": name,
+        "image_size": size,
+        "groups": len(backbone.group_names),
+        "width": backbone.num_features,
+        "images_per_second": round(batch_size * batches / seconds, 1),
+    }
+    print(
+        f"{name:>24}: {size} px, {result['groups']:>2} groups, width {result['width']:>5}, "
+        f"{result['images_per_second']:>7.1f} img/s",
+        flush=True,
+    )
     return result
 
 

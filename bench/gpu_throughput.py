@@ -58,8 +58,9 @@ def write_cache(path: Path, count: int, side: int, seed: int = 0) -> None:
     """A cache file of random pixels, written in chunks (the format the cache stage writes)."""
     rng = np.random.default_rng(seed)
     with open(path, "wb") as handle:
-        np.lib.format.write_array_header_1_0(handle, {"descr": "|u1", "fortran_order": False,
-                                                      "shape": (count, side, side, 3)})
+        np.lib.format.write_array_header_1_0(
+            handle, {"descr": "|u1", "fortran_order": False, "shape": (count, side, side, 3)}
+        )
         for start in range(0, count, 256):
             rows = min(256, count - start)
             handle.write(rng.integers(0, 256, (rows, side, side, 3), dtype=np.uint8).tobytes())
@@ -82,8 +83,9 @@ def forward_ceiling(backbone, batch: torch.Tensor, device: torch.device, steps: 
     return steps * len(batch) / seconds
 
 
-def step_ceiling(model: Classifier, batch: torch.Tensor, labels: torch.Tensor, device: torch.device, steps: int,
-                 compile: bool) -> float:
+def step_ceiling(
+    model: Classifier, batch: torch.Tensor, labels: torch.Tensor, device: torch.device, steps: int, compile: bool
+) -> float:
     model = model.train().to(device, memory_format=torch.channels_last)
     engine = torch.compile(model) if compile else model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
@@ -109,23 +111,38 @@ def bench_model(name: str, args, device: torch.device, workdir: Path) -> dict:
     labels = [i % 10 for i in range(args.n)]
     eval_data = ImageDataset(images, labels, batch_transform=eval_batch_transform(config))
     batch = torch.randn(args.batch_size, 3, config.image_size, config.image_size, device=device).contiguous(
-        memory_format=torch.channels_last)
-    row: dict = {"model": name, "image_size": config.image_size, "cache_side": config.resize_size, "n": args.n,
-                 "batch_size": args.batch_size}
+        memory_format=torch.channels_last
+    )
+    row: dict = {
+        "model": name,
+        "image_size": config.image_size,
+        "cache_side": config.resize_size,
+        "n": args.n,
+        "batch_size": args.batch_size,
+    }
 
     # Features: warm up on one batch (autotuning, compilation), then the whole cache.
     def features() -> None:
-        extract_features(loaded.backbone, eval_data, args.batch_size, device, amp=True, compile=args.compile,
-                         num_workers=args.workers)
+        extract_features(
+            loaded.backbone,
+            eval_data,
+            args.batch_size,
+            device,
+            amp=True,
+            compile=args.compile,
+            num_workers=args.workers,
+        )
 
-    extract_features(loaded.backbone, eval_data.subset(range(args.batch_size)), args.batch_size, device,
-                     compile=args.compile)
+    extract_features(
+        loaded.backbone, eval_data.subset(range(args.batch_size)), args.batch_size, device, compile=args.compile
+    )
     row["features_img_s"] = args.n / timed(features, device)
     row["features_ceiling_img_s"] = forward_ceiling(loaded.backbone, batch, device, args.steps, args.compile)
 
     # Fine-tuning: one epoch over the cache, validation on one batch.
-    recipe = FinetuneParams(epochs=1, batch_size=args.batch_size, num_workers=args.workers, compile=args.compile,
-                            warmup_epochs=0.0, lr=1e-3)
+    recipe = FinetuneParams(
+        epochs=1, batch_size=args.batch_size, num_workers=args.workers, compile=args.compile, warmup_epochs=0.0, lr=1e-3
+    )
     sample_transform, batch_transform = train_transforms(config, "none", recipe.crop_min_scale, recipe.hflip)
     train_data = ImageDataset(images, labels, batch_transform=batch_transform, sample_transform=sample_transform)
     val_data = eval_data.subset(range(args.batch_size))
@@ -134,8 +151,14 @@ def bench_model(name: str, args, device: torch.device, workdir: Path) -> dict:
     seconds = timed(lambda: fine_tune(model, 0, train_data, val_data, recipe, 0, device), device)
     row["finetune_img_s"] = (args.n // args.batch_size) * args.batch_size / seconds
     labels_batch = torch.randint(0, 10, (args.batch_size,), device=device)
-    row["finetune_ceiling_img_s"] = step_ceiling(Classifier(load_backbone(name, "none", args.image_size).backbone, 10),
-                                                 batch, labels_batch, device, args.steps, args.compile)
+    row["finetune_ceiling_img_s"] = step_ceiling(
+        Classifier(load_backbone(name, "none", args.image_size).backbone, 10),
+        batch,
+        labels_batch,
+        device,
+        args.steps,
+        args.compile,
+    )
     row["features_share"] = row["features_img_s"] / row["features_ceiling_img_s"]
     row["finetune_share"] = row["finetune_img_s"] / row["finetune_ceiling_img_s"]
     cache.unlink()
@@ -155,27 +178,37 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if cuda else "cpu")
-    card = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()}, " \
-                                                           f"{torch.get_num_threads()} threads)"
+    card = (
+        torch.cuda.get_device_name(device)
+        if cuda
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     precision = "bf16 autocast" if cuda else "fp32"
     rows = []
     with tempfile.TemporaryDirectory(prefix="transfer-throughput-") as tmp:
         for name in args.models:
             rows.append(bench_model(name, args, device, Path(tmp)))
             print(f"{name}: done", flush=True)
-    print(f"\n{card}, {precision}, {args.image_size} px, batch {args.batch_size}, {args.n} images"
-          f"{', torch.compile' if args.compile else ''}\n")
+    print(
+        f"\n{card}, {precision}, {args.image_size} px, batch {args.batch_size}, {args.n} images"
+        f"{', torch.compile' if args.compile else ''}\n"
+    )
     print("| what | the project (img/s) | the model alone (img/s) | share |")
     print("|---|---|---|---|")
     for row in rows:
-        print(f"| features, {row['model']} | {row['features_img_s']:,.0f} | {row['features_ceiling_img_s']:,.0f} "
-              f"forward | {row['features_share']:.0%} |")
-        print(f"| fine-tune 1 epoch, {row['model']} | {row['finetune_img_s']:,.0f} | "
-              f"{row['finetune_ceiling_img_s']:,.0f} forward+backward+step | {row['finetune_share']:.0%} |")
+        print(
+            f"| features, {row['model']} | {row['features_img_s']:,.0f} | {row['features_ceiling_img_s']:,.0f} "
+            f"forward | {row['features_share']:.0%} |"
+        )
+        print(
+            f"| fine-tune 1 epoch, {row['model']} | {row['finetune_img_s']:,.0f} | "
+            f"{row['finetune_ceiling_img_s']:,.0f} forward+backward+step | {row['finetune_share']:.0%} |"
+        )
     out = REPO_ROOT / "bench" / "results" / "gpu_throughput.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": card, "precision": precision, "compile": args.compile, "rows": rows},
-                              indent=2) + "\n")
+    out.write_text(
+        json.dumps({"device": card, "precision": precision, "compile": args.compile, "rows": rows}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -32,12 +32,12 @@ from transfer.train.probe import fit_feature_head, train_linear_probe
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def idx_features(folder: Path, backbone: str, image_size: int, limit: int | None, batch_size: int
-                 ) -> tuple[FeatureCache, FeatureCache, FeatureCache]:
+def idx_features(
+    folder: Path, backbone: str, image_size: int, limit: int | None, batch_size: int
+) -> tuple[FeatureCache, FeatureCache, FeatureCache]:
     """Features of the IDX train and test images (cached); train split 90/10 into train and val."""
-    from sklearn.model_selection import train_test_split
-
     from PIL import Image
+    from sklearn.model_selection import train_test_split
 
     from transfer.data.cache import cache_geometry, to_cache_form
     from transfer.data.datasets import ImageDataset
@@ -54,8 +54,12 @@ def idx_features(folder: Path, backbone: str, image_size: int, limit: int | None
             labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")[:limit].astype(np.int64)
             # As the pipeline sees them: grayscale -> RGB, the image cache's form, evaluation's batch transform.
             geometry = cache_geometry(loaded.data_config)
-            pixels = torch.stack([torch.from_numpy(to_cache_form(Image.fromarray(image).convert("RGB"), geometry))
-                                  .permute(2, 0, 1) for image in images])
+            pixels = torch.stack(
+                [
+                    torch.from_numpy(to_cache_form(Image.fromarray(image).convert("RGB"), geometry)).permute(2, 0, 1)
+                    for image in images
+                ]
+            )
             dataset = ImageDataset(pixels, labels.tolist(), batch_transform=eval_batch_transform(loaded.data_config))
             started = time.perf_counter()
             features = extract_features(loaded.backbone, dataset, batch_size, torch.device("cpu"), desc=part)
@@ -65,12 +69,15 @@ def idx_features(folder: Path, backbone: str, image_size: int, limit: int | None
         torch.save(parts, cache)
     parts = torch.load(cache, weights_only=True)
     features, labels = parts["train"]
-    train_index, val_index = train_test_split(np.arange(len(labels)), test_size=0.1, stratify=labels.numpy(),
-                                              random_state=0)
+    train_index, val_index = train_test_split(
+        np.arange(len(labels)), test_size=0.1, stratify=labels.numpy(), random_state=0
+    )
     train_index, val_index = torch.from_numpy(np.sort(train_index)), torch.from_numpy(np.sort(val_index))
-    return (FeatureCache(features[train_index], labels[train_index], []),
-            FeatureCache(features[val_index], labels[val_index], []),
-            FeatureCache(parts["test"][0], parts["test"][1], []))
+    return (
+        FeatureCache(features[train_index], labels[train_index], []),
+        FeatureCache(features[val_index], labels[val_index], []),
+        FeatureCache(parts["test"][0], parts["test"][1], []),
+    )
 
 
 def measure(kind: str, train: FeatureCache, val: FeatureCache, test: FeatureCache, seed: int) -> dict:
@@ -113,8 +120,19 @@ def main() -> None:
     results = [measure(kind, train, val, test, args.seed) for kind in args.kinds]
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"train": len(train.labels), "val": len(val.labels), "test": len(test.labels),
-                                        "width": train.features.shape[1], "heads": results}, indent=2) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {
+                    "train": len(train.labels),
+                    "val": len(val.labels),
+                    "test": len(test.labels),
+                    "width": train.features.shape[1],
+                    "heads": results,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -76,8 +76,16 @@ def write_photos(folder: Path, count: int, photos: dict[str, list[bytes]]) -> No
 
 
 def copy_project(dest: Path) -> None:
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = REPO_ROOT / name
         if source.is_file() and not name.startswith(("data/", "mlruns/", "dvc.lock", "reports/", "bench/results")):
@@ -122,8 +130,11 @@ def run_stage(stage: str, repo: Path, env: dict) -> dict:
     if process.returncode:
         sys.exit(f"{stage} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
     max_rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1))
-    return {"peak_rss_mb": round(max_rss_kb / 1024), "tree_peak_rss_mb": round(peak[0] / 2**20),
-            "wall_s": round(seconds, 1)}
+    return {
+        "peak_rss_mb": round(max_rss_kb / 1024),
+        "tree_peak_rss_mb": round(peak[0] / 2**20),
+        "wall_s": round(seconds, 1),
+    }
 
 
 def measure(count: int, photos_root: Path, env: dict, params_overrides: dict) -> dict:
@@ -158,9 +169,15 @@ def main() -> None:
     args = parser.parse_args()
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1",
-               GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@localhost", GIT_COMMITTER_NAME="bench",
-               GIT_COMMITTER_EMAIL="bench@localhost", TRANSFER_STAGE_SERVER="off")
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="bench",
+        GIT_AUTHOR_EMAIL="bench@localhost",
+        GIT_COMMITTER_NAME="bench",
+        GIT_COMMITTER_EMAIL="bench@localhost",
+        TRANSFER_STAGE_SERVER="off",
+    )
     overrides = {"freeze_layers": 3, "finetune.epochs": 1}
     results: dict = {"photo": f"{args.side}x{args.side * 3 // 4} JPEG", "params": overrides}
     with tempfile.TemporaryDirectory(prefix="transfer-photos-") as tmp:

@@ -31,8 +31,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def copy_project(dest: Path) -> None:
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = REPO_ROOT / name
         if source.is_file() and not name.startswith(("data/", "mlruns/", "dvc.lock", "reports/")):
@@ -56,9 +64,15 @@ def main() -> None:
     args = parser.parse_args()
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1",
-               GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@localhost", GIT_COMMITTER_NAME="bench",
-               GIT_COMMITTER_EMAIL="bench@localhost", TRANSFER_STAGE_SERVER="off")
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="bench",
+        GIT_AUTHOR_EMAIL="bench@localhost",
+        GIT_COMMITTER_NAME="bench",
+        GIT_COMMITTER_EMAIL="bench@localhost",
+        TRANSFER_STAGE_SERVER="off",
+    )
     dvc = [sys.executable, "-m", "dvc"]
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="transfer-bench-") as tmp:
@@ -75,10 +89,16 @@ def main() -> None:
         learning_rates = iter(f"{0.02 + 0.001 * i:.3f}" for i in range(2 * args.repeat))
 
         def head_only(mode_env: dict) -> dict:
-            runs = [timed(dvc + ["exp", "run", "-S", f"head.lr={next(learning_rates)}"], repo, mode_env)
-                    for _ in range(args.repeat)]
-            return {"seconds": round(statistics.median(s for s, _ in runs), 1),
-                    "runs_s": [round(s, 1) for s, _ in runs], "stages": runs[-1][1], "target_s": 10}
+            runs = [
+                timed(dvc + ["exp", "run", "-S", f"head.lr={next(learning_rates)}"], repo, mode_env)
+                for _ in range(args.repeat)
+            ]
+            return {
+                "seconds": round(statistics.median(s for s, _ in runs), 1),
+                "runs_s": [round(s, 1) for s, _ in runs],
+                "stages": runs[-1][1],
+                "target_s": 10,
+            }
 
         results["head_only_exp_run_cold"] = head_only(env)
         # Sockets outside the repository: DVC would otherwise see them as untracked files.

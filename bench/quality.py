@@ -54,9 +54,14 @@ def variants(freeze_layers: int) -> dict[str, list[str]]:
 
 def environment() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1",
-               GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@localhost", GIT_COMMITTER_NAME="bench",
-               GIT_COMMITTER_EMAIL="bench@localhost")
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="bench",
+        GIT_AUTHOR_EMAIL="bench@localhost",
+        GIT_COMMITTER_NAME="bench",
+        GIT_COMMITTER_EMAIL="bench@localhost",
+    )
     return env
 
 
@@ -72,8 +77,16 @@ def copy_project(destination: Path) -> Path:
     if destination.exists():
         shutil.rmtree(destination)
     destination.mkdir(parents=True)
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = REPO / name
         if source.is_file() and not name.startswith(("data/", "reports/", "mlruns/", "dvc.lock", "bench/results")):
@@ -92,9 +105,14 @@ def measure(work: Path, name: str, overrides: list[str]) -> dict:
     seconds = time.time() - started
     metrics = json.loads((work / "reports/metrics.json").read_text())
     train = json.loads((work / "reports/train.json").read_text())
-    return {"test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
-            "best_val_acc": train["val_acc"], "best_epoch": train["best_epoch"], "seconds": round(seconds, 1),
-            "overrides": overrides}
+    return {
+        "test_accuracy": metrics["accuracy"],
+        "test_macro_f1": metrics["macro_f1"],
+        "best_val_acc": train["val_acc"],
+        "best_epoch": train["best_epoch"],
+        "seconds": round(seconds, 1),
+        "overrides": overrides,
+    }
 
 
 def main() -> None:
@@ -111,14 +129,20 @@ def main() -> None:
     results = {}
     for name in args.variants:
         results[name] = measure(work, name, table[name] + args.set)
-        print(f"{name:9s} test accuracy {results[name]['test_accuracy']:.4f}  "
-              f"(best val {results[name]['best_val_acc']:.4f} at epoch {results[name]['best_epoch']}, "
-              f"{results[name]['seconds']:.0f} s)", flush=True)
+        print(
+            f"{name:9s} test accuracy {results[name]['test_accuracy']:.4f}  "
+            f"(best val {results[name]['best_val_acc']:.4f} at epoch {results[name]['best_epoch']}, "
+            f"{results[name]['seconds']:.0f} s)",
+            flush=True,
+        )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     if {"probe", "finetune", "scratch"} <= set(results):
-        ordered = results["finetune"]["test_accuracy"] > results["probe"]["test_accuracy"] > \
-            results["scratch"]["test_accuracy"]
+        ordered = (
+            results["finetune"]["test_accuracy"]
+            > results["probe"]["test_accuracy"]
+            > results["scratch"]["test_accuracy"]
+        )
         print(f"fine-tune > probe > scratch: {ordered}")
 
 

@@ -65,8 +65,18 @@ from transfer.train.probe import train_linear_probe  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle_boot"]
+FASHION_CLASSES = [
+    "T-shirt_top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle_boot",
+]
 CPU = torch.device("cpu")
 
 # Variant name -> FinetuneParams overrides (on the schema's defaults). The first study ran on the recipe before
@@ -127,16 +137,29 @@ def _carve(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int) 
     return np.sort(rest), np.sort(carved)
 
 
-def _from_arrays(images: np.ndarray, labels: np.ndarray, splits: dict[str, np.ndarray], classes: list[str],
-                 relabel: dict[int, int] | None = None) -> dict:
+def _from_arrays(
+    images: np.ndarray,
+    labels: np.ndarray,
+    splits: dict[str, np.ndarray],
+    classes: list[str],
+    relabel: dict[int, int] | None = None,
+) -> dict:
     relabel = relabel or {c: c for c in range(len(classes))}
-    return {"classes": classes, **{split: ([_gray_to_rgb(images[i]) for i in idx], [relabel[int(labels[i])] for i in idx])
-                                   for split, idx in splits.items()}}
+    return {
+        "classes": classes,
+        **{
+            split: ([_gray_to_rgb(images[i]) for i in idx], [relabel[int(labels[i])] for i in idx])
+            for split, idx in splits.items()
+        },
+    }
 
 
 def load_fmnist(train_per_class: int, test_per_class: int, seed: int = 0) -> dict:
     images, labels = read_idx(FASHION / "train-images-idx3-ubyte.gz"), read_idx(FASHION / "train-labels-idx1-ubyte.gz")
-    test_images, test_labels = read_idx(FASHION / "t10k-images-idx3-ubyte.gz"), read_idx(FASHION / "t10k-labels-idx1-ubyte.gz")
+    test_images, test_labels = (
+        read_idx(FASHION / "t10k-images-idx3-ubyte.gz"),
+        read_idx(FASHION / "t10k-labels-idx1-ubyte.gz"),
+    )
     pool = _per_class(labels, {c: train_per_class for c in range(10)}, seed)
     train, val = _carve(pool, labels, 0.15, seed)
     test = np.sort(_per_class(test_labels, {c: test_per_class for c in range(10)}, seed))
@@ -153,8 +176,9 @@ def load_imbalanced(seed: int = 0) -> dict:
     rest, test = _carve(pool, labels, 0.15, seed)
     train, val = _carve(rest, labels, 0.15 / 0.85, seed)
     relabel = {old: new for new, old in enumerate(counts)}
-    return _from_arrays(images, labels, {"train": train, "val": val, "test": test},
-                        [FASHION_CLASSES[c] for c in counts], relabel)
+    return _from_arrays(
+        images, labels, {"train": train, "val": val, "test": test}, [FASHION_CLASSES[c] for c in counts], relabel
+    )
 
 
 def write_digits(folder: Path) -> Path:
@@ -166,7 +190,9 @@ def write_digits(folder: Path) -> Path:
         return folder
     for n, (image, label) in enumerate(zip(digits.images, digits.target)):
         (folder / str(label)).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.round(image * 255 / 16).astype(np.uint8), mode="L").save(folder / str(label) / f"{n:04d}.png")
+        Image.fromarray(np.round(image * 255 / 16).astype(np.uint8), mode="L").save(
+            folder / str(label) / f"{n:04d}.png"
+        )
     return folder
 
 
@@ -178,16 +204,23 @@ def load_through_pipeline(data_params: dict, name: str) -> dict:
     classes = sorted(index["label"].unique())
     data = {"classes": classes}
     for split, frame in manifests.items():
-        data[split] = ([load_rgb(REPO / path) for path in frame["path"]],
-                       [classes.index(label) for label in frame["label"]])
+        data[split] = (
+            [load_rgb(REPO / path) for path in frame["path"]],
+            [classes.index(label) for label in frame["label"]],
+        )
     return data
 
 
 def load_dataset(name: str, args) -> dict:
     if name == "embedded":
-        return load_through_pipeline({"source": "archive", "url": "assets/fashion-mnist-mini.tar.gz",
-                                      "sha256": "18135061f3d4d9979a7d907c4d73b8ebed240ffc01e8a5d8669eeb132e0661d4"},
-                                     name)
+        return load_through_pipeline(
+            {
+                "source": "archive",
+                "url": "assets/fashion-mnist-mini.tar.gz",
+                "sha256": "18135061f3d4d9979a7d907c4d73b8ebed240ffc01e8a5d8669eeb132e0661d4",
+            },
+            name,
+        )
     if name == "digits":
         folder = write_digits(REPO / "data" / "sklearn-digits")
         return load_through_pipeline({"source": "folder", "path": str(folder)}, name)
@@ -207,26 +240,38 @@ def test_outputs(model: Classifier, dataset: ImageDataset) -> tuple[torch.Tensor
 def scores(y_true: np.ndarray, logits: torch.Tensor, classes: list[str]) -> dict:
     y_pred = logits.argmax(1).numpy()
     recall = [float(np.mean(y_pred[y_true == c] == c)) for c in range(len(classes))]
-    return {"accuracy": float(np.mean(y_pred == y_true)),
-            "macro_f1": float(f1_score(y_true, y_pred, labels=list(range(len(classes))), average="macro",
-                                       zero_division=0)),
-            "predicted_classes": int(len(np.unique(y_pred))),
-            "zero_recall": [classes[c] for c, r in enumerate(recall) if r == 0 and np.any(y_true == c)]}
+    return {
+        "accuracy": float(np.mean(y_pred == y_true)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=list(range(len(classes))), average="macro", zero_division=0)),
+        "predicted_classes": int(len(np.unique(y_pred))),
+        "zero_recall": [classes[c] for c, r in enumerate(recall) if r == 0 and np.any(y_true == c)],
+    }
 
 
 def legacy_weighted_loss(params: FinetuneParams, weights):
     """The loss before the fix: torch's weighted cross-entropy (weighted smoothing, mean over sum of weights)."""
+
     def loss(logits, targets):
-        return F.cross_entropy(logits, targets, weight=None if weights is None else weights.to(logits.device),
-                               label_smoothing=params.label_smoothing)
+        return F.cross_entropy(
+            logits,
+            targets,
+            weight=None if weights is None else weights.to(logits.device),
+            label_smoothing=params.label_smoothing,
+        )
+
     return loss
 
 
 def cached_pixels(data: dict, config) -> dict[str, torch.Tensor]:
     """Each split's images as the cache stage stores them (uint8 [N, 3, S, S]), for the batch transforms."""
     geometry = cache_geometry(config)
-    return {split: torch.stack([torch.from_numpy(to_cache_form(image, geometry)).permute(2, 0, 1)
-                                for image in data[split][0]]) for split in ("train", "val", "test") if split in data}
+    return {
+        split: torch.stack(
+            [torch.from_numpy(to_cache_form(image, geometry)).permute(2, 0, 1) for image in data[split][0]]
+        )
+        for split in ("train", "val", "test")
+        if split in data
+    }
 
 
 def run_dataset(name: str, args) -> dict:
@@ -238,31 +283,54 @@ def run_dataset(name: str, args) -> dict:
     loaded = load_backbone("efficientnet_lite0", "imagenet", args.image_size)
     pixels = cached_pixels(data, loaded.data_config)
     evaluate_tf = eval_batch_transform(loaded.data_config)
-    sets = {split: ImageDataset(pixels[split], data[split][1], batch_transform=evaluate_tf)
-            for split in ("train", "val", "test")}
-    caches = {split: FeatureCache(extract_features(loaded.backbone, sets[split], 128, CPU, desc=f"features {split}"),
-                                  torch.as_tensor(sets[split].labels), [])
-              for split in sets}
+    sets = {
+        split: ImageDataset(pixels[split], data[split][1], batch_transform=evaluate_tf)
+        for split in ("train", "val", "test")
+    }
+    caches = {
+        split: FeatureCache(
+            extract_features(loaded.backbone, sets[split], 128, CPU, desc=f"features {split}"),
+            torch.as_tensor(sets[split].labels),
+            [],
+        )
+        for split in sets
+    }
     counts = np.bincount(data["train"][1], minlength=len(classes))
-    info = {"classes": len(classes), "train": len(sets["train"]), "val": len(sets["val"]), "test": len(sets["test"]),
-            "train_counts": counts.tolist(), "imbalance": float(counts.max() / max(counts.min(), 1)),
-            "image_size": args.image_size, "freeze_layers": args.freeze_layers, "epochs": args.epochs}
+    info = {
+        "classes": len(classes),
+        "train": len(sets["train"]),
+        "val": len(sets["val"]),
+        "test": len(sets["test"]),
+        "train_counts": counts.tolist(),
+        "imbalance": float(counts.max() / max(counts.min(), 1)),
+        "image_size": args.image_size,
+        "freeze_layers": args.freeze_layers,
+        "epochs": args.epochs,
+    }
     print(f"[{name}] {info} (data + features {time.time() - started:.0f} s)", flush=True)
     y_test = caches["test"].labels.numpy()
     pretrained = caches["test"].features
     heads: dict = {}
-    for probe_name, head_overrides in (("probe", {}), ("probe_balanced", {"class_balance": "loss",
-                                                                           "monitor": "val_macro_f1"})):
+    for probe_name, head_overrides in (
+        ("probe", {}),
+        ("probe_balanced", {"class_balance": "loss", "monitor": "val_macro_f1"}),
+    ):
         if probe_name not in args.probes:
             continue
         probe = train_linear_probe(caches["train"], caches["val"], len(classes), HeadParams(**head_overrides), 0)
         row = probe.history[probe.best_epoch - 1]
         with torch.inference_mode():
-            results[probe_name] = {**scores(y_test, probe.model(pretrained), classes), "best_val_acc": row["val_acc"],
-                                   "best_val_macro_f1": row["val_macro_f1"], "head": head_overrides}
+            results[probe_name] = {
+                **scores(y_test, probe.model(pretrained), classes),
+                "best_val_acc": row["val_acc"],
+                "best_val_macro_f1": row["val_macro_f1"],
+                "head": head_overrides,
+            }
         print(f"[{name}] {probe_name}: {results[probe_name]}", flush=True)
-        heads[probe_name] = (copy.deepcopy(probe.model.state_dict()),
-                             {k: v for k, v in row.items() if k.startswith("train_")})
+        heads[probe_name] = (
+            copy.deepcopy(probe.model.state_dict()),
+            {k: v for k, v in row.items() if k.startswith("train_")},
+        )
     results["info"] = info
     for variant in args.variants:
         overrides = {**VARIANTS[variant], "epochs": args.epochs}
@@ -272,10 +340,10 @@ def run_dataset(name: str, args) -> dict:
         start_probe = "probe_balanced" if variant.startswith("balanced_start") else "probe"
         probe_head, probe_train = heads[start_probe]
         model.head.load_state_dict(probe_head)
-        sample_tf, batch_tf = train_transforms(loaded.data_config, params.augment, params.crop_min_scale,
-                                               params.hflip)
-        train_set = ImageDataset(pixels["train"], data["train"][1], batch_transform=batch_tf,
-                                 sample_transform=sample_tf)
+        sample_tf, batch_tf = train_transforms(loaded.data_config, params.augment, params.crop_min_scale, params.hflip)
+        train_set = ImageDataset(
+            pixels["train"], data["train"][1], batch_transform=batch_tf, sample_transform=sample_tf
+        )
         best: dict = {}
 
         def keep_best_tuned(row, model=model, best=best, monitor=params.monitor):
@@ -287,8 +355,17 @@ def run_dataset(name: str, args) -> dict:
             finetune_module.make_loss = legacy_weighted_loss
         began = time.time()
         try:
-            result = fine_tune(model, freeze_layers, train_set, sets["val"], params, 0, CPU,
-                               on_epoch=keep_best_tuned, start_train=probe_train)
+            result = fine_tune(
+                model,
+                freeze_layers,
+                train_set,
+                sets["val"],
+                params,
+                0,
+                CPU,
+                on_epoch=keep_best_tuned,
+                start_train=probe_train,
+            )
         finally:
             finetune_module.make_loss = original
         seconds = time.time() - began
@@ -297,18 +374,26 @@ def run_dataset(name: str, args) -> dict:
         tuned = {**scores(y_test, logits, classes), **feature_health(features, pretrained, y_test)}
         shipped = results[start_probe] if result.kept_start else tuned
         results[variant] = {
-            "overrides": VARIANTS[variant], "kept_start": result.kept_start,
-            "shipped_accuracy": shipped["accuracy"], "shipped_macro_f1": shipped["macro_f1"],
-            "tuned": tuned, "tuned_epoch": best["epoch"],
-            "val": [{k: round(r[k], 4) for k in ("val_acc", "val_macro_f1", "val_loss")} | {"epoch": r["epoch"]}
-                    for r in result.history],
-            "seconds": round(seconds, 1)}
-        print(f"[{name}] {variant}: kept_start={result.kept_start} shipped acc {shipped['accuracy']:.4f} "
-              f"f1 {shipped['macro_f1']:.4f} | tuned acc {tuned['accuracy']:.4f} f1 {tuned['macro_f1']:.4f} "
-              f"spread x{tuned['spread_ratio']:.3f} rank x{tuned['effective_rank_ratio']:.3f} "
-              f"dead {tuned['dead_share']:.2f} predicted {tuned['predicted_classes']} zero-recall "
-              f"{tuned['zero_recall']} | val {[r['val_acc'] for r in results[variant]['val']]} ({seconds:.0f} s)",
-              flush=True)
+            "overrides": VARIANTS[variant],
+            "kept_start": result.kept_start,
+            "shipped_accuracy": shipped["accuracy"],
+            "shipped_macro_f1": shipped["macro_f1"],
+            "tuned": tuned,
+            "tuned_epoch": best["epoch"],
+            "val": [
+                {k: round(r[k], 4) for k in ("val_acc", "val_macro_f1", "val_loss")} | {"epoch": r["epoch"]}
+                for r in result.history
+            ],
+            "seconds": round(seconds, 1),
+        }
+        print(
+            f"[{name}] {variant}: kept_start={result.kept_start} shipped acc {shipped['accuracy']:.4f} "
+            f"f1 {shipped['macro_f1']:.4f} | tuned acc {tuned['accuracy']:.4f} f1 {tuned['macro_f1']:.4f} "
+            f"spread x{tuned['spread_ratio']:.3f} rank x{tuned['effective_rank_ratio']:.3f} "
+            f"dead {tuned['dead_share']:.2f} predicted {tuned['predicted_classes']} zero-recall "
+            f"{tuned['zero_recall']} | val {[r['val_acc'] for r in results[variant]['val']]} ({seconds:.0f} s)",
+            flush=True,
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1) + "\n")
     out.write_text(json.dumps(results, indent=1) + "\n")

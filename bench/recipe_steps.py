@@ -45,9 +45,11 @@ STUDY_KEYS = ("start", "bias_shift", "sqrt_weights", "rescale")
 
 def rescaled(loss_fn, plain_fn):
     """The weighted loss with the unweighted loss's value (the weights choose the direction, not the size)."""
+
     def loss(logits, targets):
         weighted, plain = loss_fn(logits, targets), plain_fn(logits, targets)
         return weighted * (plain.detach() / weighted.detach().clamp_min(1e-12))
+
     return loss
 
 
@@ -69,11 +71,20 @@ def main() -> None:
     evaluate = eval_batch_transform(loaded.data_config)
     pixels = recipe.cached_pixels(data, loaded.data_config)
     sets = {split: ImageDataset(pixels[split], data[split][1], batch_transform=evaluate) for split in ("train", "val")}
-    caches = {split: FeatureCache(extract_features(loaded.backbone, sets[split], 128, CPU, desc=split),
-                                  torch.as_tensor(sets[split].labels), []) for split in sets}
-    probes = {"probe": train_linear_probe(caches["train"], caches["val"], num_classes, HeadParams(), 0),
-              "probe_balanced": train_linear_probe(caches["train"], caches["val"], num_classes,
-                                                   HeadParams(class_balance="loss", monitor="val_macro_f1"), 0)}
+    caches = {
+        split: FeatureCache(
+            extract_features(loaded.backbone, sets[split], 128, CPU, desc=split),
+            torch.as_tensor(sets[split].labels),
+            [],
+        )
+        for split in sets
+    }
+    probes = {
+        "probe": train_linear_probe(caches["train"], caches["val"], num_classes, HeadParams(), 0),
+        "probe_balanced": train_linear_probe(
+            caches["train"], caches["val"], num_classes, HeadParams(class_balance="loss", monitor="val_macro_f1"), 0
+        ),
+    }
     val_images = sets["val"].transformed(list(range(len(sets["val"]))))
     val_labels = torch.tensor(sets["val"].labels)
     for text in args.variants:
@@ -92,15 +103,17 @@ def main() -> None:
         loss_fn = classification_loss(params.label_smoothing, loss_weights)
         if variant.get("rescale"):
             loss_fn = rescaled(loss_fn, classification_loss(params.label_smoothing))
-        sample_transform, batch_transform = train_transforms(loaded.data_config, params.augment,
-                                                             params.crop_min_scale, params.hflip)
-        train = ImageDataset(pixels["train"], data["train"][1], batch_transform=batch_transform,
-                             sample_transform=sample_transform)
-        loader = DeviceLoader(train, CPU, batch_sampler=EpochBatchSampler(len(train), params.batch_size, 0,
-                                                                          weights=sample_weights))
+        sample_transform, batch_transform = train_transforms(
+            loaded.data_config, params.augment, params.crop_min_scale, params.hflip
+        )
+        train = ImageDataset(
+            pixels["train"], data["train"][1], batch_transform=batch_transform, sample_transform=sample_transform
+        )
+        loader = DeviceLoader(
+            train, CPU, batch_sampler=EpochBatchSampler(len(train), params.batch_size, 0, weights=sample_weights)
+        )
         optimizer = build_optimizer(model, params)
-        schedule = WarmupCosine(optimizer, len(loader), round(params.warmup_epochs * len(loader)),
-                                params.min_lr_ratio)
+        schedule = WarmupCosine(optimizer, len(loader), round(params.warmup_epochs * len(loader)), params.min_lr_ratio)
         clip = grad_clip_norm(params.grad_clip_norm, params.class_balance)
         print(f"== {variant} (weights {None if loss_weights is None else loss_weights.tolist()}, clip {clip})")
         for step, (images, targets) in enumerate(loader):
@@ -118,10 +131,13 @@ def main() -> None:
                 with torch.no_grad():
                     features = model.backbone(val_images)
                     predicted = model.head(features).argmax(1)
-                print(f"step {step:3d}  loss {loss.item():.3f}  grad norm {norm:6.1f}  "
-                      f"val acc {float((predicted == val_labels).float().mean()):.3f}  "
-                      f"predicted {torch.bincount(predicted, minlength=num_classes).tolist()}  "
-                      f"dead {float((features.amax(0) <= 0).float().mean()):.2f}", flush=True)
+                print(
+                    f"step {step:3d}  loss {loss.item():.3f}  grad norm {norm:6.1f}  "
+                    f"val acc {float((predicted == val_labels).float().mean()):.3f}  "
+                    f"predicted {torch.bincount(predicted, minlength=num_classes).tolist()}  "
+                    f"dead {float((features.amax(0) <= 0).float().mean()):.2f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from transfer.models.backbones import Classifier, freeze_first_groups, load_backbone
-from transfer.train.optim import build_optimizer
 from transfer.pipeline.params import FinetuneParams
 from transfer.train.finetune import make_loss, runtime_for
+from transfer.train.optim import build_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -97,8 +97,13 @@ def main() -> None:
         figures[variant] = round(images_per_second(variant, args), 1)
         print(f"{variant:>14}: {figures[variant]:8.1f} images/s", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    record = dict(vars(args), images_per_second=figures, torch=torch.__version__, threads=torch.get_num_threads(),
-                  machine=platform.processor() or platform.machine())
+    record = dict(
+        vars(args),
+        images_per_second=figures,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        machine=platform.processor() or platform.machine(),
+    )
     (RESULTS / "train_step.json").write_text(json.dumps(record, indent=2) + "\n")
 
 

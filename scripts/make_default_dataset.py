@@ -24,8 +24,7 @@ from PIL import Image
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 # The label order of the official dataset (https://github.com/zalandoresearch/fashion-mnist).
-CLASS_NAMES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
-               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"]
+CLASS_NAMES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"]
 ARCHIVE_ROOT = "fashion-mnist-mini"
 LICENSE_NOTICE = """\
 Fashion-MNIST subset
@@ -58,7 +57,7 @@ def read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -90,8 +89,9 @@ def main() -> None:
 
     tar_buffer = io.BytesIO()
     with tarfile.open(fileobj=tar_buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        add_bytes(tar, f"{ARCHIVE_ROOT}/LICENSE.txt",
-                  LICENSE_NOTICE.format(per_class=args.per_class, seed=args.seed).encode())
+        add_bytes(
+            tar, f"{ARCHIVE_ROOT}/LICENSE.txt", LICENSE_NOTICE.format(per_class=args.per_class, seed=args.seed).encode()
+        )
         for label, class_name in enumerate(CLASS_NAMES):
             chosen = np.sort(rng.choice(np.flatnonzero(labels == label), args.per_class, replace=False))
             for index in chosen:

@@ -21,8 +21,10 @@ def main() -> None:
     config = load_backbones(specs).data_config
     geometry = cache_geometry(config)
     counts = build_image_cache(CACHE_DIR, SPLIT_DIR, Path.cwd(), geometry)
-    print(f"cache: {sum(counts.values())} images at {geometry.side}x{geometry.side} px ({geometry.interpolation}) "
-          f"-> {CACHE_DIR} ({', '.join(f'{split} {n}' for split, n in counts.items())})")
+    print(
+        f"cache: {sum(counts.values())} images at {geometry.side}x{geometry.side} px ({geometry.interpolation}) "
+        f"-> {CACHE_DIR} ({', '.join(f'{split} {n}' for split, n in counts.items())})"
+    )
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ a params example per source.
 
 from pathlib import Path
 
+from transfer.data.sources import materialise, summary_line
 from transfer.pipeline.errors import run_stage
 from transfer.pipeline.layout import RAW_DIR
 from transfer.pipeline.params import load_params
-from transfer.data.sources import materialise, summary_line
 
 
 def main() -> None:

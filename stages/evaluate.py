@@ -13,29 +13,31 @@ import torch
 from PIL import Image
 
 from transfer import tracking
-from transfer.models.saved import SavedModel, load_model, model_digest
 from transfer.data.datasets import load_split_dataset
+from transfer.data.transforms import eval_batch_transform
 from transfer.evaluate.diagnostics import write_run_diagnostics
-from transfer.evaluate.plots import image_batch
-from transfer.pipeline.errors import run_stage
 from transfer.evaluate.metrics import classification_metrics, confusion_pairs, predict_logits_and_features
+from transfer.evaluate.plots import image_batch
 from transfer.features import load_feature_cache
+from transfer.models.saved import SavedModel, load_model, model_digest
+from transfer.pipeline.errors import run_stage
 from transfer.pipeline.files import read_json, write_csv, write_json
 from transfer.pipeline.layout import CACHE_DIR, DIAGNOSTICS_DIR, FEATURES_DIR, MODEL_DIR, REPORTS_DIR, SPLIT_DIR
 from transfer.pipeline.params import load_params
 from transfer.pipeline.runtime import resolve_device
-from transfer.data.transforms import eval_batch_transform
 
 
 def layer_movement() -> dict[str, float]:
     """Relative weight change per layer group, as the train stage measured it against its own theta0
     (reports/layer_movement.json; its nulls, groups where it is undefined, are left out)."""
-    return {group: value for group, value in read_json(REPORTS_DIR / "layer_movement.json").items()
-            if value is not None}
+    return {
+        group: value for group, value in read_json(REPORTS_DIR / "layer_movement.json").items() if value is not None
+    }
 
 
-def diagnose(saved: SavedModel, params, test, images, logits: torch.Tensor, model_features,
-             summary: dict) -> tuple[dict, list[Path]]:
+def diagnose(
+    saved: SavedModel, params, test, images, logits: torch.Tensor, model_features, summary: dict
+) -> tuple[dict, list[Path]]:
     """Pictures, per-class table, verdict (with what to try next) and report.html; returns (metrics, files).
 
     The pictures show the test images as the image cache holds them (`images`: the test split's dataset).
@@ -51,16 +53,27 @@ def diagnose(saved: SavedModel, params, test, images, logits: torch.Tensor, mode
     batch = image_batch(test.paths, load_image, transform, params.diagnostics.batch_size)
     selection = read_json(REPORTS_DIR / "train.json")
     return write_run_diagnostics(
-        DIAGNOSTICS_DIR, class_names=saved.classes, y_true=test.labels.numpy(),
-        probs=torch.softmax(logits.float(), dim=1).numpy(), history=pd.read_csv(REPORTS_DIR / "history.csv"),
-        image_paths=test.paths, load_image=load_image, features=test.features, model=saved.model, batch=batch,
+        DIAGNOSTICS_DIR,
+        class_names=saved.classes,
+        y_true=test.labels.numpy(),
+        probs=torch.softmax(logits.float(), dim=1).numpy(),
+        history=pd.read_csv(REPORTS_DIR / "history.csv"),
+        image_paths=test.paths,
+        load_image=load_image,
+        features=test.features,
+        model=saved.model,
+        batch=batch,
         weight_change=layer_movement(),
-        thresholds=params.diagnostics.thresholds(), best_epoch=selection["best_epoch"],
+        thresholds=params.diagnostics.thresholds(),
+        best_epoch=selection["best_epoch"],
         summary={"accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"]},
         title=f"Run report: {saved.backbone_name}, head {saved.head_kind}, freeze_layers={saved.freeze_layers}",
-        projection=params.diagnostics.projection, max_mistakes=params.diagnostics.mistakes,
-        model_features=model_features, selection=selection,
-        train_counts=read_json(SPLIT_DIR / "summary.json")["per_class"]["train"])
+        projection=params.diagnostics.projection,
+        max_mistakes=params.diagnostics.mistakes,
+        model_features=model_features,
+        selection=selection,
+        train_counts=read_json(SPLIT_DIR / "summary.json")["per_class"]["train"],
+    )
 
 
 def main() -> None:
@@ -76,8 +89,9 @@ def main() -> None:
         with torch.inference_mode():
             logits = model.head(test.features)
     else:
-        logits, features = predict_logits_and_features(model, dataset, params.finetune.batch_size * 2,
-                                                       resolve_device(params.device), tta=params.evaluate.tta)
+        logits, features = predict_logits_and_features(
+            model, dataset, params.finetune.batch_size * 2, resolve_device(params.device), tta=params.evaluate.tta
+        )
         if saved.freeze_layers != "all":
             model_features = features
     y_true, y_pred = test.labels.numpy(), logits.argmax(1).numpy()
@@ -85,16 +99,27 @@ def main() -> None:
     metrics = classification_metrics(y_true, y_pred, classes)
     diagnostics, diagnostic_files = diagnose(saved, params, test, dataset, logits, model_features, metrics)
     # weight_change is already the train stage's metric (reports/layer_movement.json): not repeated here
-    write_json(REPORTS_DIR / "metrics.json", {**metrics, **{key: diagnostics[key] for key in ("fit", "health", "topk")}})
+    write_json(
+        REPORTS_DIR / "metrics.json", {**metrics, **{key: diagnostics[key] for key in ("fit", "health", "topk")}}
+    )
     write_csv(REPORTS_DIR / "confusion.csv", confusion_pairs(test.paths, y_true, y_pred, classes))
-    print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-          f"{diagnostics['fit']['verdict']}; report -> {DIAGNOSTICS_DIR / 'report.html'}")
+    print(
+        f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+        f"{diagnostics['fit']['verdict']}; report -> {DIAGNOSTICS_DIR / 'report.html'}"
+    )
 
     with tracking.model_run(params.tracking.experiment, model_digest(MODEL_DIR)):
         tracking.log_metrics(metrics, prefix="test")
         tracking.log_key_metrics(test_acc=metrics["accuracy"], test_f1=metrics["macro_f1"])
-        tracking.log_artifacts([Path("params.yaml"), Path("dvc.lock"), REPORTS_DIR / "metrics.json",
-                                REPORTS_DIR / "confusion.csv", REPORTS_DIR / "history.csv"])
+        tracking.log_artifacts(
+            [
+                Path("params.yaml"),
+                Path("dvc.lock"),
+                REPORTS_DIR / "metrics.json",
+                REPORTS_DIR / "confusion.csv",
+                REPORTS_DIR / "history.csv",
+            ]
+        )
         # fit.*, topk.*: sortable in the MLflow UI (the train stage logs weight_change/<group>)
         tracking.log_metrics({key: diagnostics[key] for key in ("fit", "health", "topk")})
         # A tag, not a param: an evaluate-only change (-S evaluate.tta=flip) reopens the train stage's run,

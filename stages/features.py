@@ -19,20 +19,34 @@ from transfer.pipeline.errors import run_stage
 from transfer.pipeline.layout import CACHE_DIR, FEATURES_DIR, SPLIT_DIR
 from transfer.pipeline.params import Params, backbone_specs, load_params
 from transfer.pipeline.runtime import resolve_device
-from transfer.train.distributed import DistContext, device_for, init_from_env, relaunch_with_torchrun, shutdown
-from transfer.train.distributed import under_torchrun
+from transfer.train.distributed import (
+    DistContext,
+    device_for,
+    init_from_env,
+    relaunch_with_torchrun,
+    shutdown,
+    under_torchrun,
+)
 
 
 def extract_all(params: Params, context: DistContext) -> None:
     loaded = load_backbones(backbone_specs(params.backbone), params.features.layers)
     device = device_for(context, resolve_device(params.device))
     for split in SPLITS:
-        dataset = load_split_dataset(CACHE_DIR, SPLIT_DIR, split, loaded.data_config,
-                                     batch_transform=eval_batch_transform(loaded.data_config))
-        features = extract_features(loaded.backbone, dataset, params.features.batch_size, device,
-                                    desc=f"features {split}", amp=params.features.amp,
-                                    compile=params.features.compile, num_workers=params.features.num_workers,
-                                    context=context)
+        dataset = load_split_dataset(
+            CACHE_DIR, SPLIT_DIR, split, loaded.data_config, batch_transform=eval_batch_transform(loaded.data_config)
+        )
+        features = extract_features(
+            loaded.backbone,
+            dataset,
+            params.features.batch_size,
+            device,
+            desc=f"features {split}",
+            amp=params.features.amp,
+            compile=params.features.compile,
+            num_workers=params.features.num_workers,
+            context=context,
+        )
         if context.is_main:
             labels = torch.tensor(dataset.labels, dtype=torch.int64)
             save_feature_cache(FEATURES_DIR / f"{split}.pt", FeatureCache(features, labels, dataset.paths))

@@ -11,12 +11,17 @@ from transfer.pipeline.params import load_params
 def main() -> None:
     params = load_params()
     index = read_index(INDEX_FILE)
-    manifests = stratified_split(index, params.split.val_fraction, params.split.test_fraction, params.split.seed,
-                                 params.samples_per_class)
+    manifests = stratified_split(
+        index, params.split.val_fraction, params.split.test_fraction, params.split.seed, params.samples_per_class
+    )
     classes = sorted(index["label"].unique())
     counts = {split: frame["label"].value_counts().sort_index().to_dict() for split, frame in manifests.items()}
-    summary = {"classes": len(classes), "images": {split: len(frame) for split, frame in manifests.items()},
-               "per_class": counts, "data_hash": data_fingerprint(manifests, Path.cwd())}
+    summary = {
+        "classes": len(classes),
+        "images": {split: len(frame) for split, frame in manifests.items()},
+        "per_class": counts,
+        "data_hash": data_fingerprint(manifests, Path.cwd()),
+    }
     write_split(SPLIT_DIR, manifests, classes, summary)
     print(f"split: {summary['images']} over {len(classes)} classes -> {SPLIT_DIR}")
 

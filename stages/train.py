@@ -4,10 +4,10 @@ A scikit-learn head (head.kind other than linear) is saved in data/model/head.sk
 the sklearn flavour (predicting from features); fine-tuning starts from the linear or logreg head, and from
 a linear probe for the other kinds.
 
-Params: freeze_layers, head, finetune, seed, backbone, tracking.registered_model. Opens the pipeline run in MLflow (params, tags,
-per-epoch metrics, the model, registered under tracking.registered_model) and records its id in
-the model's digest as a run tag, by which the evaluate stage finds the run. The model is data/model/model.safetensors + model.json
-(transfer.models.saved).
+Params: freeze_layers, head, finetune, seed, backbone, tracking.registered_model. Opens the pipeline run
+in MLflow (params, tags, per-epoch metrics, the model, registered under tracking.registered_model) and
+tags it with the model's digest, by which the evaluate stage finds the run. The model is
+data/model/model.safetensors + model.json (transfer.models.saved).
 Fine-tuning checkpoints every epoch in data/checkpoints (persisted by DVC): a killed run continues on the
 next `dvc repro`, in the same MLflow run. `finetune.nproc` > 1 re-launches this script under torchrun
 (data-parallel); rank 0 logs and writes the outputs. Besides the model it writes the per-group relative
@@ -23,14 +23,11 @@ import numpy as np
 import pandas as pd
 
 from transfer import tracking
-from transfer.models.backbones import Classifier, LoadedBackbone, freeze_first_groups, load_backbones
-from transfer.train.checkpoint import Checkpointer, cpu_state_dict, training_fingerprint
 from transfer.data.datasets import load_split_dataset
 from transfer.data.split import read_classes
-from transfer.train.distributed import DistContext, device_for, init_from_env, relaunch_with_torchrun, shutdown, under_torchrun
-from transfer.pipeline.errors import run_stage
+from transfer.data.transforms import eval_batch_transform, train_transforms
 from transfer.features import load_feature_cache
-from transfer.pipeline.files import read_json, write_csv, write_json
+from transfer.models.backbones import Classifier, LoadedBackbone, freeze_first_groups, load_backbones
 from transfer.models.heads import (
     FEATURE_HEADS,
     FINETUNE_INIT_KINDS,
@@ -41,7 +38,8 @@ from transfer.models.heads import (
     xavier_head,
 )
 from transfer.models.saved import model_digest, save_model
-from transfer.train.layer_stats import relative_weight_change
+from transfer.pipeline.errors import run_stage
+from transfer.pipeline.files import read_json, write_csv, write_json
 from transfer.pipeline.layout import (
     CACHE_DIR,
     CHECKPOINT_DIR,
@@ -52,15 +50,25 @@ from transfer.pipeline.layout import (
     SPLIT_DIR,
 )
 from transfer.pipeline.params import Params, backbone_list, backbone_specs, flatten, load_params
-from transfer.train.finetune import fine_tune
 from transfer.pipeline.runtime import resolve_device
+from transfer.train.checkpoint import Checkpointer, cpu_state_dict, training_fingerprint
+from transfer.train.distributed import (
+    DistContext,
+    device_for,
+    init_from_env,
+    relaunch_with_torchrun,
+    shutdown,
+    under_torchrun,
+)
+from transfer.train.finetune import fine_tune
+from transfer.train.layer_stats import relative_weight_change
 from transfer.train.probe import FittedFeatureHead, fit_feature_head, train_linear_probe
 from transfer.train.result import SELECTION_METRICS, model_selection, selection_message
-from transfer.data.transforms import eval_batch_transform, train_transforms
 
 
-def probe_head(model: Classifier, params: Params, classes: list[str], log,
-               fine_tuning: bool) -> tuple[list[dict], int, dict, FittedFeatureHead | None]:
+def probe_head(
+    model: Classifier, params: Params, classes: list[str], log, fine_tuning: bool
+) -> tuple[list[dict], int, dict, FittedFeatureHead | None]:
     """The head.kind head on cached features; a linear one becomes model.head. Returns (history, best epoch,
     the head's state before fitting, the fitted scikit-learn head when it is the model's head)."""
     train_features = load_feature_cache(FEATURES_DIR / "train.pt")
@@ -71,18 +79,24 @@ def probe_head(model: Classifier, params: Params, classes: list[str], log,
         if FEATURE_HEADS[kind].linear:
             fold_into_linear(fitted.estimator, kind, model.head)  # the torch head gives the same logits
         best = fitted.history[fitted.best_epoch - 1]
-        print(f"train: head {kind}, {FEATURE_HEADS[kind].hyperparameter}={fitted.chosen} chosen on val (val accuracy "
-              f"{best['val_acc']:.4f}), refitted on train + val in {fitted.fit_seconds:.1f} s"
-              + ("; fine-tuning starts from its weights" if fine_tuning else ""))
+        print(
+            f"train: head {kind}, {FEATURE_HEADS[kind].hyperparameter}={fitted.chosen} chosen on val (val accuracy "
+            f"{best['val_acc']:.4f}), refitted on train + val in {fitted.fit_seconds:.1f} s"
+            + ("; fine-tuning starts from its weights" if fine_tuning else "")
+        )
         return fitted.history, fitted.best_epoch, {}, None if fine_tuning else fitted
     if kind != LINEAR_PROBE:
-        print(f"train: head.kind {kind} cannot start fine-tuning (only {' or '.join(FINETUNE_INIT_KINDS)} can): "
-              f"the head starts from a linear probe (head.kind: linear) instead")
+        print(
+            f"train: head.kind {kind} cannot start fine-tuning (only {' or '.join(FINETUNE_INIT_KINDS)} can): "
+            f"the head starts from a linear probe (head.kind: linear) instead"
+        )
     probe = train_linear_probe(train_features, val_features, len(classes), params.head, params.seed, on_epoch=log)
     model.head.load_state_dict(probe.model.state_dict())
     best = probe.history[probe.best_epoch - 1]
-    print(f"train: linear probe, best {params.head.monitor} {best[params.head.monitor]:.4f} at epoch {probe.best_epoch} "
-          f"(val accuracy {best['val_acc']:.4f}, macro-F1 {best['val_macro_f1']:.4f})")
+    print(
+        f"train: linear probe, best {params.head.monitor} {best[params.head.monitor]:.4f} at epoch {probe.best_epoch} "
+        f"(val accuracy {best['val_acc']:.4f}, macro-F1 {best['val_macro_f1']:.4f})"
+    )
     return probe.history, probe.best_epoch, {f"head.{k}": v for k, v in probe.initial_state.items()}, None
 
 
@@ -116,9 +130,13 @@ def train(params: Params, context: DistContext) -> None:
     saved = checkpointer.load_last() if fine_tuning and params.finetune.resume else None
     log = tracking.log_epoch if context.is_main else None
     # One MLflow run per pipeline run, opened by rank 0 only; a resumed run reopens the run it started.
-    run = (tracking.training_run(params.tracking.experiment, flatten(params), tags,
-                                 run_id=saved["extra"]["run_id"] if saved else None)
-           if context.is_main else contextlib.nullcontext(None))
+    run = (
+        tracking.training_run(
+            params.tracking.experiment, flatten(params), tags, run_id=saved["extra"]["run_id"] if saved else None
+        )
+        if context.is_main
+        else contextlib.nullcontext(None)
+    )
 
     with run as run_id:
         if saved is None and context.is_main:
@@ -146,43 +164,86 @@ def train(params: Params, context: DistContext) -> None:
                 checkpointer.save_initial(initial_state)
             checkpointer.extra = {"run_id": run_id, "probe_history": history, "probe_best_epoch": best_epoch}
             finetune = params.finetune
-            sample_transform, batch_transform = train_transforms(config, finetune.augment, finetune.crop_min_scale,
-                                                                 finetune.hflip)
-            train_data = load_split_dataset(CACHE_DIR, SPLIT_DIR, "train", config, batch_transform=batch_transform,
-                                            sample_transform=sample_transform)
+            sample_transform, batch_transform = train_transforms(
+                config, finetune.augment, finetune.crop_min_scale, finetune.hflip
+            )
+            train_data = load_split_dataset(
+                CACHE_DIR,
+                SPLIT_DIR,
+                "train",
+                config,
+                batch_transform=batch_transform,
+                sample_transform=sample_transform,
+            )
             # The start model (epoch len(history) + 1) is the probe's best epoch: the same train scores.
-            start_train = {key: value for key, value in history[best_epoch - 1].items() if key.startswith("train_")
-                           } if history else None
-            result = fine_tune(model, params.freeze_layers, train_data, val_data, finetune, params.seed,
-                               device_for(context, resolve_device(params.device)), first_epoch=len(history) + 2,
-                               on_epoch=log, checkpointer=checkpointer, context=context,
-                               pretrained=backbones[0].weights != "none", start_train=start_train)
+            start_train = (
+                {key: value for key, value in history[best_epoch - 1].items() if key.startswith("train_")}
+                if history
+                else None
+            )
+            result = fine_tune(
+                model,
+                params.freeze_layers,
+                train_data,
+                val_data,
+                finetune,
+                params.seed,
+                device_for(context, resolve_device(params.device)),
+                first_epoch=len(history) + 2,
+                on_epoch=log,
+                checkpointer=checkpointer,
+                context=context,
+                pretrained=backbones[0].weights != "none",
+                start_train=start_train,
+            )
             history, best_epoch = history + result.history, result.best_epoch
             if context.is_main:
-                print(selection_message(result.history, finetune.monitor, result.kept_start,
-                                        "the linear probe" if finetune.head_init == "probe" else "the initial model"))
+                print(
+                    selection_message(
+                        result.history,
+                        finetune.monitor,
+                        result.kept_start,
+                        "the linear probe" if finetune.head_init == "probe" else "the initial model",
+                    )
+                )
         if not context.is_main:
             return  # rank 0 writes every output
 
         model.cpu().eval()
-        save_model(MODEL_DIR, model, classes, loaded.data_config, backbone=backbone_name,
-                   weights=",".join(b.weights for b in backbones), freeze_layers=params.freeze_layers,
-                   backbones=[(b.name, b.image_size) for b in backbones], layers=params.features.layers,
-                   feature_head=feature_head.estimator if feature_head else None,
-                   head_kind=feature_head.kind if feature_head else LINEAR_PROBE)
+        save_model(
+            MODEL_DIR,
+            model,
+            classes,
+            loaded.data_config,
+            backbone=backbone_name,
+            weights=",".join(b.weights for b in backbones),
+            freeze_layers=params.freeze_layers,
+            backbones=[(b.name, b.image_size) for b in backbones],
+            layers=params.features.layers,
+            feature_head=feature_head.estimator if feature_head else None,
+            head_kind=feature_head.kind if feature_head else LINEAR_PROBE,
+        )
         write_csv(REPORTS_DIR / "history.csv", pd.DataFrame(history))
-        selection = model_selection(history, best_epoch, params.finetune.monitor if fine_tuning else params.head.monitor)
+        selection = model_selection(
+            history, best_epoch, params.finetune.monitor if fine_tuning else params.head.monitor
+        )
         write_json(REPORTS_DIR / "train.json", selection)
         tracking.log_metrics({key: value for key, value in selection.items() if key in SELECTION_METRICS})
         tracking.log_tags({"selected_model": selection["selected"]})
         movement = layer_movement(initial_state, model)
         write_json(REPORTS_DIR / "layer_movement.json", movement)
-        tracking.log_metrics({f"weight_change/{group}": value for group, value in movement.items()
-                              if value is not None})
+        tracking.log_metrics(
+            {f"weight_change/{group}": value for group, value in movement.items() if value is not None}
+        )
         if feature_head is None:
             example = val_data.transformed([0]).numpy().astype(np.float32)
-            tracking.log_model(MODEL_DIR, model, (Path.cwd() / val_data.paths[0]).read_bytes(), example,
-                               registered_model=params.tracking.registered_model)
+            tracking.log_model(
+                MODEL_DIR,
+                model,
+                (Path.cwd() / val_data.paths[0]).read_bytes(),
+                example,
+                registered_model=params.tracking.registered_model,
+            )
         else:  # the scikit-learn head alone, predicting from features (skops, not pickle)
             example = load_feature_cache(FEATURES_DIR / "val.pt").features[:2].numpy()
             tracking.log_feature_head(feature_head.estimator, example, TRUSTED_TYPES)

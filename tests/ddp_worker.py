@@ -7,6 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_helpers import params, tiny_classifier, tiny_dataset  # noqa: E402
+
 from transfer.train.distributed import init_from_env, shutdown  # noqa: E402
 from transfer.train.finetune import fine_tune  # noqa: E402
 
@@ -18,8 +19,16 @@ def run(context=None):
     from transfer.train.distributed import SINGLE
 
     model = tiny_classifier(batch_norm=False)
-    return fine_tune(model, 2, tiny_dataset(), tiny_dataset(seed=1), params(**RECIPE), 0, torch.device("cpu"),
-                     context=context or SINGLE)
+    return fine_tune(
+        model,
+        2,
+        tiny_dataset(),
+        tiny_dataset(seed=1),
+        params(**RECIPE),
+        0,
+        torch.device("cpu"),
+        context=context or SINGLE,
+    )
 
 
 if __name__ == "__main__":
@@ -27,6 +36,8 @@ if __name__ == "__main__":
     context = init_from_env("cpu")
     result = run(context)
     if context.is_main:
-        torch.save({"state_dict": result.model.state_dict(), "history": result.history,
-                    "world_size": context.world_size}, sys.argv[1])
+        torch.save(
+            {"state_dict": result.model.state_dict(), "history": result.history, "world_size": context.world_size},
+            sys.argv[1],
+        )
     shutdown(context)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from transfer.models.backbones import Backbone, Classifier
 from transfer.data.datasets import ImageDataset, to_float
+from transfer.models.backbones import Backbone, Classifier
 from transfer.pipeline.params import FinetuneParams
 
 
@@ -26,8 +26,9 @@ def tiny_classifier(num_classes: int = 3, batch_norm: bool = True, seed: int = 0
     return Classifier(tiny_backbone(batch_norm, seed), num_classes)
 
 
-def tiny_dataset(per_class: int = 8, num_classes: int = 3, size: int = 16, seed: int = 0,
-                 batch_transform=to_float) -> ImageDataset:
+def tiny_dataset(
+    per_class: int = 8, num_classes: int = 3, size: int = 16, seed: int = 0, batch_transform=to_float
+) -> ImageDataset:
     """uint8 images whose brightness depends on the class (learnable in a few steps)."""
     generator = torch.Generator().manual_seed(seed)
     images, labels = [], []

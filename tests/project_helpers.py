@@ -26,9 +26,14 @@ def git_env(extra: dict[str, str] | None = None, importable: bool = True) -> dic
     it a command imports the package the venv has installed, or the copy's own through the stages' commands.
     """
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1",
-               GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@localhost", GIT_COMMITTER_NAME="test",
-               GIT_COMMITTER_EMAIL="test@localhost")
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@localhost",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@localhost",
+    )
     if importable:
         env["PYTHONPATH"] = str(REPO_ROOT / "src")
     env.update(extra or {})
@@ -45,8 +50,16 @@ def run(args: list[str], cwd: Path, env: dict, timeout: int = 600) -> str:
 
 def copy_project(repo: Path) -> Path:
     """This project's files (tracked and new, never ignored ones, no outputs) in `repo`."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO_ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = REPO_ROOT / name
         if source.is_file() and not name.startswith(("data/", "reports/", "mlruns/", "dvc.lock")):

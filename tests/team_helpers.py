@@ -20,8 +20,7 @@ from pathlib import Path
 
 from project_helpers import DVC, git_env, run
 
-
-SMALL_STAGE = '''
+SMALL_STAGE = """
 import json, yaml
 from pathlib import Path
 params = yaml.safe_load(open("params.yaml"))
@@ -39,9 +38,9 @@ labels = ["cat", "dog", "fox"]
 wrong = 1 if lr > 0.05 else 0
 pairs = [(f"data/{i}.png", labels[i % 3], labels[(i + (i < 3 * wrong)) % 3]) for i in range(12)]
 Path("reports/confusion.csv").write_text("path,actual,predicted\\n" + "".join(f"{p},{a},{b}\\n" for p, a, b in pairs))
-'''
+"""
 
-SMALL_DVC_YAML = '''
+SMALL_DVC_YAML = """
 stages:
   train:
     cmd: python stage.py
@@ -53,9 +52,9 @@ stages:
     plots:
       - reports/history.csv: {cache: false}
       - reports/confusion.csv: {cache: false}
-'''
+"""
 
-SMALL_PARAMS = '''
+SMALL_PARAMS = """
 backbone:
   name: efficientnet_lite0
   image_size: 112
@@ -63,7 +62,7 @@ freeze_layers: all
 head:
   lr: 0.01
   epochs: 40
-'''
+"""
 
 
 def small_dvc_project(repo: Path, env: dict) -> Path:
@@ -92,12 +91,24 @@ def mlflow_server(store: Path, timeout: float = 120) -> Iterator[str]:
     store.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-               "--artifacts-destination", str(store / "artifacts")]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{store / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(store / "artifacts"),
+    ]
     log = open(store / "server.log", "w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                              env=git_env())
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=git_env())
     try:
         deadline = time.monotonic() + timeout
         while True:

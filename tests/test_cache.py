@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import index_of, write_image_folder
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from conftest import index_of, write_image_folder
 from transfer.data.cache import (
+    CachedImages,
     CacheError,
     CacheGeometry,
-    CachedImages,
     build_image_cache,
     decode_to_cache_form,
     write_split_cache,

@@ -12,32 +12,71 @@ import sys
 
 import pytest
 from PIL import Image
-
 from project_helpers import DVC, git_env, run
 from team_helpers import small_dvc_project
+
 from transfer.evaluate.compare import CompareError, changed_params, comparison_table, experiment_rows
 
 
 def revision(rev: str, name: str | None, lr: float, accuracy: float | None, error=None) -> dict:
-    metrics = {} if accuracy is None else {
-        "reports/metrics.json": {"data": {"accuracy": accuracy, "macro_f1": accuracy - 0.01,
-                                          "fit": {"verdict": "good"}}},
-        "reports/train.json": {"data": {"best_epoch": 3, "val_acc": 0.8}}}
-    params = {"params.yaml": {"data": {"backbone": {"name": "efficientnet_lite0", "image_size": 112},
-                                       "freeze_layers": "all", "head": {"lr": lr, "epochs": 40}}}}
-    return {"rev": rev, "name": name, "data": {"rev": rev, "params": params, "metrics": metrics}, "error": error,
-            "experiments": None}
+    metrics = (
+        {}
+        if accuracy is None
+        else {
+            "reports/metrics.json": {
+                "data": {"accuracy": accuracy, "macro_f1": accuracy - 0.01, "fit": {"verdict": "good"}}
+            },
+            "reports/train.json": {"data": {"best_epoch": 3, "val_acc": 0.8}},
+        }
+    )
+    params = {
+        "params.yaml": {
+            "data": {
+                "backbone": {"name": "efficientnet_lite0", "image_size": 112},
+                "freeze_layers": "all",
+                "head": {"lr": lr, "epochs": 40},
+            }
+        }
+    }
+    return {
+        "rev": rev,
+        "name": name,
+        "data": {"rev": rev, "params": params, "metrics": metrics},
+        "error": error,
+        "experiments": None,
+    }
 
 
 EXP_SHOW = [
     revision("workspace", None, 0.1, 0.74),
-    {**revision("e061bde5aceadab1af0a2b40a914fa9e4e3f2e8c", "main", 0.01, 0.88), "experiments": [
-        {"revs": [revision("4066fd243844474a7806c58f06cf2581eaf5d04e", "fast", 0.1, 0.74)], "executor": None,
-         "name": "fast"},
-        {"revs": [revision("5250ccd6160cd2d26285ecbc596358719706d579", "q1", 0.03, None)],
-         "executor": {"state": "queued", "name": "dvc-task"}, "name": "q1"},
-        {"revs": [revision("6250ccd6160cd2d26285ecbc596358719706d579", "broken", 0.5, None,
-                           error={"type": "ReproductionError"})], "executor": None, "name": "broken"}]},
+    {
+        **revision("e061bde5aceadab1af0a2b40a914fa9e4e3f2e8c", "main", 0.01, 0.88),
+        "experiments": [
+            {
+                "revs": [revision("4066fd243844474a7806c58f06cf2581eaf5d04e", "fast", 0.1, 0.74)],
+                "executor": None,
+                "name": "fast",
+            },
+            {
+                "revs": [revision("5250ccd6160cd2d26285ecbc596358719706d579", "q1", 0.03, None)],
+                "executor": {"state": "queued", "name": "dvc-task"},
+                "name": "q1",
+            },
+            {
+                "revs": [
+                    revision(
+                        "6250ccd6160cd2d26285ecbc596358719706d579",
+                        "broken",
+                        0.5,
+                        None,
+                        error={"type": "ReproductionError"},
+                    )
+                ],
+                "executor": None,
+                "name": "broken",
+            },
+        ],
+    },
 ]
 
 
@@ -48,7 +87,12 @@ def table_lines(text: str) -> list[list[str]]:
 def test_rows_name_every_experiment_with_its_state():
     rows = experiment_rows(EXP_SHOW)
     assert [(row.name, row.state) for row in rows] == [
-        ("workspace", "workspace"), ("main", "commit"), ("fast", "success"), ("q1", "queued"), ("broken", "failed")]
+        ("workspace", "workspace"),
+        ("main", "commit"),
+        ("fast", "success"),
+        ("q1", "queued"),
+        ("broken", "failed"),
+    ]
     assert rows[1].metrics["accuracy"] == 0.88 and rows[1].metrics["fit.verdict"] == "good"
     assert rows[3].params["head.lr"] == 0.03 and rows[3].metrics == {}
 
@@ -86,9 +130,11 @@ def test_compare_and_report_in_a_real_dvc_repository(tmp_path):
 
     lines = table_lines(run(transfer + ["compare"], repo, env))
     assert lines[0] == ["experiment", "state", "head.lr", "test_acc", "test_f1", "val_acc", "verdict"]
-    assert lines[2:] == [["workspace", "workspace", "0.1", "0.74", "0.73", "0.75", "good"],
-                         ["feature", "commit", "0.1", "0.74", "0.73", "0.75", "good"],
-                         ["lr-mid", "queued", "0.03", "-", "-", "-", "-"]]
+    assert lines[2:] == [
+        ["workspace", "workspace", "0.1", "0.74", "0.73", "0.75", "good"],
+        ["feature", "commit", "0.1", "0.74", "0.73", "0.75", "good"],
+        ["lr-mid", "queued", "0.03", "-", "-", "-", "-"],
+    ]
     # Every commit: the baseline and its experiment too.
     names = [line[0] for line in table_lines(run(transfer + ["compare", "--all-commits"], repo, env))[2:]]
     assert names[0] == "main" and {"lr-high", "feature", "lr-mid"} <= set(names)
@@ -104,8 +150,12 @@ def test_compare_and_report_in_a_real_dvc_repository(tmp_path):
     # Only reports/pr is new: the report writes nothing else in the repository.
     status = run(["git", "status", "--porcelain", "--untracked-files=all"], repo, env)
     assert {line[3:] for line in status.splitlines()} == {
-        "reports/pr/report.md", "reports/pr/learning_curves.png", "reports/pr/confusion_matrix.png"}
+        "reports/pr/report.md",
+        "reports/pr/learning_curves.png",
+        "reports/pr/confusion_matrix.png",
+    }
 
-    missing = subprocess.run(transfer + ["report", "--base", "nosuch"], cwd=repo, env=env, capture_output=True,
-                             text=True)
+    missing = subprocess.run(
+        transfer + ["report", "--base", "nosuch"], cwd=repo, env=env, capture_output=True, text=True
+    )
     assert missing.returncode == 2 and "'nosuch' is not a commit" in missing.stderr

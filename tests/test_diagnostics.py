@@ -12,7 +12,8 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw
 from sklearn.metrics import accuracy_score, confusion_matrix
 
-from transfer.evaluate import diagnostics as diag, health, plots
+from transfer.evaluate import diagnostics as diag
+from transfer.evaluate import health, plots
 from transfer.evaluate import metrics as evaluate_metrics
 from transfer.pipeline.runtime import single_threaded
 from transfer.train import layer_stats
@@ -28,7 +29,9 @@ class TinyBackbone(torch.nn.Module):
         self.groups = torch.nn.ModuleDict(
             {
                 "stem": torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU()),
-                "stage1": torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU()),
+                "stage1": torch.nn.Sequential(
+                    torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU()
+                ),
                 "stage2": torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU()),
             }
         )
@@ -92,9 +95,12 @@ def history_frame(fine_tune: bool = True) -> pd.DataFrame:
     for epoch in range(1, 7):
         phase = "head" if epoch <= 3 else "finetune"
         row = {
-            "epoch": epoch, "phase": phase,
-            "train_loss": 2.0 / epoch, "train_acc": 0.5 + 0.07 * epoch,
-            "val_loss": 2.2 / epoch + 0.05, "val_acc": 0.45 + 0.06 * epoch,
+            "epoch": epoch,
+            "phase": phase,
+            "train_loss": 2.0 / epoch,
+            "train_acc": 0.5 + 0.07 * epoch,
+            "val_loss": 2.2 / epoch + 0.05,
+            "val_acc": 0.45 + 0.06 * epoch,
             "lr": 1e-3 if phase == "head" else 1e-4,
         }
         if fine_tune:
@@ -163,11 +169,13 @@ def test_top_k_accuracies(predictions) -> None:
 def test_most_confident_mistakes() -> None:
     y_true = np.array([0, 1, 2, 0, 1])
     probs = np.array(
-        [[0.9, 0.05, 0.05],   # right
-         [0.6, 0.3, 0.1],     # wrong, 0.6
-         [0.05, 0.9, 0.05],   # wrong, 0.9
-         [0.2, 0.7, 0.1],     # wrong, 0.7
-         [0.1, 0.8, 0.1]],    # right
+        [
+            [0.9, 0.05, 0.05],  # right
+            [0.6, 0.3, 0.1],  # wrong, 0.6
+            [0.05, 0.9, 0.05],  # wrong, 0.9
+            [0.2, 0.7, 0.1],  # wrong, 0.7
+            [0.1, 0.8, 0.1],
+        ],  # right
     )
     assert evaluate_metrics.most_confident_mistakes(y_true, probs, n=16).tolist() == [2, 3, 1]
     assert evaluate_metrics.most_confident_mistakes(y_true, probs, n=2).tolist() == [2, 3]
@@ -179,7 +187,11 @@ def test_relative_weight_change_and_grad_norms() -> None:
     model = TinyModel()
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     assert layer_stats.relative_weight_change(initial, model) == {
-        "stem": 0.0, "stage1": 0.0, "stage2": 0.0, "head": 0.0}
+        "stem": 0.0,
+        "stage1": 0.0,
+        "stage2": 0.0,
+        "head": 0.0,
+    }
 
     # freeze the stem, take a real optimisation step
     for param in model.backbone.groups["stem"].parameters():
@@ -202,7 +214,9 @@ def test_relative_weight_change_and_grad_norms() -> None:
     assert list(layer_stats.relative_weight_change(backbone_only, model)) == ["stem", "stage1", "stage2"]
     weight, bias = model.head.weight.detach(), model.head.bias.detach()
     w0, b0 = initial["head.weight"], initial["head.bias"]
-    manual = torch.sqrt(((weight - w0) ** 2).sum() + ((bias - b0) ** 2).sum()) / torch.sqrt((w0**2).sum() + (b0**2).sum())
+    manual = torch.sqrt(((weight - w0) ** 2).sum() + ((bias - b0) ** 2).sum()) / torch.sqrt(
+        (w0**2).sum() + (b0**2).sum()
+    )
     assert change["head"] == pytest.approx(float(manual), rel=1e-5)
 
 
@@ -306,8 +320,9 @@ def test_mistakes_grid_png(tmp_path, image_files, predictions) -> None:
     titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
     assert len(titles) == len(order)
     first = order[0]
-    assert titles[0] == (f"true: {CLASSES[y_true[first]]}\n"
-                         f"pred: {CLASSES[y_pred[first]]} ({probs[first, y_pred[first]]:.2f})")
+    assert titles[0] == (
+        f"true: {CLASSES[y_true[first]]}\npred: {CLASSES[y_pred[first]]} ({probs[first, y_pred[first]]:.2f})"
+    )
     none = tmp_path / "no_mistakes.png"
     plots.plot_mistakes([], [], [], [], CLASSES, none)
     decode_png(none)
@@ -338,11 +353,19 @@ def test_write_run_diagnostics(tmp_path, image_files, predictions) -> None:
 
     out = tmp_path / "diagnostics"
     metrics, files = diag.write_run_diagnostics(
-        out, class_names=CLASSES, y_true=y_true, probs=probs, history=history_frame(),
-        image_paths=[str(p) for p in image_files], load_image=load_image,
-        features=torch.randn(len(y_true), 16), model=model, batch=torch.randn(4, 3, 32, 32),
+        out,
+        class_names=CLASSES,
+        y_true=y_true,
+        probs=probs,
+        history=history_frame(),
+        image_paths=[str(p) for p in image_files],
+        load_image=load_image,
+        features=torch.randn(len(y_true), 16),
+        model=model,
+        batch=torch.randn(4, 3, 32, 32),
         weight_change={"stem": 0.0, "stage1": 0.02, "stage2": 0.05, "head": 0.4},
-        thresholds={"overfit_gap": 0.05, "underfit_acc": 0.6}, summary={"macro_f1": 0.5},
+        thresholds={"overfit_gap": 0.05, "underfit_acc": 0.6},
+        summary={"macro_f1": 0.5},
     )
     test_acc = float(np.mean(probs.argmax(1) == y_true))
     assert metrics["fit"] == health.fit_diagnosis(0.92, 0.81, test_acc, 2 / 6, 2.2 / 6 + 0.05)
@@ -354,9 +377,19 @@ def test_write_run_diagnostics(tmp_path, image_files, predictions) -> None:
     assert len(loaded) == len(evaluate_metrics.most_confident_mistakes(y_true, probs, 16))
 
     names = sorted(p.name for p in files)
-    assert names == sorted([diag.LEARNING_CURVES_PNG, diag.CONFUSION_PNG, diag.PER_CLASS_CSV, diag.MISTAKES_PNG,
-                            diag.FEATURES_PNG, diag.ACTIVATIONS_PNG, diag.LAYER_MOVEMENT_PNG,
-                            diag.LAYER_MOVEMENT_CSV, diag.REPORT_HTML])
+    assert names == sorted(
+        [
+            diag.LEARNING_CURVES_PNG,
+            diag.CONFUSION_PNG,
+            diag.PER_CLASS_CSV,
+            diag.MISTAKES_PNG,
+            diag.FEATURES_PNG,
+            diag.ACTIVATIONS_PNG,
+            diag.LAYER_MOVEMENT_PNG,
+            diag.LAYER_MOVEMENT_CSV,
+            diag.REPORT_HTML,
+        ]
+    )
     for path in files:
         if path.suffix == ".png":
             decode_png(path)
@@ -393,9 +426,16 @@ def test_feature_extraction_run_has_no_layer_movement(tmp_path, image_files, pre
     y_true, probs = predictions
     y_true, probs = y_true[: len(image_files)], probs[: len(image_files)]
     metrics, files = diag.write_run_diagnostics(
-        tmp_path, class_names=CLASSES, y_true=y_true, probs=probs, history=history_frame(fine_tune=False),
-        image_paths=[str(p) for p in image_files], load_image=lambda p: Image.open(p).convert("RGB"),
-        features=torch.randn(len(y_true), 16), model=TinyModel(), batch=torch.randn(2, 3, 32, 32),
+        tmp_path,
+        class_names=CLASSES,
+        y_true=y_true,
+        probs=probs,
+        history=history_frame(fine_tune=False),
+        image_paths=[str(p) for p in image_files],
+        load_image=lambda p: Image.open(p).convert("RGB"),
+        features=torch.randn(len(y_true), 16),
+        model=TinyModel(),
+        batch=torch.randn(2, 3, 32, 32),
     )
     assert "weight_change" not in metrics
     assert not {diag.LAYER_MOVEMENT_PNG, diag.LAYER_MOVEMENT_CSV} & {p.name for p in files}
@@ -407,9 +447,16 @@ def test_probe_run_reports_frozen_backbone(tmp_path, image_files, predictions) -
     y_true, probs = y_true[: len(image_files)], probs[: len(image_files)]
     zeros = {"head": 0.7, "stage1": 0.0, "stage2": 0.0, "stem": 0.0}  # sorted, as in JSON; head trained
     metrics, files = diag.write_run_diagnostics(
-        tmp_path, class_names=CLASSES, y_true=y_true, probs=probs, history=history_frame(fine_tune=False),
-        image_paths=[str(p) for p in image_files], load_image=lambda p: Image.open(p).convert("RGB"),
-        features=torch.randn(len(y_true), 16), model=TinyModel(), batch=torch.randn(2, 3, 32, 32),
+        tmp_path,
+        class_names=CLASSES,
+        y_true=y_true,
+        probs=probs,
+        history=history_frame(fine_tune=False),
+        image_paths=[str(p) for p in image_files],
+        load_image=lambda p: Image.open(p).convert("RGB"),
+        features=torch.randn(len(y_true), 16),
+        model=TinyModel(),
+        batch=torch.randn(2, 3, 32, 32),
         weight_change=zeros,
     )
     # the metric columns exist for every run, so dvc exp show lines probe and fine-tune runs up

@@ -81,6 +81,7 @@ def import_closure(script: Path) -> set[Path]:
 
 # --- params read -------------------------------------------------------------------------------------
 
+
 def _chain(node: ast.AST, root: str) -> list[str] | None:
     """['backbone', 'name'] for `root.backbone.name`; None when `node` is not rooted at `root`."""
     parts: list[str] = []
@@ -92,8 +93,12 @@ def _chain(node: ast.AST, root: str) -> list[str] | None:
 
 def _key(chain: list[str]) -> str:
     section = Params.model_fields[chain[0]].annotation
-    if len(chain) > 1 and isinstance(section, type) and issubclass(section, BaseModel) \
-            and chain[1] in section.model_fields:
+    if (
+        len(chain) > 1
+        and isinstance(section, type)
+        and issubclass(section, BaseModel)
+        and chain[1] in section.model_fields
+    ):
         return f"{chain[0]}.{chain[1]}"
     return chain[0]
 
@@ -138,12 +143,18 @@ def params_read(path: Path, root: str = "params", function: str | None = None, s
             if callee in functions:
                 target_path, definition = path, functions[callee]
             else:
-                owner = node.func.value.id if isinstance(node.func, ast.Attribute) and isinstance(
-                    node.func.value, ast.Name) else callee
+                owner = (
+                    node.func.value.id
+                    if isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
+                    else callee
+                )
                 target_path = imported.get(owner)
                 assert target_path is not None, f"{path.name}: params passed to {callee}, which is not in the package"
-                definition = next(n for n in ast.walk(ast.parse(target_path.read_text()))
-                                  if isinstance(n, ast.FunctionDef) and n.name == callee)
+                definition = next(
+                    n
+                    for n in ast.walk(ast.parse(target_path.read_text()))
+                    if isinstance(n, ast.FunctionDef) and n.name == callee
+                )
             arguments = [a.arg for a in definition.args.args]
             for position, name in passed:
                 parameter = name if name is not None else arguments[position]
@@ -167,8 +178,9 @@ def test_stage_deps_are_exactly_the_code_it_imports(stage):
     script = script_of(stage)
     expected = {script.relative_to(ROOT).as_posix()} | {p.relative_to(ROOT).as_posix() for p in import_closure(script)}
     listed = {dep for dep in STAGES[stage]["deps"] if dep.endswith(".py")}
-    assert listed == expected, (f"{stage}: add {sorted(expected - listed)} to its deps in dvc.yaml; "
-                                f"remove {sorted(listed - expected)}")
+    assert listed == expected, (
+        f"{stage}: add {sorted(expected - listed)} to its deps in dvc.yaml; remove {sorted(listed - expected)}"
+    )
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))

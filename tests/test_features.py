@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import index_of
+
 from transfer.data.cache import CachedImages, cache_geometry, write_split_cache
 from transfer.data.datasets import ImageDataset
 from transfer.data.transforms import eval_batch_transform
@@ -52,8 +52,16 @@ def test_two_gloo_processes_extract_the_features_of_one_process(image_folder: Pa
     dataset = cached_dataset(image_folder, tmp_path, lite0.data_config, count=11)
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(HERE / "features_worker.py"), str(tmp_path / "cache.npy"), str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(HERE / "features_worker.py"),
+        str(tmp_path / "cache.npy"),
+        str(out),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     gathered = torch.load(out, weights_only=True)

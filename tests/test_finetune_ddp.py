@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ddp_worker import run
+
 from transfer.train.distributed import SINGLE, DistContext, EpochBatchSampler
 
 HERE = Path(__file__).resolve().parent
@@ -34,8 +34,15 @@ def test_each_rank_gets_its_slice_of_the_same_global_batches():
 def test_two_gloo_processes_match_one_process(tmp_path):
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(HERE / "ddp_worker.py"), str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(HERE / "ddp_worker.py"),
+        str(out),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ddp = torch.load(out, weights_only=False)

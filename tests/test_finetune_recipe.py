@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from finetune_helpers import params, tiny_classifier, tiny_dataset
-from transfer.models.backbones import DataConfig, freeze_first_groups
-from transfer.train.checkpoint import Checkpointer
-from transfer.models.heads import imagenet_overlap_head, match_imagenet_classes
-from transfer.train.optim import WarmupCosine, build_optimizer, parameter_groups
-from transfer.train.finetune import EarlyStopping, class_weights, fine_tune, frozen_at
+
 from transfer.data.transforms import batch_mixer, eval_batch_transform, train_transforms
+from transfer.models.backbones import DataConfig, freeze_first_groups
+from transfer.models.heads import imagenet_overlap_head, match_imagenet_classes
+from transfer.train.checkpoint import Checkpointer
+from transfer.train.finetune import EarlyStopping, class_weights, fine_tune, frozen_at
+from transfer.train.optim import WarmupCosine, build_optimizer, parameter_groups
 
 CPU = torch.device("cpu")
 
@@ -85,8 +85,9 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement():
     assert stopper.update(1.0, 1) and not stopper.update(1.0, 2) and not stopper.should_stop
     assert not stopper.update(1.2, 3) and stopper.should_stop and stopper.best_epoch == 1
     # A learning rate too small to change anything: val accuracy never improves on the start (epoch 0).
-    result = fine_tune(tiny_classifier(), 0, tiny_dataset(), tiny_dataset(seed=1),
-                       params(epochs=6, lr=1e-12, patience=2), 0, CPU)
+    result = fine_tune(
+        tiny_classifier(), 0, tiny_dataset(), tiny_dataset(seed=1), params(epochs=6, lr=1e-12, patience=2), 0, CPU
+    )
     assert result.stopped_early and len(finetune_rows(result)) == 2 and result.best_epoch == 0
 
 
@@ -106,12 +107,20 @@ def test_a_crashed_run_resumes_where_it_stopped_and_ends_identical(tmp_path):
 
     checkpointer = Checkpointer(tmp_path / "ckpt", "fingerprint-a")
     with pytest.raises(Crash):
-        fine_tune(tiny_classifier(), 1, train, val, recipe, 0, CPU, on_epoch=crash_on_third,
-                  checkpointer=checkpointer)
+        fine_tune(tiny_classifier(), 1, train, val, recipe, 0, CPU, on_epoch=crash_on_third, checkpointer=checkpointer)
     assert torch.load(tmp_path / "ckpt/last.pt", weights_only=False)["done"] == 2
     seen = []
-    resumed = fine_tune(tiny_classifier(seed=5), 1, train, val, recipe, 0, CPU, on_epoch=seen.append,
-                        checkpointer=Checkpointer(tmp_path / "ckpt", "fingerprint-a"))
+    resumed = fine_tune(
+        tiny_classifier(seed=5),
+        1,
+        train,
+        val,
+        recipe,
+        0,
+        CPU,
+        on_epoch=seen.append,
+        checkpointer=Checkpointer(tmp_path / "ckpt", "fingerprint-a"),
+    )
     assert [row["epoch"] for row in seen] == [3, 4]  # only the missing epochs run (and are logged)
     assert resumed.history == straight.history
     for key, value in straight.model.state_dict().items():
@@ -143,8 +152,7 @@ def test_real_imagenet_names_match_fashion_mnist_classes():
     assert {"Sandal", "T-shirt_top"} <= set(matched)
 
 
-CONFIG = DataConfig(image_size=24, resize_size=28, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2),
-                    interpolation="bilinear")
+CONFIG = DataConfig(image_size=24, resize_size=28, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), interpolation="bilinear")
 
 
 @pytest.mark.parametrize("augment", ["none", "trivialaugment", "randaugment", "autoaugment"])
@@ -180,19 +188,29 @@ def test_class_balance_weights_and_balanced_sampler_train():
     full = tiny_dataset(per_class=8)
     skewed = full.subset([i for i, label in enumerate(full.labels) if label != 2 or i % 4 == 0])
     for balance in ("loss", "sampler"):
-        result = fine_tune(tiny_classifier(), 1, skewed, tiny_dataset(seed=1), params(epochs=1, class_balance=balance),
-                           0, CPU)
+        result = fine_tune(
+            tiny_classifier(), 1, skewed, tiny_dataset(seed=1), params(epochs=1, class_balance=balance), 0, CPU
+        )
         assert len(finetune_rows(result)) == 1 and finetune_rows(result)[0]["train_loss"] > 0
 
 
 def test_gradient_clipping_and_adamw_run():
-    result = fine_tune(tiny_classifier(), 1, tiny_dataset(), tiny_dataset(seed=1),
-                       params(epochs=1, optimizer="adamw", lr=1e-3, grad_clip_norm=0.5, label_smoothing=0.2), 0, CPU)
+    result = fine_tune(
+        tiny_classifier(),
+        1,
+        tiny_dataset(),
+        tiny_dataset(seed=1),
+        params(epochs=1, optimizer="adamw", lr=1e-3, grad_clip_norm=0.5, label_smoothing=0.2),
+        0,
+        CPU,
+    )
     assert finetune_rows(result)[0]["train_loss"] > 0
 
 
-@pytest.mark.parametrize("mode, pretrained, stats_move", [("auto", True, False), ("auto", False, True),
-                                                          ("frozen", False, False), ("train", True, True)])
+@pytest.mark.parametrize(
+    "mode, pretrained, stats_move",
+    [("auto", True, False), ("auto", False, True), ("frozen", False, False), ("train", True, True)],
+)
 def test_batchnorm_statistics_follow_the_batchnorm_param(mode, pretrained, stats_move):
     model = tiny_classifier()
     bn = model.backbone.groups["block2"][1]
@@ -203,7 +221,16 @@ def test_batchnorm_statistics_follow_the_batchnorm_param(mode, pretrained, stats
         if row["phase"] == "finetune":
             trained.update(mean=bn.running_mean.clone(), scale=bn.weight.detach().clone())
 
-    fine_tune(model, 0, tiny_dataset(), tiny_dataset(seed=1), params(epochs=1, batchnorm=mode, lr=0.01), 0, CPU,
-              pretrained=pretrained, on_epoch=snapshot)
+    fine_tune(
+        model,
+        0,
+        tiny_dataset(),
+        tiny_dataset(seed=1),
+        params(epochs=1, batchnorm=mode, lr=0.01),
+        0,
+        CPU,
+        pretrained=pretrained,
+        on_epoch=snapshot,
+    )
     assert (not torch.equal(trained["mean"], before)) == stats_move
     assert not torch.equal(trained["scale"], scale_before)  # the affine scale trains either way

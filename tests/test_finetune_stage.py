@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import write_image_folder
+
 from transfer import tracking
 from transfer.models.saved import model_digest
 
@@ -62,8 +62,12 @@ def runs_in(repo: Path) -> list:
 
 def environment() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PYTHONPATH="src", DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1",
-               PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
+    env.update(
+        PYTHONPATH="src",
+        DVC_NO_ANALYTICS="1",
+        OMP_NUM_THREADS="1",
+        PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
+    )
     return env
 
 
@@ -91,7 +95,9 @@ def test_data_parallel_train_stage_logs_one_run_with_grad_norms_and_layer_moveme
     start = history[history["phase"] == "start"].iloc[0]
     assert start["epoch"] == 4 and list(finetune["epoch"]) == [5, 6]  # after the 3 probe epochs
     selection = json.loads((repo / "reports/train.json").read_text())
-    assert selection["selected"] in ("start", "finetune") and selection["kept_start"] == (selection["selected"] == "start")
+    assert selection["selected"] in ("start", "finetune") and selection["kept_start"] == (
+        selection["selected"] == "start"
+    )
     assert selection["best_epoch"] in (4, 5, 6) and "val_macro_f1" in selection
     assert sorted(p.name for p in (repo / "data/checkpoints").iterdir()) == ["status.json"]  # cleared
 
@@ -109,11 +115,18 @@ def test_data_parallel_train_stage_logs_one_run_with_grad_norms_and_layer_moveme
 
 
 def test_a_killed_train_stage_resumes_on_the_next_repro_in_the_same_mlflow_run(tmp_path):
-    repo = project(tmp_path, **{"finetune.epochs": 8, "backbone": {"name": "resnet18", "weights": "none",
-                                                                   "image_size": 64}})
+    repo = project(
+        tmp_path, **{"finetune.epochs": 8, "backbone": {"name": "resnet18", "weights": "none", "image_size": 64}}
+    )
     run(["dvc", "repro", "features"], repo)
-    process = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=environment(), start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        ["dvc", "repro", "train"],
+        cwd=repo,
+        env=environment(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     last = repo / "data/checkpoints/last.pt"
     deadline = time.time() + 240
     while not last.exists() and process.poll() is None and time.time() < deadline:

@@ -36,7 +36,7 @@ def test_each_kind_chooses_on_val_and_round_trips_through_its_file(kind, digits,
     fitted = fit_feature_head(kind, train, val, seed=0, on_epoch=seen.append)
     spec = FEATURE_HEADS[kind]
     tried = [row[spec.hyperparameter] for row in fitted.history]
-    assert tried == list(spec.grid[:len(tried)]) and seen == fitted.history
+    assert tried == list(spec.grid[: len(tried)]) and seen == fitted.history
     best = max(row["val_acc"] for row in fitted.history)
     if len(tried) < len(spec.grid):  # the search stopped: the last GRID_PATIENCE values did not beat the best
         assert all(row["val_acc"] <= best for row in fitted.history[-GRID_PATIENCE:])

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import yaml
-
 from project_helpers import run, stages_run, wait_for_queue
 from test_pipeline import mlflow_runs, project  # noqa: F401 (project is a fixture)
 
@@ -66,7 +65,10 @@ def test_each_head_kind_layers_and_two_backbones_through_the_pipeline(project): 
     # Edited into params.yaml: `-S backbone=[...]` cannot turn DVC's mapping into a list (Hydra merges them).
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["features"]["layers"] = [-1]
-    params["backbone"] = [{"name": "efficientnet_lite0", "image_size": 32}, {"name": "efficientnet_lite1", "image_size": 32}]
+    params["backbone"] = [
+        {"name": "efficientnet_lite0", "image_size": 32},
+        {"name": "efficientnet_lite1", "image_size": 32},
+    ]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     output = run(dvc + ["exp", "run"], repo, env)
     # The image cache depends on `backbone` (its images are sized for it), so it re-runs too.

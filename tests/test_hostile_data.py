@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from test_fetch import digest, make_zip
 from test_sources import good_images, png
+
 from transfer.data.fetch import ArchiveLimits, ArchiveTooLargeError, unpack_archive
 from transfer.data.report import DataError
 from transfer.data.sources import SourceError, materialise
@@ -41,11 +41,14 @@ def labels_source(root: Path, rows: list[tuple[str, str]]) -> Path:
 GOOD_ROWS = [(f"a{i}", "beagle") for i in range(3)] + [(f"b{i}", "pug") for i in range(3)]
 
 
-@pytest.mark.parametrize("hostile_id, template", [
-    ("../../../victim", "train/{id}.jpg"),  # climbs out of the image folder, out of the repository
-    ("VICTIM_ABSOLUTE", "{id}"),  # an absolute id (was a SameFileError traceback)
-    ("sub/../../../victim", "train/{id}.jpg"),
-])
+@pytest.mark.parametrize(
+    "hostile_id, template",
+    [
+        ("../../../victim", "train/{id}.jpg"),  # climbs out of the image folder, out of the repository
+        ("VICTIM_ABSOLUTE", "{id}"),  # an absolute id (was a SameFileError traceback)
+        ("sub/../../../victim", "train/{id}.jpg"),
+    ],
+)
 def test_csv_ids_leading_out_of_the_source_are_refused_naming_the_row(repo, tmp_path, hostile_id, template):
     victim = tmp_path / "victim.jpg"
     png(victim, 1)
@@ -86,14 +89,18 @@ def test_csv_id_with_conflicting_labels_follows_the_policy_like_the_folder_sourc
     assert "label_conflict" in str(err.value) and "a0.jpg" in str(err.value)
     assert "line 2" in str(err.value) and "line 8" in str(err.value)
 
-    index, report = materialise({"source": "csv", "path": str(source), "policy": {"label_issues": "skip"}},
-                                repo / "data/raw", repo)
+    index, report = materialise(
+        {"source": "csv", "path": str(source), "policy": {"label_issues": "skip"}}, repo / "data/raw", repo
+    )
     assert report.counts() == {"duplicate": 1, "label_conflict": 2}
     assert not any(p.endswith("a0.jpg") for p in index["path"])  # neither label is kept
     assert sorted(index["label"].value_counts().items()) == [("beagle", 2), ("pug", 3)]
     issues = json.loads((repo / "data/raw/data_report.json").read_text())["issues"]
     assert {(i["kind"], i["path"].rsplit(" ", 1)[-1], i["action"]) for i in issues} == {
-        ("label_conflict", "2", "skip"), ("label_conflict", "8", "skip"), ("duplicate", "9", "skip")}
+        ("label_conflict", "2", "skip"),
+        ("label_conflict", "8", "skip"),
+        ("duplicate", "9", "skip"),
+    }
 
 
 def test_folder_symlink_to_its_parent_is_reported_and_not_followed(repo, tmp_path):
@@ -111,7 +118,11 @@ def test_folder_symlink_to_its_parent_is_reported_and_not_followed(repo, tmp_pat
     index, report = materialise(params, repo / "data/raw", repo)
     unsafe = [i for i in report.issues if i.kind == "unsafe_link"]
     assert sorted(i.path.rsplit("/", 2)[-2] + "/" + i.path.rsplit("/", 1)[-1] for i in unsafe) == [
-        "bird/up", "dog/more", "dog/one.png", "incoming/fox"]
+        "bird/up",
+        "dog/more",
+        "dog/one.png",
+        "incoming/fox",
+    ]
     assert "a loop" in next(i.message for i in unsafe if i.path.endswith("bird/up"))
     # cat's images reached through bird/cats are byte-identical under two labels: that, and only
     # that, is a label conflict; dog keeps all its images.
@@ -124,8 +135,7 @@ def test_folder_symlink_to_its_parent_is_reported_and_not_followed(repo, tmp_pat
     index, report = materialise({"source": "folder", "path": str(source)}, repo / "data/raw", repo)
     assert sorted(index["label"].value_counts().items()) == [("bird", 3), ("cat", 3), ("dog", 3)]
     with pytest.raises(DataError, match=r"(?s)unsafe_link.*bird/up.*a loop"):
-        materialise({"source": "folder", "path": str(source), "policy": {"bad_files": "fail"}}, repo / "data/raw",
-                    repo)
+        materialise({"source": "folder", "path": str(source), "policy": {"bad_files": "fail"}}, repo / "data/raw", repo)
 
 
 def test_archive_member_escaping_via_data_path_is_refused(repo, tmp_path):
@@ -133,8 +143,9 @@ def test_archive_member_escaping_via_data_path_is_refused(repo, tmp_path):
     archive = repo / "a.zip"
     archive.write_bytes(data)
     with pytest.raises(SourceError, match="outside the unpacked archive"):
-        materialise({"source": "archive", "url": "a.zip", "sha256": digest(data), "path": "../../.."},
-                    repo / "data/raw", repo)
+        materialise(
+            {"source": "archive", "url": "a.zip", "sha256": digest(data), "path": "../../.."}, repo / "data/raw", repo
+        )
 
 
 def zip_bomb(size: int) -> bytes:
@@ -178,5 +189,8 @@ def test_archive_limits_come_from_params(repo, tmp_path):
     with pytest.raises(ArchiveTooLargeError, match="data.archive_max_ratio"):
         materialise({"source": "archive", "url": "bomb.zip", "sha256": digest(data)}, repo / "data/raw", repo)
     with pytest.raises(ArchiveTooLargeError, match="data.archive_max_bytes"):
-        materialise({"source": "archive", "url": "bomb.zip", "sha256": digest(data), "archive_max_bytes": 1000},
-                    repo / "data/raw", repo)
+        materialise(
+            {"source": "archive", "url": "bomb.zip", "sha256": digest(data), "archive_max_bytes": 1000},
+            repo / "data/raw",
+            repo,
+        )

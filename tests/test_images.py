@@ -117,6 +117,7 @@ def test_symlink_loop_is_unreadable(tmp_path: Path) -> None:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims a huge size; PIL reads the size without decoding."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

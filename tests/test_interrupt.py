@@ -16,7 +16,7 @@ from transfer import tracking
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # A stage that opens the pipeline's MLflow run (as the train stage does), then works until interrupted.
-STAGE = '''
+STAGE = """
 import sys, time
 from transfer import tracking
 from transfer.pipeline.errors import run_stage
@@ -27,10 +27,10 @@ def main():
         time.sleep(120)
 
 run_stage("train", main)
-'''
+"""
 
 # A stage interrupted before it opens any run (download, split, features...).
-PLAIN_STAGE = '''
+PLAIN_STAGE = """
 import time
 from transfer.pipeline.errors import run_stage
 
@@ -39,14 +39,20 @@ def main():
     time.sleep(120)
 
 run_stage("features", main)
-'''
+"""
 
 
 def start(script: Path, repo: Path, launcher: bool = False) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "DVC_ROOT": str(repo),
-           "TRANSFER_SERVER_DIR": str(repo / "no-server")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT / "src"),
+        "DVC_ROOT": str(repo),
+        "TRANSFER_SERVER_DIR": str(repo / "no-server"),
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
-    command = [sys.executable, "-m", "transfer.pipeline.stage", str(script)] if launcher else [sys.executable, str(script)]
+    command = (
+        [sys.executable, "-m", "transfer.pipeline.stage", str(script)] if launcher else [sys.executable, str(script)]
+    )
     return subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -63,7 +69,9 @@ def test_interrupted_stage_prints_one_line_and_marks_the_run_killed(tmp_path, si
     lines = [line for line in err.strip().splitlines() if " INFO mlflow.store.db" not in line]
     assert len(lines) == 1, err
     name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else "SIGTERM"
-    assert lines[0].startswith(f"train: interrupted by {name}; MLflow run {run_id} is marked KILLED; `dvc repro` resumes")
+    assert lines[0].startswith(
+        f"train: interrupted by {name}; MLflow run {run_id} is marked KILLED; `dvc repro` resumes"
+    )
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it
     runs = tracking.find_runs("interrupts", root=tmp_path)
     assert list(runs["status"]) == ["KILLED"] and list(runs["run_id"]) == [run_id]
@@ -79,4 +87,5 @@ def test_interrupt_without_a_run_says_so(tmp_path):
     assert process.returncode == 130
     assert err.strip().splitlines() == [
         "features: interrupted by Ctrl-C (SIGINT); no MLflow run was open; `dvc repro` resumes: finished stages "
-        "are kept and fine-tuning continues from its last epoch checkpoint"]
+        "are kept and fine-tuning continues from its last epoch checkpoint"
+    ]

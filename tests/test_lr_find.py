@@ -8,13 +8,13 @@ import math
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from tune_helpers import blobs, head_project, image_project
 
 from transfer import tracking
 from transfer.cli import main as cli_main
 from transfer.pipeline.params import HeadParams
 from transfer.train.lr_find import exponential_lrs, probe_step, smooth, suggest, sweep
 from transfer.train.probe import train_linear_probe
-from tune_helpers import blobs, head_project, image_project
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +32,7 @@ def test_smoothing_is_bias_corrected_and_the_suggestion_is_the_steepest_descent_
     assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # no pull toward 0 at the start
     lrs = exponential_lrs(1e-6, 10.0, 120)
     # A loss that falls fastest at lr = 1e-3 (log-logistic), bottoms out near 0.3 and explodes past it.
-    loss = [2.0 - 1.5 / (1 + math.exp(-3 * (math.log10(lr) + 3))) + max(0.0, math.log10(lr) + 0.5) ** 2
-            for lr in lrs]
+    loss = [2.0 - 1.5 / (1 + math.exp(-3 * (math.log10(lr) + 3))) + max(0.0, math.log10(lr) + 0.5) ** 2 for lr in lrs]
     steepest, lowest = suggest(lrs, loss)
     assert steepest == pytest.approx(1e-3, rel=0.3)
     assert lowest == lrs[int(np.argmin(loss))]
@@ -65,8 +64,10 @@ def test_lr_find_command_saves_the_plot_and_logs_one_mlflow_run(tmp_path, monkey
     assert run.data.metrics["lr_find.suggested_lr"] == pytest.approx(summary["suggested_lr"])
     assert len(client.get_metric_history(run.info.run_id, "lr_find.loss")) == summary["steps"]
     assert run.data.params["head.batch_size"] == "16"
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "lr_find")} == {"lr_find/probe.png",
-                                                                                  "lr_find/probe.json"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "lr_find")} == {
+        "lr_find/probe.png",
+        "lr_find/probe.json",
+    }
 
 
 @pytest.mark.slow  # fine-tuning steps on images: ~10 s on 2 idle cores

@@ -17,13 +17,18 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from PIL import Image
-
 from team_helpers import mlflow_server
 
 from transfer import tracking
 
-PARAMS = {"backbone.name": "efficientnet_lite0", "freeze_layers": "all", "head.lr": 0.01, "finetune.lr": 0.002,
-          "finetune.epochs": 5, "head.epochs": 40}
+PARAMS = {
+    "backbone.name": "efficientnet_lite0",
+    "freeze_layers": "all",
+    "head.lr": 0.01,
+    "finetune.lr": 0.002,
+    "finetune.epochs": 5,
+    "head.epochs": 40,
+}
 
 
 def test_readable_run_names():
@@ -79,9 +84,21 @@ def chromium() -> str | None:
 
 
 def headless(browser: str, profile: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-               f"--user-data-dir={profile}", "--window-size=1600,1000", "--virtual-time-budget=30000", *args]
+    command = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1600,1000",
+        "--virtual-time-budget=30000",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 

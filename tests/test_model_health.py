@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import REPO_ROOT, write_image_folder
 from finetune_helpers import params, tiny_classifier, tiny_dataset
+from PIL import Image
+
 from transfer.data.datasets import DeviceLoader
 from transfer.data.report import class_balance, imbalance_message
 from transfer.data.sources import materialise
@@ -61,8 +61,18 @@ def test_a_fine_tune_that_wrecks_the_model_keeps_the_start_model_epoch_0():
     assert probe_row["val_acc"] > 0.9
     start = copy.deepcopy(start_model.state_dict())
     rows = []
-    result = fine_tune(start_model, 0, train, val, params(epochs=2, lr=10.0, head_lr_mult=100.0), 0, CPU,
-                       first_epoch=7, on_epoch=rows.append, start_train={"train_acc": 0.9, "train_loss": 0.3})
+    result = fine_tune(
+        start_model,
+        0,
+        train,
+        val,
+        params(epochs=2, lr=10.0, head_lr_mult=100.0),
+        0,
+        CPU,
+        first_epoch=7,
+        on_epoch=rows.append,
+        start_train={"train_acc": 0.9, "train_loss": 0.3},
+    )
     assert rows[0]["phase"] == "start" and rows[0]["epoch"] == 6 and rows[0]["train_acc"] == 0.9
     assert [row["epoch"] for row in rows] == [6, 7, 8]
     assert rows[0]["val_acc"] == pytest.approx(probe_row["val_acc"])  # images through the net = cached features
@@ -71,26 +81,44 @@ def test_a_fine_tune_that_wrecks_the_model_keeps_the_start_model_epoch_0():
     assert states_equal(start, result.model.state_dict())
 
     # train.json and the stage's message say which model won
-    history = [{"epoch": e, "phase": "probe", "val_acc": 0.5, "val_loss": 1.0, "val_macro_f1": 0.4,
-                "train_acc": 0.6} for e in range(1, 6)] + result.history
+    history = [
+        {"epoch": e, "phase": "probe", "val_acc": 0.5, "val_loss": 1.0, "val_macro_f1": 0.4, "train_acc": 0.6}
+        for e in range(1, 6)
+    ] + result.history
     selection = model_selection(history, result.best_epoch, "val_acc")
     assert selection["selected"] == "start" and selection["kept_start"] == 1 and selection["finetune_gain"] < 0
     assert selection["val_acc"] == rows[0]["val_acc"] and selection["train_acc"] == 0.9
     message = selection_message(result.history, "val_acc", result.kept_start, "the linear probe")
-    assert message.startswith("train: no fine-tuning epoch beat the linear probe") and "keeping the linear probe" in message
+    assert (
+        message.startswith("train: no fine-tuning epoch beat the linear probe")
+        and "keeping the linear probe" in message
+    )
 
 
 def test_a_fine_tune_that_helps_is_kept_and_its_gain_recorded():
     train, val = tiny_dataset(), tiny_dataset(seed=1)
     # from a random head (the start is chance), AdamW learns the brightness classes
-    result = fine_tune(tiny_classifier(batch_norm=False), 0, train, val,
-                       params(epochs=3, lr=0.01, head_lr_mult=10.0, optimizer="adamw", monitor="val_macro_f1"), 0, CPU)
+    result = fine_tune(
+        tiny_classifier(batch_norm=False),
+        0,
+        train,
+        val,
+        params(epochs=3, lr=0.01, head_lr_mult=10.0, optimizer="adamw", monitor="val_macro_f1"),
+        0,
+        CPU,
+    )
     assert not result.kept_start and result.best_epoch >= 1
     selection = model_selection(result.history, result.best_epoch, "val_macro_f1")
     assert selection["selected"] == "finetune" and selection["kept_start"] == 0 and selection["finetune_gain"] > 0
     assert all("val_macro_f1" in row for row in result.history)
-    assert model_selection([{"epoch": 1, "phase": "probe", "val_acc": 0.7, "val_loss": 0.9, "val_macro_f1": 0.6,
-                             "train_acc": 0.8}], 1, "val_acc")["selected"] == "probe"
+    assert (
+        model_selection(
+            [{"epoch": 1, "phase": "probe", "val_acc": 0.7, "val_loss": 0.9, "val_macro_f1": 0.6, "train_acc": 0.8}],
+            1,
+            "val_acc",
+        )["selected"]
+        == "probe"
+    )
 
 
 def test_val_macro_f1_matches_scikit_learn():
@@ -122,8 +150,9 @@ def test_weighted_loss_does_not_pull_predictions_toward_rare_classes():
         return logits.detach().softmax(1)[0]
 
     fixed = optimum(classification_loss(0.3, weights))
-    legacy = optimum(lambda logits, y: torch.nn.functional.cross_entropy(logits, y, weight=weights,
-                                                                         label_smoothing=0.3))
+    legacy = optimum(
+        lambda logits, y: torch.nn.functional.cross_entropy(logits, y, weight=weights, label_smoothing=0.3)
+    )
     assert fixed[0] == pytest.approx(1 - 0.3 / 2, abs=0.01)  # exactly the smoothed target
     assert legacy[0] < 0.5  # the old loss preferred the rare class for a majority-class image
     # per-sample weights: the class weights average 1 over the training samples
@@ -142,14 +171,14 @@ def test_probe_class_balance_recovers_a_rare_class():
 
     train, val = features(400, 20), features(200, 10)
     plain = train_linear_probe(train, val, 2, HeadParams(epochs=30), 0)
-    balanced = train_linear_probe(train, val, 2, HeadParams(epochs=30, class_balance="loss",
-                                                            monitor="val_macro_f1"), 0)
+    balanced = train_linear_probe(train, val, 2, HeadParams(epochs=30, class_balance="loss", monitor="val_macro_f1"), 0)
     with torch.no_grad():
-        recall = [float((model(val.features).argmax(1)[val.labels == 1] == 1).float().mean())
-                  for model in (plain.model, balanced.model)]
+        recall = [
+            float((model(val.features).argmax(1)[val.labels == 1] == 1).float().mean())
+            for model in (plain.model, balanced.model)
+        ]
     assert recall[0] < 0.2 and recall[1] > 0.5
     assert balanced.history[balanced.best_epoch - 1]["val_macro_f1"] == max(r["val_macro_f1"] for r in balanced.history)
-
 
 
 def fashion_mnist_look_alikes(train_counts: dict[str, int], val_per_class: int) -> tuple[list, list, list, list]:
@@ -184,7 +213,8 @@ def test_class_balanced_fine_tuning_keeps_its_features_alive():
     from transfer.models.backbones import Classifier, load_backbone
 
     train_x, train_y, val_x, val_y = fashion_mnist_look_alikes(
-        {"T-shirt_top": 140, "Pullover": 40, "Coat": 20, "Shirt": 10}, val_per_class=20)
+        {"T-shirt_top": 140, "Pullover": 40, "Coat": 20, "Shirt": 10}, val_per_class=20
+    )
     loaded = load_backbone("efficientnet_lite0", "imagenet", image_size=64)
     geometry = cache_geometry(loaded.data_config)
 
@@ -195,19 +225,23 @@ def test_class_balanced_fine_tuning_keeps_its_features_alive():
     val = ImageDataset(cached(val_x), val_y, batch_transform=evaluate)
     backbone = copy.deepcopy(loaded.backbone)
     train_features = extract_features(backbone, ImageDataset(train_pixels, train_y, batch_transform=evaluate), 64, CPU)
-    probe = train_linear_probe(FeatureCache(train_features, torch.tensor(train_y), []),
-                               FeatureCache(extract_features(backbone, val, 64, CPU), torch.tensor(val_y), []),
-                               4, HeadParams(), 0)
+    probe = train_linear_probe(
+        FeatureCache(train_features, torch.tensor(train_y), []),
+        FeatureCache(extract_features(backbone, val, 64, CPU), torch.tensor(val_y), []),
+        4,
+        HeadParams(),
+        0,
+    )
     val_images = val.transformed(list(range(len(val))))
 
     def fine_tune_balanced(**overrides) -> list[dict]:
         model = Classifier(copy.deepcopy(loaded.backbone), 4)
         model.head.load_state_dict(probe.model.state_dict())
         finetune = FinetuneParams(class_balance="loss", epochs=1, **overrides)
-        sample_transform, batch_transform = train_transforms(loaded.data_config, finetune.augment,
-                                                             finetune.crop_min_scale, finetune.hflip)
-        train = ImageDataset(train_pixels, train_y, batch_transform=batch_transform,
-                             sample_transform=sample_transform)
+        sample_transform, batch_transform = train_transforms(
+            loaded.data_config, finetune.augment, finetune.crop_min_scale, finetune.hflip
+        )
+        train = ImageDataset(train_pixels, train_y, batch_transform=batch_transform, sample_transform=sample_transform)
 
         @torch.no_grad()
         def measure(row: dict) -> None:  # share of pooled channels that are zero for every val image
@@ -253,8 +287,14 @@ def test_collapse_and_zero_recall_detectors_fire_on_a_collapsed_model_and_not_on
         features = pooled_features(model, test)
         predictions = model.head(features).argmax(1).numpy()
         health, findings = model_problems(
-            labels, predictions, ["dark", "mid", "bright"], {"underfitting": 0, "overfitting": 0},
-            feature_health(features, pretrained_features, labels), None, {"dark": 8, "mid": 8, "bright": 8})
+            labels,
+            predictions,
+            ["dark", "mid", "bright"],
+            {"underfitting": 0, "overfitting": 0},
+            feature_health(features, pretrained_features, labels),
+            None,
+            {"dark": 8, "mid": 8, "bright": 8},
+        )
         return health, findings
 
     health, findings = verdict(healthy)
@@ -279,10 +319,13 @@ def test_lost_to_probe_and_the_report_says_what_to_try_next(tmp_path):
     y_true = np.repeat(np.arange(3), 10)
     y_pred = np.where(y_true == 2, 0, y_true)  # class 2 never recognised
     probs = np.eye(3)[y_pred] * 0.8 + 0.2 / 3
-    history = __import__("pandas").DataFrame([
-        {"epoch": 1, "phase": "probe", "train_acc": 0.7, "train_loss": 0.8, "val_acc": 0.68, "val_loss": 0.9},
-        {"epoch": 2, "phase": "start", "train_acc": 0.7, "train_loss": 0.8, "val_acc": 0.68, "val_loss": 0.9},
-        {"epoch": 3, "phase": "finetune", "train_acc": 0.5, "train_loss": 1.2, "val_acc": 0.4, "val_loss": 1.5}])
+    history = __import__("pandas").DataFrame(
+        [
+            {"epoch": 1, "phase": "probe", "train_acc": 0.7, "train_loss": 0.8, "val_acc": 0.68, "val_loss": 0.9},
+            {"epoch": 2, "phase": "start", "train_acc": 0.7, "train_loss": 0.8, "val_acc": 0.68, "val_loss": 0.9},
+            {"epoch": 3, "phase": "finetune", "train_acc": 0.5, "train_loss": 1.2, "val_acc": 0.4, "val_loss": 1.5},
+        ]
+    )
     model = tiny_classifier()
     image = tmp_path / "a.png"
     write_image_folder(tmp_path / "img", {"a": 1})
@@ -290,12 +333,20 @@ def test_lost_to_probe_and_the_report_says_what_to_try_next(tmp_path):
     from PIL import Image
 
     metrics, files = diag.write_run_diagnostics(
-        tmp_path / "out", class_names=["a", "b", "c"], y_true=y_true, probs=probs, history=history,
-        image_paths=[str(image)] * 30, load_image=lambda p: Image.open(p).convert("RGB"),
-        features=torch.tensor(rng.normal(size=(30, 16)), dtype=torch.float32), model=model,
-        batch=torch.rand(2, 3, 16, 16), best_epoch=2,
+        tmp_path / "out",
+        class_names=["a", "b", "c"],
+        y_true=y_true,
+        probs=probs,
+        history=history,
+        image_paths=[str(image)] * 30,
+        load_image=lambda p: Image.open(p).convert("RGB"),
+        features=torch.tensor(rng.normal(size=(30, 16)), dtype=torch.float32),
+        model=model,
+        batch=torch.rand(2, 3, 16, 16),
+        best_epoch=2,
         selection={"kept_start": 1, "monitor": "val_acc", "finetune_gain": -0.28},
-        train_counts={"a": 50, "b": 50, "c": 3})
+        train_counts={"a": 50, "b": 50, "c": 3},
+    )
     assert metrics["health"]["lost_to_probe"] == 1 and metrics["health"]["zero_recall_classes"] == 1
     assert metrics["fit"]["verdict"] == "zero-recall classes, fine-tune lost to probe"
     page = (tmp_path / "out" / diag.REPORT_HTML).read_text()

@@ -21,15 +21,18 @@ def test_the_repository_params_are_valid():
     assert flat["head.lr"] == params.head.lr and "backbone.name" in flat
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda p: p["head"].update(lr_typo=0.1), r"head\.lr_typo: unknown key"),
-    (lambda p: p["head"].update(lr="fast"), r"head\.lr: .*number.*given 'fast'"),
-    (lambda p: p["head"].update(epochs=0), r"head\.epochs: .*greater than or equal to 1.*given 0"),
-    (lambda p: p.update(freeze_layers="some"), r"freeze_layers"),
-    (lambda p: p.update(freeze_layers=-2), r"freeze_layers must be 'all' or an integer >= 0"),
-    (lambda p: p["split"].update(val_fraction=0.6, test_fraction=0.5), r"val_fraction \+ test_fraction"),
-    (lambda p: p.update(seeed=1), r"seeed: unknown key"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda p: p["head"].update(lr_typo=0.1), r"head\.lr_typo: unknown key"),
+        (lambda p: p["head"].update(lr="fast"), r"head\.lr: .*number.*given 'fast'"),
+        (lambda p: p["head"].update(epochs=0), r"head\.epochs: .*greater than or equal to 1.*given 0"),
+        (lambda p: p.update(freeze_layers="some"), r"freeze_layers"),
+        (lambda p: p.update(freeze_layers=-2), r"freeze_layers must be 'all' or an integer >= 0"),
+        (lambda p: p["split"].update(val_fraction=0.6, test_fraction=0.5), r"val_fraction \+ test_fraction"),
+        (lambda p: p.update(seeed=1), r"seeed: unknown key"),
+    ],
+)
 def test_bad_values_are_named(mutate, message):
     raw = repo_params()
     mutate(raw)

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import yaml
-
 from test_sources_pipeline import run, stage_copy
 
 pytestmark = pytest.mark.slow

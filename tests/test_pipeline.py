@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from project_helpers import copy_project, git_env, run, stages_run, wait_for_queue
+
 from transfer import tracking
 
 pytestmark = pytest.mark.slow
@@ -68,8 +68,12 @@ def test_pipeline_experiments_and_queue_end_to_end(project):
 
     # 3. A head-only change: download, split and features are not re-run.
     # With flip TTA the probe's evaluate runs the backbone on the test images instead of the cached features.
-    output = run(dvc + ["exp", "run", "-n", "head-lr", "-S", "freeze_layers=all", "-S", "head.lr=0.02",
-                        "-S", "evaluate.tta=flip"], repo, env)
+    output = run(
+        dvc
+        + ["exp", "run", "-n", "head-lr", "-S", "freeze_layers=all", "-S", "head.lr=0.02", "-S", "evaluate.tta=flip"],
+        repo,
+        env,
+    )
     assert stages_run(output) == HEAD_ONLY
 
     # 4. Two queued experiments on two workers, in temporary copies of the repository.
@@ -113,7 +117,8 @@ def test_pipeline_experiments_and_queue_end_to_end(project):
     # The pyfunc model takes images and answers with class names; every run registered a version.
     test_image = (repo / "reports/confusion.csv").read_text().splitlines()[1].split(",")[0]
     answer = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(
-        pd.DataFrame({"image": [(repo / test_image).read_bytes()]}))
+        pd.DataFrame({"image": [(repo / test_image).read_bytes()]})
+    )
     assert answer["class"][0] in json.loads((repo / "data/split/classes.json").read_text())
     versions = mlflow.MlflowClient().search_model_versions("name = 'transfer-classifier'")
     assert sorted(v.run_id for v in versions) == sorted(runs["run_id"])
@@ -170,12 +175,24 @@ def test_predict_equals_the_evaluate_stage_and_the_champion_exports(project, tmp
     output = run(transfer + ["promote", "--metric", "test.accuracy"], repo, env)
     assert "models:/transfer-classifier@champion -> version" in output
     sample = list(evaluated["path"][:8])
-    run(transfer + ["predict", *sample, "--model", "models:/transfer-classifier@champion",
-                    "--out", str(tmp_path / "champion.json")], repo, env)
+    run(
+        transfer
+        + [
+            "predict",
+            *sample,
+            "--model",
+            "models:/transfer-classifier@champion",
+            "--out",
+            str(tmp_path / "champion.json"),
+        ],
+        repo,
+        env,
+    )
     assert [row["path"] for row in json.loads((tmp_path / "champion.json").read_text())] == sample
 
-    output = run(transfer + ["export", "--format", "onnx", "--model", "models:/transfer-classifier@champion"],
-                 repo, env)
+    output = run(
+        transfer + ["export", "--format", "onnx", "--model", "models:/transfer-classifier@champion"], repo, env
+    )
     check = json.loads((repo / "data/export/model.check.json").read_text())
     assert check["images"] == 64 and check["same_top1"] == 64 and check["max_abs_diff_probabilities"] < 1e-4
     assert "max |probability difference|" in output

@@ -59,8 +59,9 @@ def test_saved_model_round_trip_is_exact_described_and_byte_stable(model_dir, tm
     assert saved.freeze_layers == 2 and saved.model.frozen_groups == 2 and not saved.model.training
 
     again = tmp_path / "again"
-    save_model(again, saved.model, saved.classes, saved.data_config, backbone="resnet18", weights="none",
-               freeze_layers=2)
+    save_model(
+        again, saved.model, saved.classes, saved.data_config, backbone="resnet18", weights="none", freeze_layers=2
+    )
     for name in ("model.safetensors", "model.json"):
         assert (again / name).read_bytes() == (model_dir / name).read_bytes()
     images = torch.rand(2, 3, 32, 32)
@@ -133,8 +134,12 @@ def test_predict_prepares_images_exactly_as_the_evaluation_datasets(model_dir, i
     paths = sorted(str(p.relative_to(images)) for p in images.rglob("*.png"))
     # The evaluation's input: the image cache stage's file, read back and transformed as evaluate does.
     write_split_cache(tmp_path / "test.npy", [images / p for p in paths], cache_geometry(saved.data_config))
-    dataset = ImageDataset(CachedImages(tmp_path / "test.npy"), [0] * len(paths), paths,
-                           batch_transform=eval_batch_transform(saved.data_config))
+    dataset = ImageDataset(
+        CachedImages(tmp_path / "test.npy"),
+        [0] * len(paths),
+        paths,
+        batch_transform=eval_batch_transform(saved.data_config),
+    )
     evaluated = dataset.transformed(list(range(len(paths))))
     for index, path in enumerate(paths):
         assert torch.equal(model_input(images / path, saved.data_config), evaluated[index])
@@ -147,17 +152,32 @@ def test_predict_prepares_images_exactly_as_the_evaluation_datasets(model_dir, i
 
 def transfer_cli(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
-    return subprocess.run([sys.executable, "-m", "transfer.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "transfer.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_predict_command_files_folders_globs_and_unreadable_files(model_dir, images, tmp_path):
     (images / "cat" / "broken.png").write_bytes(b"not an image at all")
     (images / "notes.txt").write_text("ignored: not an image by extension")
     out = tmp_path / "predictions.csv"
-    done = transfer_cli("predict", str(images / "cat"), str(images / "dog" / "0000.png"), str(images / "f*" / "*.png"),
-                        str(tmp_path / "missing.jpg"), "--model", str(model_dir), "--top-k", "2", "--out", str(out),
-                        "--batch-size", "2", "--device", "cpu")
+    done = transfer_cli(
+        "predict",
+        str(images / "cat"),
+        str(images / "dog" / "0000.png"),
+        str(images / "f*" / "*.png"),
+        str(tmp_path / "missing.jpg"),
+        "--model",
+        str(model_dir),
+        "--top-k",
+        "2",
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    )
     (images / "cat" / "broken.png").unlink()
     assert done.returncode == 1, done.stderr  # some inputs could not be classified: listed, and the status says so
     assert "predict:" in done.stderr and "2 input(s) could not be classified" in done.stderr
@@ -191,8 +211,9 @@ def test_predict_command_files_folders_globs_and_unreadable_files(model_dir, ima
 def test_pyfunc_dataframe_of_images_bytes_base64_paths_and_a_bad_one(model_dir, images):
     saved = load_model(model_dir)
     path = images / "dog" / "0001.png"
-    frame = pd.DataFrame({"image": [path.read_bytes(), str(path), base64.b64encode(path.read_bytes()).decode(),
-                                    b"garbage"]})
+    frame = pd.DataFrame(
+        {"image": [path.read_bytes(), str(path), base64.b64encode(path.read_bytes()).decode(), b"garbage"]}
+    )
     result = predict_frame(saved, frame)
     assert list(result.columns) == ["class", "probability", "probabilities", "error"]
     assert result["class"][0] == result["class"][1] == result["class"][2] in CLASSES
@@ -219,8 +240,9 @@ def mlflow_store(tmp_path_factory, model_dir, images):
     run_ids = []
     for accuracy in (0.9, 0.5):
         with tracking.training_run("predict-test", {"x": accuracy}, {}) as run_id:
-            tracking.log_model(model_dir, saved.model, (images / "cat" / "0000.png").read_bytes(), example,
-                               registered_model="tiny")
+            tracking.log_model(
+                model_dir, saved.model, (images / "cat" / "0000.png").read_bytes(), example, registered_model="tiny"
+            )
             mlflow.log_metric("test.accuracy", accuracy)
         run_ids.append(run_id)
     yield store, run_ids
@@ -241,7 +263,11 @@ def test_logged_model_takes_images_registry_alias_and_raw_pytorch(mlflow_store, 
     inputs = pyfunc.metadata.get_input_schema().to_dict()
     assert inputs == [{"type": "binary", "name": "image", "required": True}]
     assert [col["name"] for col in pyfunc.metadata.get_output_schema().to_dict()] == [
-        "class", "probability", "probabilities", "error"]
+        "class",
+        "probability",
+        "probabilities",
+        "error",
+    ]
     assert pyfunc.metadata.metadata["classes"] == CLASSES
     path = images / "fox" / "0002.png"
     result = pyfunc.predict(pd.DataFrame({"image": [path.read_bytes(), str(path)]}))
@@ -254,8 +280,10 @@ def test_logged_model_takes_images_registry_alias_and_raw_pytorch(mlflow_store, 
 
     promoted = tracking.promote_best("predict-test", "tiny", "test.accuracy")
     assert promoted["run_id"] == best_run and promoted["value"] == 0.9
-    assert tracking.promote_best("predict-test", "tiny", "test.accuracy", alias="worst",
-                                 higher_is_better=False)["run_id"] == other_run
+    assert (
+        tracking.promote_best("predict-test", "tiny", "test.accuracy", alias="worst", higher_is_better=False)["run_id"]
+        == other_run
+    )
     champion = resolve_model("models:/tiny@champion")
     assert champion.classes == CLASSES and champion.description == load_model(model_dir).description
     assert resolve_model(f"runs:/{other_run}").description == champion.description
@@ -308,11 +336,31 @@ def test_mlflow_models_serve_answers_an_image_over_http(mlflow_store, images):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     # uvicorn, which MLflow starts, is on the PATH of the environment's bin folder.
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT / "src"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"runs:/{run_id}/model",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.time() + 240  # a generous wait for start-up on a loaded machine, not a timing check
         while True:
@@ -325,8 +373,9 @@ def test_mlflow_models_serve_answers_an_image_over_http(mlflow_store, images):
                 time.sleep(1)
         png = (images / "dog" / "0002.png").read_bytes()
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(png).decode()]]}})
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body.encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.loads(response.read())
     finally:

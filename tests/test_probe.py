@@ -37,6 +37,7 @@ def test_probe_is_reproducible_for_a_seed():
 
 def test_epoch_callback_sees_each_row():
     seen = []
-    train_linear_probe(blobs(10, 0), blobs(5, 1), 3, HeadParams(lr=0.01, epochs=3, batch_size=8), 0,
-                       on_epoch=seen.append)
+    train_linear_probe(
+        blobs(10, 0), blobs(5, 1), 3, HeadParams(lr=0.01, epochs=3, batch_size=8), 0, on_epoch=seen.append
+    )
     assert [row["epoch"] for row in seen] == [1, 2, 3] and {"train_loss", "val_acc", "lr"} <= set(seen[0])

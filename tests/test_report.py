@@ -87,9 +87,18 @@ def test_report_rejects_non_png(tmp_path) -> None:
 def chromium_run(tmp_path: Path, url: str, *args: str) -> subprocess.CompletedProcess:
     """Run headless Debian chromium on ``url`` with a fresh profile, offline."""
     command = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", *args, url,
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        *args,
+        url,
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=90, check=True)
 

@@ -53,9 +53,12 @@ def test_hostile_and_foreign_files_are_clear_errors_not_code(tmp_path):
 
 def test_backbone_weights_that_are_not_weights_are_a_backbone_error(tmp_path):
     marker = tmp_path / "pwned"
-    cases = {"hostile.pth": hostile_file(tmp_path / "hostile.pth", marker),
-             "text.pth": tmp_path / "text.pth", "list.pth": tmp_path / "list.pth",
-             "bad.safetensors": tmp_path / "bad.safetensors"}
+    cases = {
+        "hostile.pth": hostile_file(tmp_path / "hostile.pth", marker),
+        "text.pth": tmp_path / "text.pth",
+        "list.pth": tmp_path / "list.pth",
+        "bad.safetensors": tmp_path / "bad.safetensors",
+    }
     cases["text.pth"].write_text("hello")
     torch.save([1, 2, 3], cases["list.pth"])
     cases["bad.safetensors"].write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
@@ -103,9 +106,13 @@ def test_save_torch_is_byte_stable_and_atomic(tmp_path):
 
 
 def test_no_weights_only_false_in_the_package_or_stages():
-    found = [f"{path.relative_to(REPO_ROOT)}:{n}" for folder in ("src", "stages") for path in
-             (REPO_ROOT / folder).rglob("*.py") for n, line in enumerate(path.read_text().splitlines(), 1)
-             if re.search(r"weights_only\s*=\s*False", line)]
+    found = [
+        f"{path.relative_to(REPO_ROOT)}:{n}"
+        for folder in ("src", "stages")
+        for path in (REPO_ROOT / folder).rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"weights_only\s*=\s*False", line)
+    ]
     assert found == []
 
 
@@ -118,8 +125,9 @@ def test_evaluate_stage_refuses_a_pickle_model_in_one_line(tmp_path):
     marker = tmp_path / "pwned"
     hostile_file(copy / "data/model/model.pt", marker)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "TRANSFER_STAGE_SERVER": "off"}
-    done = subprocess.run([sys.executable, "stages/evaluate.py"], cwd=copy, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "stages/evaluate.py"], cwd=copy, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 1 and not marker.exists()
     assert "Traceback" not in done.stderr
     assert done.stderr.startswith("evaluate: data/model/model.pt is not a usable model file"), done.stderr

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-
 from test_fetch import ArchiveServer, digest
+
 from transfer.data.report import DataError, Policy
 from transfer.data.scan import detect_layout
 from transfer.data.sources import SourceError, materialise, read_idx, summary_line
@@ -88,10 +88,18 @@ def test_default_policy_fails_on_label_problems_and_names_them(repo: Path, tmp_p
 
 def test_skip_policy_indexes_good_images_and_counts_every_skip(repo: Path, tmp_path: Path) -> None:
     source = messy_folder(tmp_path / "incoming")
-    index, report = materialise({"source": "folder", "path": str(source), "policy": {"label_issues": "skip"}},
-                                repo / "data/raw", repo)
-    assert report.counts() == {"corrupt": 1, "empty": 1, "empty_class": 1, "label_conflict": 2,
-                               "non_image": 1, "not_image": 1, "unreadable": 2}
+    index, report = materialise(
+        {"source": "folder", "path": str(source), "policy": {"label_issues": "skip"}}, repo / "data/raw", repo
+    )
+    assert report.counts() == {
+        "corrupt": 1,
+        "empty": 1,
+        "empty_class": 1,
+        "label_conflict": 2,
+        "non_image": 1,
+        "not_image": 1,
+        "unreadable": 2,
+    }
     on_disk = pd.read_csv(repo / "data/raw/index.csv", dtype=str, keep_default_na=False)
     assert list(on_disk.columns) == ["path", "label", "subset"] and on_disk.equals(index)
     assert sorted(index["label"].value_counts().items()) == [("cat", 7), ("dog", 8)]
@@ -173,8 +181,9 @@ def test_csv_source_dog_breed_layout_out_of_the_box(repo: Path, tmp_path: Path) 
     with pytest.raises(DataError) as err:
         materialise({"source": "csv", "path": str(source)}, repo / "data/raw", repo)
     assert "missing_file" in str(err.value) and "ghost" in str(err.value) and "stray.jpg" in str(err.value)
-    index, report = materialise({"source": "csv", "path": str(source), "policy": {"label_issues": "skip"}},
-                                repo / "data/raw", repo)
+    index, report = materialise(
+        {"source": "csv", "path": str(source), "policy": {"label_issues": "skip"}}, repo / "data/raw", repo
+    )
     assert report.counts() == {"missing_file": 1, "unlabelled_file": 1}
     assert len(index) == 6 and set(index["label"]) == {"beagle", "pug"}
     assert "data/raw/dog-breed-identification/train/a1.jpg" in set(index["path"])
@@ -184,10 +193,22 @@ def test_csv_source_custom_columns_and_subset_column(repo: Path, tmp_path: Path)
     source = tmp_path / "imgs"
     for i in range(4):
         png(source / f"img{i}.png", i)
-    pd.DataFrame({"file": [f"img{i}.png" for i in range(4)], "cls": ["x", "y", "x", "y"],
-                  "split": ["train", "train", "test", "test"]}).to_csv(source / "meta.csv", index=False)
-    params = {"source": "csv", "path": str(source), "labels_csv": "meta.csv", "id_column": "file",
-              "label_column": "cls", "image_template": "{id}", "subset_column": "split"}
+    pd.DataFrame(
+        {
+            "file": [f"img{i}.png" for i in range(4)],
+            "cls": ["x", "y", "x", "y"],
+            "split": ["train", "train", "test", "test"],
+        }
+    ).to_csv(source / "meta.csv", index=False)
+    params = {
+        "source": "csv",
+        "path": str(source),
+        "labels_csv": "meta.csv",
+        "id_column": "file",
+        "label_column": "cls",
+        "image_template": "{id}",
+        "subset_column": "split",
+    }
     index, _ = materialise(params, repo / "data/raw", repo)
     assert sorted(index["subset"]) == ["test", "test", "train", "train"]
     with pytest.raises(SourceError, match=r"no column\(s\) \['breed'\].*file, cls|no column"):
@@ -208,8 +229,9 @@ def test_archive_source_over_http_hotdog_layout(repo: Path) -> None:
     with ArchiveServer(data) as srv:
         os.environ["TRANSFER_CACHE_DIR"] = str(repo.parent / "cache")
         try:
-            index, report = materialise({"source": "archive", "url": srv.url, "sha256": digest(data)},
-                                        repo / "data/raw", repo)
+            index, report = materialise(
+                {"source": "archive", "url": srv.url, "sha256": digest(data)}, repo / "data/raw", repo
+            )
         finally:
             del os.environ["TRANSFER_CACHE_DIR"]
     assert report.counts() == {"corrupt": 1}
@@ -239,17 +261,19 @@ def write_mnist_like(folder: Path, compress: bool) -> None:
 
 def test_idx_source_keeps_official_test_split(repo: Path, tmp_path: Path) -> None:
     write_mnist_like(tmp_path / "fmnist", compress=True)
-    index, _ = materialise({"source": "idx", "path": str(tmp_path / "fmnist"), "classes": ["a", "b", "c"]},
-                           repo / "data/raw", repo)
+    index, _ = materialise(
+        {"source": "idx", "path": str(tmp_path / "fmnist"), "classes": ["a", "b", "c"]}, repo / "data/raw", repo
+    )
     assert sorted(index["subset"].value_counts().items()) == [("test", 6), ("train", 12)]
     assert (repo / index["path"][0]).is_file() and Image.open(repo / index["path"][0]).size == (28, 28)
     with pytest.raises(SourceError, match="data.classes has 2"):
-        materialise({"source": "idx", "path": str(tmp_path / "fmnist"), "classes": ["a", "b"]},
-                    repo / "data/raw", repo)
+        materialise({"source": "idx", "path": str(tmp_path / "fmnist"), "classes": ["a", "b"]}, repo / "data/raw", repo)
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").exists(),
-                    reason="Debian package dataset-fashion-mnist not installed")
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").exists(),
+    reason="Debian package dataset-fashion-mnist not installed",
+)
 def test_debian_fashion_mnist_files_are_readable() -> None:
     labels = read_idx(Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"))
     assert labels.shape == (10_000,) and labels.max() == 9
@@ -257,13 +281,19 @@ def test_debian_fashion_mnist_files_are_readable() -> None:
 
 def test_torchvision_source_reads_local_root_offline(repo: Path, tmp_path: Path) -> None:
     write_mnist_like(tmp_path / "tv" / "MNIST" / "raw", compress=False)
-    index, _ = materialise({"source": "torchvision", "name": "MNIST", "root": str(tmp_path / "tv"),
-                            "download": False}, repo / "data/raw", repo)
+    index, _ = materialise(
+        {"source": "torchvision", "name": "MNIST", "root": str(tmp_path / "tv"), "download": False},
+        repo / "data/raw",
+        repo,
+    )
     assert sorted(index["subset"].value_counts().items()) == [("test", 6), ("train", 12)]
     assert set(index["label"]) == {"0 - zero", "1 - one", "2 - two"}
     with pytest.raises(SourceError, match="Offline"):
-        materialise({"source": "torchvision", "name": "CIFAR10", "root": str(tmp_path / "empty"), "download": False},
-                    repo / "data/raw", repo)
+        materialise(
+            {"source": "torchvision", "name": "CIFAR10", "root": str(tmp_path / "empty"), "download": False},
+            repo / "data/raw",
+            repo,
+        )
     with pytest.raises(SourceError, match="not supported"):
         materialise({"source": "torchvision", "name": "ImageNet"}, repo / "data/raw", repo)
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-
 from test_sources import good_images
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import index_of
+
 from transfer.data.split import SplitError, read_manifest, stratified_split, write_split
 
 
@@ -40,8 +40,12 @@ def test_too_small_class_is_named_with_its_count():
 
 
 def test_official_test_split_is_kept_and_val_carved_from_train():
-    index = pd.concat([make_index({"a": 40, "b": 40}, "train"), make_index({"a": 10, "b": 10}, "test")
-                       .assign(path=lambda f: f["path"].str.replace("raw/", "raw/test/"))])
+    index = pd.concat(
+        [
+            make_index({"a": 40, "b": 40}, "train"),
+            make_index({"a": 10, "b": 10}, "test").assign(path=lambda f: f["path"].str.replace("raw/", "raw/test/")),
+        ]
+    )
     splits = stratified_split(index, 0.25, 0.5, seed=0)
     assert set(splits["test"]["path"]) == set(index[index["subset"] == "test"]["path"])
     assert len(splits["val"]) == 20 and len(splits["train"]) == 60

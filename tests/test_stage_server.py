@@ -24,7 +24,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Prints what a stage process can observe about itself; exits with the code given as argv[1].
-PROBE = '''
+PROBE = """
 import json, os, sys
 preloaded = "torch" in sys.modules
 import transfer
@@ -33,15 +33,15 @@ payload = {"argv": sys.argv, "cwd": os.getcwd(), "marker": os.environ.get("MARKE
 print(json.dumps(payload))
 print("to stderr", file=sys.stderr)
 sys.exit(int(sys.argv[1]))
-'''
+"""
 
 # Records its pid, then waits to be killed.
-SLEEPER = '''
+SLEEPER = """
 import os, sys, time
 open(sys.argv[1] + ".tmp", "w").write(str(os.getpid()))
 os.rename(sys.argv[1] + ".tmp", sys.argv[1])
 time.sleep(120)
-'''
+"""
 
 
 def environment(server_dir: Path, **extra: str) -> dict[str, str]:
@@ -51,13 +51,25 @@ def environment(server_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def launch(script: Path, args: list[str], env: dict, cwd: Path, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "transfer.pipeline.stage", str(script), *args], cwd=cwd, env=env,
-                          input=stdin, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "transfer.pipeline.stage", str(script), *args],
+        cwd=cwd,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def server_command(command: str, env: dict, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "transfer.pipeline.stage_server", command, *args], env=env,
-                          capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [sys.executable, "-m", "transfer.pipeline.stage_server", command, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -93,8 +105,13 @@ def scripts(tmp_path) -> Path:
 def test_served_run_behaves_like_a_cold_run(server, scripts):
     _, env = server
     served = launch(scripts / "probe.py", ["3", "x"], {**env, "MARKER": "m1"}, scripts, stdin="input")
-    cold = launch(scripts / "probe.py", ["3", "x"], {**env, "MARKER": "m1", "TRANSFER_STAGE_SERVER": "off"},
-                  scripts, stdin="input")
+    cold = launch(
+        scripts / "probe.py",
+        ["3", "x"],
+        {**env, "MARKER": "m1", "TRANSFER_STAGE_SERVER": "off"},
+        scripts,
+        stdin="input",
+    )
     assert served.returncode == cold.returncode == 3
     assert served.stderr == cold.stderr == "to stderr\n"
     served_view, cold_view = json.loads(served.stdout), json.loads(cold.stdout)
@@ -109,8 +126,9 @@ def test_project_code_is_imported_from_the_callers_path(server, scripts, tmp_pat
     """A DVC temporary copy (or an edited checkout) runs its own package, not the one the server saw."""
     _, env = server
     copy = tmp_path / "copy"
-    shutil.copytree(REPO_ROOT / "src" / "transfer", copy / "src" / "transfer",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO_ROOT / "src" / "transfer", copy / "src" / "transfer", ignore=shutil.ignore_patterns("__pycache__")
+    )
     done = launch(scripts / "probe.py", ["0"], {**env, "PYTHONPATH": str(copy / "src")}, scripts)
     assert done.returncode == 0, done.stderr
     view = json.loads(done.stdout)
@@ -128,8 +146,11 @@ def test_killing_the_caller_kills_the_stage(server, scripts):
     _, env = server
     for signum in (signal.SIGKILL, signal.SIGTERM):
         pid_file = scripts / f"pid-{signum}"
-        caller = subprocess.Popen([sys.executable, "-m", "transfer.pipeline.stage", str(scripts / "sleeper.py"),
-                                   str(pid_file)], cwd=scripts, env=env)
+        caller = subprocess.Popen(
+            [sys.executable, "-m", "transfer.pipeline.stage", str(scripts / "sleeper.py"), str(pid_file)],
+            cwd=scripts,
+            env=env,
+        )
         deadline = time.monotonic() + 60
         while not pid_file.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -158,12 +179,12 @@ def test_without_a_server_the_launcher_runs_the_script_itself(scripts, tmp_path)
 
 
 # Prints the global RNGs' first draws and the temporary folder, as a stage would see them.
-RNG_PROBE = '''
+RNG_PROBE = """
 import json, random, tempfile
 import numpy, torch
 print(json.dumps({"random": random.random(), "numpy": float(numpy.random.random()),
                   "torch": float(torch.rand(1)), "tmp": tempfile.gettempdir()}))
-'''
+"""
 
 
 def test_each_child_has_fresh_global_rngs_like_a_cold_process(server, scripts):
@@ -188,8 +209,13 @@ def test_a_socket_folder_others_can_reach_is_refused(scripts, tmp_path):
     folder.mkdir(mode=0o755)
     folder.chmod(0o755)
     env = environment(folder)
-    refused = subprocess.run([sys.executable, "-m", "transfer.pipeline.stage_server", "start"], env=env,
-                             capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [sys.executable, "-m", "transfer.pipeline.stage_server", "start"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode == 1 and "has mode 0o755" in refused.stderr and "chmod 700" in refused.stderr
     assert not list(folder.iterdir())
     done = launch(scripts / "probe.py", ["0"], env, scripts)  # the launcher will not use it either
@@ -203,8 +229,13 @@ def test_another_users_folder_and_connections_are_refused(scripts, tmp_path):
     theirs = tmp_path / "theirs"
     theirs.mkdir(mode=0o700)
     os.chown(theirs, nobody, nobody)
-    refused = subprocess.run([sys.executable, "-m", "transfer.pipeline.stage_server", "start"],
-                             env=environment(theirs), capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [sys.executable, "-m", "transfer.pipeline.stage_server", "start"],
+        env=environment(theirs),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode == 1 and f"belongs to user id {nobody}" in refused.stderr
 
     mine = Path(tempfile.mkdtemp(prefix="transfer-server-test-", dir="/tmp"))  # reachable: pytest's tmp is 0700
@@ -225,8 +256,16 @@ def test_another_users_folder_and_connections_are_refused(scripts, tmp_path):
                 os.setuid(nobody)
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.connect(str(socket_file))
-                data = json.dumps({"command": "run", "argv": [str(scripts / "touch.py")], "cwd": "/", "env": {},
-                                   "path": sys.path, "fds": []}).encode()
+                data = json.dumps(
+                    {
+                        "command": "run",
+                        "argv": [str(scripts / "touch.py")],
+                        "cwd": "/",
+                        "env": {},
+                        "path": sys.path,
+                        "fds": [],
+                    }
+                ).encode()
                 sock.sendall(struct.pack("!I", len(data)) + data)
                 os.write(write_end, repr(sock.recv(100)).encode())
             except BaseException as exc:  # noqa: BLE001 - reported through the pipe
@@ -251,10 +290,17 @@ def test_another_users_folder_and_connections_are_refused(scripts, tmp_path):
 @pytest.mark.parametrize("stage", ["params", "download", "split"])
 def test_light_stages_start_without_torch_or_mlflow(stage):
     """What a stage imports before main() runs: the data stages need neither torch nor MLflow."""
-    check = (f"import runpy, sys; runpy.run_path({str(REPO_ROOT / 'stages' / (stage + '.py'))!r}, run_name='probe'); "
-             "print(sorted(m for m in ('torch', 'mlflow', 'torchvision', 'timm') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", check], env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")},
-                          capture_output=True, text=True, timeout=120)
+    check = (
+        f"import runpy, sys; runpy.run_path({str(REPO_ROOT / 'stages' / (stage + '.py'))!r}, run_name='probe'); "
+        "print(sorted(m for m in ('torch', 'mlflow', 'torchvision', 'timm') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
@@ -263,9 +309,16 @@ def test_ctrl_c_of_a_served_stage_ends_it_with_one_line(server, scripts):
     _, env = server
     (scripts / "stage.py").write_text(
         "import time\nfrom transfer.pipeline.errors import run_stage\n\n"
-        "def main():\n    print('working', flush=True)\n    time.sleep(120)\n\nrun_stage('features', main)\n")
-    caller = subprocess.Popen([sys.executable, "-m", "transfer.pipeline.stage", str(scripts / "stage.py")],
-                              cwd=scripts, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        "def main():\n    print('working', flush=True)\n    time.sleep(120)\n\nrun_stage('features', main)\n"
+    )
+    caller = subprocess.Popen(
+        [sys.executable, "-m", "transfer.pipeline.stage", str(scripts / "stage.py")],
+        cwd=scripts,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert caller.stdout.readline().strip() == "working"
     caller.send_signal(signal.SIGINT)
     _, err = caller.communicate(timeout=60)

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
-
 from project_helpers import DVC, copy_project, git_env, run, stages_run, wait_for_queue
 from team_helpers import mlflow_server
 
@@ -59,8 +58,9 @@ def team(tmp_path_factory) -> Team:
     run(STAGE_SERVER + ["start", "--idle", "900"], repo, env)
     try:
         with mlflow_server(base / "mlflow") as url:
-            yield Team(repo, base / "origin.git", base / "dvc-remote", base / "clone",
-                       {**env, "MLFLOW_TRACKING_URI": url}, url)
+            yield Team(
+                repo, base / "origin.git", base / "dvc-remote", base / "clone", {**env, "MLFLOW_TRACKING_URI": url}, url
+            )
     finally:
         run(STAGE_SERVER + ["stop"], repo, env)
 
@@ -121,8 +121,11 @@ def test_queue_on_two_workers_logs_to_the_server_and_experiments_travel(team):
 
     # The experiments travel: git refs to the shared repository, outputs to the DVC remote.
     shown = json.loads(run(DVC + ["exp", "show", "--json"], team.repo, env))
-    metrics = {revision["name"]: revision["data"]["metrics"]["reports/metrics.json"]["data"]
-               for experiment in shown[1]["experiments"] for revision in experiment["revs"]}
+    metrics = {
+        revision["name"]: revision["data"]["metrics"]["reports/metrics.json"]["data"]
+        for experiment in shown[1]["experiments"]
+        for revision in experiment["revs"]
+    }
     run(DVC + ["exp", "push", "origin", "lr-high", "lr-low"], team.repo, env)
     run(DVC + ["exp", "pull", "origin", "lr-high"], team.clone, env)
     assert "lr-high" in run(DVC + ["exp", "list", "--name-only"], team.clone, env)

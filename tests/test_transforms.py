@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from transfer.data.transforms import TrainBatchTransform, eval_batch_transform, random_resized_boxes
 from transfer.models.backbones import DataConfig
 
-CONFIG = DataConfig(image_size=24, resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                    interpolation="bilinear")
+CONFIG = DataConfig(
+    image_size=24, resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear"
+)
 
 
 def test_eval_batch_is_the_normalised_centre_crop():

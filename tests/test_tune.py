@@ -17,15 +17,15 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from mlflow import MlflowClient
-
 from conftest import REPO_ROOT
+from mlflow import MlflowClient
+from tune_helpers import head_project, image_project
+
 from transfer import tracking
 from transfer.cli import main as cli_main
 from transfer.pipeline.params import ParamsError, flatten, load_params, parse_params
 from transfer.train.recipe import load_training_inputs
 from transfer.train.tune import exp_run_command, format_override, storage_for, tune, with_overrides
-from tune_helpers import head_project, image_project
 
 
 @pytest.fixture(autouse=True)
@@ -46,19 +46,23 @@ def trial_runs(root: Path, study: str):
 
 # --- The search space in params.yaml -----------------------------------------------------------------
 
-@pytest.mark.parametrize("space, message", [
-    ({"head.lrr": {"type": "uniform", "low": 0, "high": 1}}, "'head.lrr' cannot be tuned"),
-    ({"backbone.name": {"type": "categorical", "choices": ["resnet18"]}}, "cannot be tuned"),
-    ({"finetune.nproc": {"type": "int", "low": 1, "high": 2}}, "cannot be tuned"),
-    ({"head.epochs": {"type": "uniform", "low": 1, "high": 9}}, "head.epochs is an integer"),
-    ({"head.lr": {"type": "loguniform", "low": 0, "high": 1}}, "loguniform needs low > 0"),
-    ({"head.lr": {"type": "uniform", "low": 0.1, "high": 0.01}}, "low must be below high"),
-    ({"head.lr": {"type": "uniform", "low": 0.1, "high": 20}}, "head.lr=20"),
-    ({"finetune.optimizer": {"type": "categorical", "choices": ["sgd", "adam"]}}, "finetune.optimizer='adam'"),
-    ({"freeze_layers": {"type": "categorical", "choices": ["all", -1]}}, "freeze_layers: values must be"),
-    ({"head.lr": {"type": "categorical"}}, "categorical takes choices"),
-    ({}, "space is empty"),
-])
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"head.lrr": {"type": "uniform", "low": 0, "high": 1}}, "'head.lrr' cannot be tuned"),
+        ({"backbone.name": {"type": "categorical", "choices": ["resnet18"]}}, "cannot be tuned"),
+        ({"finetune.nproc": {"type": "int", "low": 1, "high": 2}}, "cannot be tuned"),
+        ({"head.epochs": {"type": "uniform", "low": 1, "high": 9}}, "head.epochs is an integer"),
+        ({"head.lr": {"type": "loguniform", "low": 0, "high": 1}}, "loguniform needs low > 0"),
+        ({"head.lr": {"type": "uniform", "low": 0.1, "high": 0.01}}, "low must be below high"),
+        ({"head.lr": {"type": "uniform", "low": 0.1, "high": 20}}, "head.lr=20"),
+        ({"finetune.optimizer": {"type": "categorical", "choices": ["sgd", "adam"]}}, "finetune.optimizer='adam'"),
+        ({"freeze_layers": {"type": "categorical", "choices": ["all", -1]}}, "freeze_layers: values must be"),
+        ({"head.lr": {"type": "categorical"}}, "categorical takes choices"),
+        ({}, "space is empty"),
+    ],
+)
 def test_a_bad_search_space_is_a_clear_error_naming_the_key(space, message):
     raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     raw["tune"]["space"] = space
@@ -81,8 +85,14 @@ def test_best_values_round_trip_through_dvc_exp_run_set(tmp_path):
     """What `dvc exp run -S` writes into params.yaml (its Hydra override parser) loads back as the same values."""
     from dvc.utils.hydra import apply_overrides
 
-    best = {"head.lr": 1e-05, "head.weight_decay": 0.012345678901234567, "freeze_layers": "all",
-            "finetune.grad_clip_norm": None, "finetune.nesterov": False, "finetune.epochs": 7}
+    best = {
+        "head.lr": 1e-05,
+        "head.weight_decay": 0.012345678901234567,
+        "freeze_layers": "all",
+        "finetune.grad_clip_norm": None,
+        "finetune.nesterov": False,
+        "finetune.epochs": 7,
+    }
     path = tmp_path / "params.yaml"
     path.write_text((REPO_ROOT / "params.yaml").read_text())
     apply_overrides(path, [format_override(key, value) for key, value in best.items()])
@@ -93,6 +103,7 @@ def test_best_values_round_trip_through_dvc_exp_run_set(tmp_path):
 
 
 # --- Head-only studies ---------------------------------------------------------------------------------
+
 
 def test_head_study_is_seeded_starts_from_the_baseline_and_records_each_trial_in_mlflow(tmp_path):
     root = head_project(tmp_path / "project")
@@ -149,8 +160,12 @@ def test_tune_command_writes_best_params_the_dvc_command_and_plots_to_the_parent
     assert float(parent.data.tags["best.head.lr"]) == best["params"]["head.lr"]
     assert parent.data.params["tune.metric"] == "val_macro_f1"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tune")}
-    assert {"tune/best.json", "tune/trials.csv", "tune/optimization_history.png",
-            "tune/param_importances.png"} <= artifacts
+    assert {
+        "tune/best.json",
+        "tune/trials.csv",
+        "tune/optimization_history.png",
+        "tune/param_importances.png",
+    } <= artifacts
     assert (root / "data/tune/transfer/optimization_history.png").stat().st_size > 10_000
 
 
@@ -173,15 +188,24 @@ def test_a_journal_study_continues_across_runs_and_refuses_other_params(tmp_path
 
 # --- Fine-tuning studies -----------------------------------------------------------------------------
 
+
 @pytest.mark.slow  # fine-tuning trials: ~15 s on 2 idle cores
 def test_fine_tuning_trials_report_every_epoch_and_lagging_ones_are_pruned(tmp_path):
     # Trial 0 is the baseline (head LR 10 x 0.01); later trials draw head_lr_mult in [10, 100000], almost
     # surely a head LR where SGD diverges: once their val accuracy falls below the baseline's at the same
     # epoch, the median pruner stops them.
-    root = image_project(tmp_path / "project", **{
-        "finetune.lr": 0.01, "finetune.head_lr_mult": 10.0, "freeze_layers": 4, "tune.n_trials": 3, "tune.pruner_startup_trials": 1,
-        "tune.pruner_warmup_epochs": 1,
-        "tune.space": {"finetune.head_lr_mult": {"type": "uniform", "low": 10.0, "high": 100000.0}}})
+    root = image_project(
+        tmp_path / "project",
+        **{
+            "finetune.lr": 0.01,
+            "finetune.head_lr_mult": 10.0,
+            "freeze_layers": 4,
+            "tune.n_trials": 3,
+            "tune.pruner_startup_trials": 1,
+            "tune.pruner_warmup_epochs": 1,
+            "tune.space": {"finetune.head_lr_mult": {"type": "uniform", "low": 10.0, "high": 100000.0}},
+        },
+    )
     params = load_params(root / "params.yaml")
     tracker = tracking.StudyTracker("transfer", "transfer", root=root)
     summary = tune(params, load_training_inputs(root), root, tracker, progress=False)
@@ -194,8 +218,11 @@ def test_fine_tuning_trials_report_every_epoch_and_lagging_ones_are_pruned(tmp_p
     assert pruned and summary.pruned == len(pruned)
 
     def median_of_earlier_complete(trial, step: int) -> float:
-        return statistics.median(t.intermediate_values[step] for t in trials if t.number < trial.number
-                                 and t.state == optuna.trial.TrialState.COMPLETE)
+        return statistics.median(
+            t.intermediate_values[step]
+            for t in trials
+            if t.number < trial.number and t.state == optuna.trial.TrialState.COMPLETE
+        )
 
     for trial in pruned:  # stopped at the first epoch where it lagged the median of the trials completed before
         last = max(trial.intermediate_values)
@@ -208,7 +235,7 @@ def test_fine_tuning_trials_report_every_epoch_and_lagging_ones_are_pruned(tmp_p
     for trial in pruned:
         run = by_number[trial.number]
         assert run.data.tags["tune.state"] == "pruned" and run.info.status == "KILLED"
-        # The probe's 5 epochs, the start model (epoch 6), then the fine-tuning epochs it got, as the stage numbers them.
+        # The probe's 5 epochs, the start model (epoch 6), then the fine-tuning epochs it got (the stage's numbering).
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
         assert steps == list(range(1, 6 + len(trial.intermediate_values)))
     assert by_number[0].data.tags["tune.state"] == "complete"
@@ -216,8 +243,9 @@ def test_fine_tuning_trials_report_every_epoch_and_lagging_ones_are_pruned(tmp_p
 
 
 def test_freeze_layers_outside_the_backbone_is_refused_before_any_trial(tmp_path):
-    root = image_project(tmp_path / "project", **{
-        "tune.space": {"freeze_layers": {"type": "categorical", "choices": ["all", 3, 9]}}})
+    root = image_project(
+        tmp_path / "project", **{"tune.space": {"freeze_layers": {"type": "categorical", "choices": ["all", 3, 9]}}}
+    )
     from transfer.train.tune import TuneError
 
     with pytest.raises(TuneError, match=r"\[9\] outside 0..5"):
@@ -226,15 +254,25 @@ def test_freeze_layers_outside_the_backbone_is_refused_before_any_trial(tmp_path
 
 # --- Past one machine ----------------------------------------------------------------------------------
 
+
 @pytest.mark.slow  # two worker processes (each imports torch, MLflow, Optuna): ~20 s on 2 idle cores
 def test_two_worker_processes_share_one_study_each_trial_once_in_optuna_and_mlflow(tmp_path):
-    root = head_project(tmp_path / "project", **{"head.epochs": 30, "tune.n_trials": 24,
-                                                  "tune.storage": "data/tune/shared.journal"})
+    root = head_project(
+        tmp_path / "project", **{"head.epochs": 30, "tune.n_trials": 24, "tune.storage": "data/tune/shared.journal"}
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(PYTHONPATH=str(REPO_ROOT / "src"), DVC_ROOT=str(root), OMP_NUM_THREADS="1")
-    workers = [subprocess.Popen([sys.executable, "-m", "transfer.cli", "tune", "--worker", str(index)], cwd=root,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for index in range(2)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "transfer.cli", "tune", "--worker", str(index)],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(2)
+    ]
     outputs = [worker.communicate(timeout=300)[0] for worker in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-2000:] for o in outputs)
 

@@ -30,8 +30,9 @@ def test_weights_in_the_tracked_folder_or_named_are_accepted(weights):
     assert parse_params(with_backbone({"name": "resnet10t", "weights": weights})).backbone.weights == weights
 
 
-@pytest.mark.parametrize("weights", ["/tmp/model.pth", "models/model.pth", "weights/../model.pth", "weights",
-                                     "model.safetensors"])
+@pytest.mark.parametrize(
+    "weights", ["/tmp/model.pth", "models/model.pth", "weights/../model.pth", "weights", "model.safetensors"]
+)
 def test_weights_outside_the_tracked_folder_are_refused(weights):
     with pytest.raises(ParamsError, match=r"backbone.weights: .*inside the repository's weights/ folder"):
         parse_params(with_backbone({"name": "resnet10t", "weights": weights}))
@@ -63,8 +64,16 @@ def run(args: list[str], cwd: Path, env: dict) -> str:
 def test_editing_the_weights_file_re_runs_features(tmp_path):
     """The real DVC: `dvc status` sees the edited file, `dvc repro` re-runs features, new features come out."""
     repo = tmp_path / "repo"
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=REPO_ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):  # the project as a fresh clone has it
         if (REPO_ROOT / name).is_file() and not name.startswith(("data/", "reports/", "mlruns/", "dvc.lock")):
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
@@ -74,8 +83,11 @@ def test_editing_the_weights_file_re_runs_features(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_random_weights(repo / "weights/random.safetensors", seed=0)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1",
-               TRANSFER_SERVER_DIR=str(tmp_path / "server"))
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        DVC_NO_ANALYTICS="1",
+        TRANSFER_SERVER_DIR=str(tmp_path / "server"),
+    )
     dvc = [sys.executable, "-m", "dvc"]
     run(["git", "init", "-q", "-b", "main"], repo, env)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 import yaml
-
 from conftest import REPO_ROOT, write_image_folder
+
 from transfer.features import FeatureCache, save_feature_cache
 
 CLASSES = ["cat", "dog", "fox"]
@@ -64,9 +64,9 @@ def image_project(root: Path, **overrides) -> Path:
     from transfer.data.cache import cache_geometry, manifest_hash, write_split_cache
     from transfer.data.datasets import load_split_dataset
     from transfer.data.transforms import eval_batch_transform
-    from transfer.pipeline.files import write_json
     from transfer.features import extract_features
     from transfer.models.backbones import load_backbone
+    from transfer.pipeline.files import write_json
 
     root.mkdir(parents=True, exist_ok=True)
     write_image_folder(root / "images", {name: 12 for name in CLASSES})
@@ -80,17 +80,42 @@ def image_project(root: Path, **overrides) -> Path:
     for split, split_rows in rows.items():
         paths = [path for path, _ in split_rows]
         write_split_cache(root / f"data/cache/{split}.npy", [root / path for path in paths], geometry)
-    write_json(root / "data/cache/meta.json", {
-        "side": geometry.side, "interpolation": geometry.interpolation,
-        "splits": {split: {"count": len(r), "manifest_sha256": manifest_hash([path for path, _ in r])}
-                   for split, r in rows.items()}})
+    write_json(
+        root / "data/cache/meta.json",
+        {
+            "side": geometry.side,
+            "interpolation": geometry.interpolation,
+            "splits": {
+                split: {"count": len(r), "manifest_sha256": manifest_hash([path for path, _ in r])}
+                for split, r in rows.items()
+            },
+        },
+    )
     for split in ("train", "val"):
-        data = load_split_dataset(root / "data/cache", root / "data/split", split, loaded.data_config,
-                                  batch_transform=eval_batch_transform(loaded.data_config))
+        data = load_split_dataset(
+            root / "data/cache",
+            root / "data/split",
+            split,
+            loaded.data_config,
+            batch_transform=eval_batch_transform(loaded.data_config),
+        )
         features = extract_features(loaded.backbone, data, 16, torch.device("cpu"), desc=split)
-        save_feature_cache(root / f"data/features/{split}.pt",
-                           FeatureCache(features, torch.tensor(data.labels), list(data.paths)))
-    write_params(root, **{"backbone.name": "resnet18", "backbone.weights": "none", "backbone.image_size": 32,
-                          "head.epochs": 5, "freeze_layers": 3, "finetune.epochs": 2, "finetune.batch_size": 8,
-                          "finetune.warmup_epochs": 0.0, "device": "cpu", **overrides})
+        save_feature_cache(
+            root / f"data/features/{split}.pt", FeatureCache(features, torch.tensor(data.labels), list(data.paths))
+        )
+    write_params(
+        root,
+        **{
+            "backbone.name": "resnet18",
+            "backbone.weights": "none",
+            "backbone.image_size": 32,
+            "head.epochs": 5,
+            "freeze_layers": 3,
+            "finetune.epochs": 2,
+            "finetune.batch_size": 8,
+            "finetune.warmup_epochs": 0.0,
+            "device": "cpu",
+            **overrides,
+        },
+    )
     return root

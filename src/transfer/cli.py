@@ -16,9 +16,15 @@ from transfer import __version__
 from transfer.pipeline.errors import UserError, configure_logging
 
 # The modules that declare a command, in the order `transfer --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("transfer.evaluate.predict", "transfer.models.registry", "transfer.models.export",
-                                   "transfer.evaluate.compare", "transfer.evaluate.pr_report", "transfer.train.tune",
-                                   "transfer.train.lr_find")
+COMMAND_MODULES: tuple[str, ...] = (
+    "transfer.evaluate.predict",
+    "transfer.models.registry",
+    "transfer.models.export",
+    "transfer.evaluate.compare",
+    "transfer.evaluate.pr_report",
+    "transfer.train.tune",
+    "transfer.train.lr_find",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         module = importlib.import_module(name)
-        command = subparsers.add_parser(module.COMMAND, help=module.COMMAND_HELP,
-                                        description=module.COMMAND_DESCRIPTION)
+        command = subparsers.add_parser(
+            module.COMMAND, help=module.COMMAND_HELP, description=module.COMMAND_DESCRIPTION
+        )
         module.add_arguments(command)
         command.set_defaults(func=module.run)
     return parser

@@ -45,16 +45,24 @@ def _gather_in_order(shard: torch.Tensor, size: int, context: DistContext, devic
     # nccl moves CUDA tensors only; gloo CPU tensors.
     comm = device if device.type == "cuda" else torch.device("cpu")
     padded = torch.zeros(max(counts), shard.shape[1], dtype=shard.dtype, device=comm)
-    padded[:len(shard)] = shard.to(comm)
+    padded[: len(shard)] = shard.to(comm)
     pieces = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(pieces, padded)
     return torch.cat([piece[:count].cpu() for piece, count in zip(pieces, counts)])
 
 
 @torch.inference_mode()
-def extract_features(backbone: Backbone, dataset: ImageDataset, batch_size: int, device: torch.device,
-                     desc: str = "features", amp: bool = True, compile: bool = False, num_workers: int = 0,
-                     context: DistContext = SINGLE) -> torch.Tensor:
+def extract_features(
+    backbone: Backbone,
+    dataset: ImageDataset,
+    batch_size: int,
+    device: torch.device,
+    desc: str = "features",
+    amp: bool = True,
+    compile: bool = False,
+    num_workers: int = 0,
+    context: DistContext = SINGLE,
+) -> torch.Tensor:
     """Run the backbone in eval mode over a dataset, in order; returns float32 [N, D] on the CPU.
 
     `amp`: bf16 autocast, on CUDA only (on a CPU without AMX it is slower than fp32). Under torchrun
@@ -75,7 +83,7 @@ def extract_features(backbone: Backbone, dataset: ImageDataset, batch_size: int,
     with autocast:
         for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not context.is_main):
             output = model(images.contiguous(memory_format=torch.channels_last))
-            features[position:position + len(output)].copy_(output.float(), non_blocking=cuda)
+            features[position : position + len(output)].copy_(output.float(), non_blocking=cuda)
             position += len(output)
     if cuda:
         torch.cuda.synchronize(device)

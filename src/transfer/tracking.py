@@ -115,16 +115,22 @@ def _column(kind: str, key: str) -> str:
 
 def experiment_tags() -> dict[str, str]:
     """Tags that make the experiment open on comparable runs: its kind and the key-columns view."""
-    view = {"selectedColumns": [_column("metrics", key) for key in KEY_METRICS]
-            + [_column("params", key) for key in KEY_PARAMS] + [_column("tags", key) for key in KEY_TAGS],
-            "orderByKey": _column("metrics", KEY_METRICS[0]), "orderByAsc": False}
+    view = {
+        "selectedColumns": [_column("metrics", key) for key in KEY_METRICS]
+        + [_column("params", key) for key in KEY_PARAMS]
+        + [_column("tags", key) for key in KEY_TAGS],
+        "orderByKey": _column("metrics", KEY_METRICS[0]),
+        "orderByAsc": False,
+    }
     return {**EXPERIMENT_KIND, f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": json.dumps(view)}
 
 
 def runs_view_url(server_url: str, experiment_id: str) -> str:
     """The experiment's runs table with the key columns, on a UI or server at `server_url`."""
-    return (f"{server_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
-            f"?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW_KEY}")
+    return (
+        f"{server_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+        f"?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW_KEY}"
+    )
 
 
 def _get_or_create_experiment(client: MlflowClient, name: str, root: Path | None) -> str:
@@ -204,12 +210,15 @@ def run_name(params: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def training_run(experiment: str, params: dict[str, Any], tags: dict[str, str],
-                 run_id: str | None = None) -> Iterator[str]:
+def training_run(
+    experiment: str, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None
+) -> Iterator[str]:
     """Open (or, given run_id, reopen) the pipeline's MLflow run; yields its id."""
     use_experiment(experiment)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name(params), tags=tags) as run, \
-            _killed_on_interrupt(run.info.run_id):
+    with (
+        mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name(params), tags=tags) as run,
+        _killed_on_interrupt(run.info.run_id),
+    ):
         if run_id is None:
             mlflow.log_params(params)
         yield run.info.run_id
@@ -248,29 +257,38 @@ def model_run(experiment: str, digest: str) -> Iterator[str]:
     another store): the evaluation is then recorded in a run of its own, tagged with the same digest.
     """
     experiment_id = use_experiment(experiment)
-    found = MlflowClient().search_runs([experiment_id], f"tags.{MODEL_DIGEST_TAG} = '{digest}'",
-                                       order_by=["attributes.start_time DESC"], max_results=1)
+    found = MlflowClient().search_runs(
+        [experiment_id], f"tags.{MODEL_DIGEST_TAG} = '{digest}'", order_by=["attributes.start_time DESC"], max_results=1
+    )
     if found:
         with reopen_run(found[0].info.run_id, experiment) as run_id:
             yield run_id
         return
     log.info(f"mlflow: no run of experiment {experiment!r} trained this model; recording the evaluation in a new run")
-    with mlflow.start_run(experiment_id=experiment_id, tags={MODEL_DIGEST_TAG: digest}) as run, \
-            _killed_on_interrupt(run.info.run_id):
+    with (
+        mlflow.start_run(experiment_id=experiment_id, tags={MODEL_DIGEST_TAG: digest}) as run,
+        _killed_on_interrupt(run.info.run_id),
+    ):
         yield run.info.run_id
 
 
 def log_epoch(row: dict[str, Any]) -> None:
     """Per-epoch metrics with the epoch as step, so the MLflow UI draws curves."""
-    metrics = {key: float(value) for key, value in row.items()
-               if key not in ("epoch", "phase") and isinstance(value, (int, float))}
+    metrics = {
+        key: float(value)
+        for key, value in row.items()
+        if key not in ("epoch", "phase") and isinstance(value, (int, float))
+    }
     mlflow.log_metrics(metrics, step=int(row["epoch"]))
 
 
 def log_metrics(metrics: dict[str, Any], prefix: str = "") -> None:
     """Log a (possibly nested) metrics dict under dotted keys; non-numbers are skipped."""
-    flat = {key: float(value) for key, value in flatten_dict(metrics, prefix).items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    flat = {
+        key: float(value)
+        for key, value in flatten_dict(metrics, prefix).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
     # MLflow metric keys allow only alphanumerics and _-. /; class names may have others.
     mlflow.log_metrics({"".join(c if c.isalnum() or c in "_-./ " else "_" for c in k): v for k, v in flat.items()})
 
@@ -337,8 +355,15 @@ def _pyfunc_signature(example_image: bytes):
 
     signature = ModelSignature(
         inputs=Schema([ColSpec(DataType.binary, "image")]),
-        outputs=Schema([ColSpec(DataType.string, "class"), ColSpec(DataType.double, "probability"),
-                        ColSpec(Map(DataType.double), "probabilities"), ColSpec(DataType.string, "error")]))
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, "class"),
+                ColSpec(DataType.double, "probability"),
+                ColSpec(Map(DataType.double), "probabilities"),
+                ColSpec(DataType.string, "error"),
+            ]
+        ),
+    )
     return signature, pd.DataFrame({"image": [example_image]})
 
 
@@ -348,13 +373,19 @@ def _requirements() -> list[str]:
     import torchvision
 
     # Explicit requirements: MLflow's own inference would import the model in a subprocess (seconds).
-    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
-            f"timm=={timm.__version__}", f"safetensors=={version('safetensors')}", f"pillow=={version('pillow')}",
-            f"pandas=={version('pandas')}"]
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"torchvision=={torchvision.__version__.split('+')[0]}",
+        f"timm=={timm.__version__}",
+        f"safetensors=={version('safetensors')}",
+        f"pillow=={version('pillow')}",
+        f"pandas=={version('pandas')}",
+    ]
 
 
-def log_model(model_dir: Path, model, example_image: bytes, example_input: np.ndarray,
-              registered_model: str | None = None) -> str:
+def log_model(
+    model_dir: Path, model, example_image: bytes, example_input: np.ndarray, registered_model: str | None = None
+) -> str:
     """Log the trained classifier twice into the active run, and register the first; returns its model URI.
 
     `model` (runs:/<id>/model) is a pyfunc that takes images (see ImageClassifierModel), built from the safe
@@ -380,16 +411,29 @@ def log_model(model_dir: Path, model, example_image: bytes, example_input: np.nd
         code = Path(tmp) / "transfer_pyfunc.py"
         code.write_text(_PYFUNC_CODE, encoding="utf-8")
         info = mlflow.pyfunc.log_model(
-            name=PYFUNC_MODEL_NAME, python_model=str(code), artifacts={CLASSIFIER_ARTIFACT: str(classifier)},
-            code_paths=[str(package_dir)], signature=signature, input_example=input_example,
+            name=PYFUNC_MODEL_NAME,
+            python_model=str(code),
+            artifacts={CLASSIFIER_ARTIFACT: str(classifier)},
+            code_paths=[str(package_dir)],
+            signature=signature,
+            input_example=input_example,
             pip_requirements=_requirements(),
-            metadata={"classes": description["classes"], "preprocessing": description["preprocessing"],
-                      "backbone": description["backbone"]["name"]})
+            metadata={
+                "classes": description["classes"],
+                "preprocessing": description["preprocessing"],
+                "backbone": description["backbone"]["name"],
+            },
+        )
         # Pickle, with this package shipped as code, rather than torch.export's pt2: exporting takes seconds
         # on every run and pins the batch size to that of the example.
-        mlflow.pytorch.log_model(model.cpu().eval(), name=PYTORCH_MODEL_NAME, input_example=example_input,
-                                 pip_requirements=_requirements(), code_paths=[str(package_dir)],
-                                 serialization_format="pickle")
+        mlflow.pytorch.log_model(
+            model.cpu().eval(),
+            name=PYTORCH_MODEL_NAME,
+            input_example=example_input,
+            pip_requirements=_requirements(),
+            code_paths=[str(package_dir)],
+            serialization_format="pickle",
+        )
     if registered_model:
         register_model(info.model_uri, registered_model)
     return info.model_uri
@@ -420,18 +464,23 @@ def download_classifier(reference: str, destination: Path) -> Path:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination)))
     except Exception as exc:  # MlflowException, OSError: the reference does not resolve in this store
-        raise TrackingError(f"--model {reference}: cannot load it from the MLflow store {tracking_uri()} "
-                            f"({str(exc).splitlines()[0]}). Use runs:/<run_id>, models:/<name>@<alias> or a "
-                            "model folder such as data/model") from None
+        raise TrackingError(
+            f"--model {reference}: cannot load it from the MLflow store {tracking_uri()} "
+            f"({str(exc).splitlines()[0]}). Use runs:/<run_id>, models:/<name>@<alias> or a "
+            "model folder such as data/model"
+        ) from None
     classifier = local / "artifacts" / CLASSIFIER_ARTIFACT
     if not classifier.is_dir():
-        raise TrackingError(f"--model {reference}: that MLflow model has no {CLASSIFIER_ARTIFACT} folder (it was "
-                            "not logged by this version of transfer's train stage)")
+        raise TrackingError(
+            f"--model {reference}: that MLflow model has no {CLASSIFIER_ARTIFACT} folder (it was "
+            "not logged by this version of transfer's train stage)"
+        )
     return classifier
 
 
-def promote_best(experiment: str, registered_model: str, metric: str, alias: str = "champion",
-                 higher_is_better: bool = True) -> dict[str, Any]:
+def promote_best(
+    experiment: str, registered_model: str, metric: str, alias: str = "champion", higher_is_better: bool = True
+) -> dict[str, Any]:
     """Point `alias` of `registered_model` at the version whose run (in `experiment`) is best by `metric`."""
     import math
 
@@ -442,8 +491,10 @@ def promote_best(experiment: str, registered_model: str, metric: str, alias: str
         raise TrackingError(f"no MLflow experiment {experiment!r} in {tracking_uri()}")
     versions = client.search_model_versions(f"name = '{registered_model}'")
     if not versions:
-        raise TrackingError(f"no versions of registered model {registered_model!r}: the train stage registers "
-                            "each model it trains under tracking.registered_model (params.yaml)")
+        raise TrackingError(
+            f"no versions of registered model {registered_model!r}: the train stage registers "
+            "each model it trains under tracking.registered_model (params.yaml)"
+        )
     candidates, metrics_seen = [], set()
     for model_version in versions:
         if not model_version.run_id:
@@ -459,13 +510,22 @@ def promote_best(experiment: str, registered_model: str, metric: str, alias: str
         if value is not None and not math.isnan(value):
             candidates.append((value, int(model_version.version), run.info.run_id))
     if not candidates:
-        raise TrackingError(f"no run of experiment {experiment!r} with a version of {registered_model!r} has the "
-                            f"metric {metric!r}; metrics there: {sorted(metrics_seen)[:30]}")
+        raise TrackingError(
+            f"no run of experiment {experiment!r} with a version of {registered_model!r} has the "
+            f"metric {metric!r}; metrics there: {sorted(metrics_seen)[:30]}"
+        )
     # Best value first; among equals, the newest version.
     value, best_version, run_id = max(candidates, key=lambda c: (c[0] if higher_is_better else -c[0], c[1]))
     client.set_registered_model_alias(registered_model, alias, str(best_version))
-    return {"registered_model": registered_model, "alias": alias, "version": best_version, "run_id": run_id,
-            "metric": metric, "value": value, "candidates": len(candidates)}
+    return {
+        "registered_model": registered_model,
+        "alias": alias,
+        "version": best_version,
+        "run_id": run_id,
+        "metric": metric,
+        "value": value,
+        "candidates": len(candidates),
+    }
 
 
 def log_feature_head(estimator, input_example: np.ndarray, trusted_types: list[str]) -> None:
@@ -474,9 +534,14 @@ def log_feature_head(estimator, input_example: np.ndarray, trusted_types: list[s
     import sklearn
 
     with single_threaded():
-        mlflow.sklearn.log_model(estimator, name="model", input_example=input_example, serialization_format="skops",
-                                 skops_trusted_types=trusted_types,
-                                 pip_requirements=[f"scikit-learn=={sklearn.__version__}", "skops"])
+        mlflow.sklearn.log_model(
+            estimator,
+            name="model",
+            input_example=input_example,
+            serialization_format="skops",
+            skops_trusted_types=trusted_types,
+            pip_requirements=[f"scikit-learn=={sklearn.__version__}", "skops"],
+        )
 
 
 def find_runs(experiment: str, root: Path | None = None):
@@ -506,17 +571,28 @@ class StudyTracker:
 
     def create_parent(self, settings: dict[str, Any], tags: dict[str, str]) -> str:
         """The study's parent run: the tune settings as params; returns its id."""
-        run = self.client.create_run(self.experiment_id, run_name=f"tune {self.study_name}",
-                                     tags={**tags, "tune.study": self.study_name, "tune.role": "study"})
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"tune {self.study_name}",
+            tags={**tags, "tune.study": self.study_name, "tune.role": "study"},
+        )
         _log_params(self.client, run.info.run_id, settings)
         self.parent_run_id = run.info.run_id
         return run.info.run_id
 
     def start_trial(self, number: int, params: dict[str, Any], tags: dict[str, str]) -> str:
         """A child run for trial `number`, holding the trial's training params; returns its id."""
-        run = self.client.create_run(self.experiment_id, run_name=f"{self.study_name} trial {number}", tags={
-            **tags, "mlflow.parentRunId": self.parent_run_id, "tune.study": self.study_name, "tune.role": "trial",
-            "tune.trial": str(number)})
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{self.study_name} trial {number}",
+            tags={
+                **tags,
+                "mlflow.parentRunId": self.parent_run_id,
+                "tune.study": self.study_name,
+                "tune.role": "trial",
+                "tune.trial": str(number),
+            },
+        )
         _log_params(self.client, run.info.run_id, params)
         return run.info.run_id
 
@@ -524,15 +600,17 @@ class StudyTracker:
         """One history row as metrics at step `epoch`; probe epochs (fractions of a second) are sent in one batch."""
         timestamp, step = int(time.time() * 1000), int(row["epoch"])
         self._pending.setdefault(run_id, []).extend(
-            Metric(key, float(value), timestamp, step) for key, value in row.items()
-            if key not in ("epoch", "phase") and isinstance(value, (int, float)) and not isinstance(value, bool))
+            Metric(key, float(value), timestamp, step)
+            for key, value in row.items()
+            if key not in ("epoch", "phase") and isinstance(value, (int, float)) and not isinstance(value, bool)
+        )
         if row.get("phase") != "probe":
             self._flush(run_id)
 
     def _flush(self, run_id: str, tags: list[RunTag] = ()) -> None:
         metrics = self._pending.pop(run_id, [])
         for start in range(0, max(len(metrics), 1), 1000):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(run_id, metrics=metrics[start:start + 1000], tags=tags if start == 0 else ())
+            self.client.log_batch(run_id, metrics=metrics[start : start + 1000], tags=tags if start == 0 else ())
 
     def end_trial(self, run_id: str, state: str, value: float | None) -> None:
         """Close a trial's run: tag tune.state (complete, pruned, failed), metric `objective`, status."""
@@ -545,8 +623,11 @@ class StudyTracker:
         """The study's summary on the parent run (each worker's last word: the whole study so far)."""
         run_id = self.parent_run_id
         timestamp = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), timestamp, 0) for k, v in metrics.items()],
-                              tags=[RunTag(f"best.{k}", _param_text(v)) for k, v in best.items()])
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), timestamp, 0) for k, v in metrics.items()],
+            tags=[RunTag(f"best.{k}", _param_text(v)) for k, v in best.items()],
+        )
         for path in artifacts:
             if Path(path).exists():
                 self.client.log_artifact(run_id, str(path), artifact_path="tune")
@@ -560,7 +641,7 @@ def _param_text(value: Any) -> str:
 def _log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
     items = [Param(key, _param_text(value)) for key, value in params.items()]
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run_id, params=items[start:start + 100])
+        client.log_batch(run_id, params=items[start : start + 100])
 
 
 def find_study_runs(experiment: str, study_name: str, root: Path | None = None):
@@ -569,9 +650,16 @@ def find_study_runs(experiment: str, study_name: str, root: Path | None = None):
     return mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.`tune.study` = '{study_name}'")
 
 
-def log_lr_find(experiment: str, recipe: str, params: dict[str, Any], curve: list[tuple[float, float]],
-                metrics: dict[str, float], artifacts: list[Path], tags: dict[str, str],
-                root: Path | None = None) -> str:
+def log_lr_find(
+    experiment: str,
+    recipe: str,
+    params: dict[str, Any],
+    curve: list[tuple[float, float]],
+    metrics: dict[str, float],
+    artifacts: list[Path],
+    tags: dict[str, str],
+    root: Path | None = None,
+) -> str:
     """One run for an LR sweep: the training params, loss per step (lr as its own metric), suggestions, plot."""
     experiment_id = use_experiment(experiment, root)
     client = MlflowClient()
@@ -579,11 +667,15 @@ def log_lr_find(experiment: str, recipe: str, params: dict[str, Any], curve: lis
     run_id = run.info.run_id
     _log_params(client, run_id, params)
     timestamp = int(time.time() * 1000)
-    series = [Metric(name, float(value), timestamp, step) for step, (lr, loss) in enumerate(curve)
-              for name, value in (("lr_find.lr", lr), ("lr_find.loss", loss)) if not math.isnan(value)]
+    series = [
+        Metric(name, float(value), timestamp, step)
+        for step, (lr, loss) in enumerate(curve)
+        for name, value in (("lr_find.lr", lr), ("lr_find.loss", loss))
+        if not math.isnan(value)
+    ]
     series += [Metric(k, float(v), timestamp, 0) for k, v in metrics.items()]
     for start in range(0, len(series), 1000):  # MLflow takes at most 1000 metrics per batch
-        client.log_batch(run_id, metrics=series[start:start + 1000])
+        client.log_batch(run_id, metrics=series[start : start + 1000])
     for path in artifacts:
         if Path(path).exists():
             client.log_artifact(run_id, str(path), artifact_path="lr_find")

@@ -25,8 +25,12 @@ from transfer.pipeline.errors import UserError
 from transfer.pipeline.params import flatten_dict
 
 # Short name -> dotted key in the merged metrics files (reports/metrics.json, reports/train.json).
-KEY_METRICS: dict[str, str] = {"test_acc": "accuracy", "test_f1": "macro_f1", "val_acc": "val_acc",
-                               "verdict": "fit.verdict"}
+KEY_METRICS: dict[str, str] = {
+    "test_acc": "accuracy",
+    "test_f1": "macro_f1",
+    "val_acc": "val_acc",
+    "verdict": "fit.verdict",
+}
 DEFAULT_SORT = "test_acc"
 
 
@@ -67,8 +71,13 @@ def experiment_rows(exp_show: list[dict[str, Any]]) -> list[ExperimentRow]:
             state = (experiment.get("executor") or {}).get("state") or "success"
             for revision in experiment.get("revs") or []:
                 failed = revision.get("error") is not None
-                rows.append(_row(revision, revision.get("name") or experiment.get("name") or revision["rev"][:7],
-                                 "failed" if failed else state))
+                rows.append(
+                    _row(
+                        revision,
+                        revision.get("name") or experiment.get("name") or revision["rev"][:7],
+                        "failed" if failed else state,
+                    )
+                )
     return rows
 
 
@@ -99,12 +108,19 @@ def comparison_table(rows: list[ExperimentRow], sort_by: str = DEFAULT_SORT) -> 
     """A plain-text table: name, state, the changed params, the key metrics; sorted by `sort_by`."""
     params = changed_params(rows)
     if sort_by not in KEY_METRICS and sort_by not in {key for row in rows for key in row.params}:
-        raise CompareError(f"--sort-by {sort_by!r} is neither a key metric ({', '.join(KEY_METRICS)}) "
-                           f"nor a param of these experiments")
+        raise CompareError(
+            f"--sort-by {sort_by!r} is neither a key metric ({', '.join(KEY_METRICS)}) nor a param of these experiments"
+        )
     header = ["experiment", "state", *params, *KEY_METRICS]
-    body = [[row.name, row.state, *(_format(row.params.get(key)) for key in params),
-             *(_format(row.metrics.get(key)) for key in KEY_METRICS.values())]
-            for row in sorted(rows, key=lambda row: _sort_value(row, sort_by))]
+    body = [
+        [
+            row.name,
+            row.state,
+            *(_format(row.params.get(key)) for key in params),
+            *(_format(row.metrics.get(key)) for key in KEY_METRICS.values()),
+        ]
+        for row in sorted(rows, key=lambda row: _sort_value(row, sort_by))
+    ]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -130,12 +146,17 @@ def run(args: argparse.Namespace) -> int:
 # The `transfer compare` command (transfer.cli builds its parser from these and `add_arguments`).
 COMMAND = "compare"
 COMMAND_HELP = "the experiments side by side: changed params and key metrics"
-COMMAND_DESCRIPTION = ("The workspace, HEAD and its DVC experiments (queued, failed ones too) with the params that "
-                       "differ between them and the key metrics, best first. Built from `dvc exp show --json`.")
+COMMAND_DESCRIPTION = (
+    "The workspace, HEAD and its DVC experiments (queued, failed ones too) with the params that "
+    "differ between them and the key metrics, best first. Built from `dvc exp show --json`."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sort-by", default=DEFAULT_SORT,
-                        help=f"a key metric ({', '.join(KEY_METRICS)}) or a param key (default {DEFAULT_SORT})")
+    parser.add_argument(
+        "--sort-by",
+        default=DEFAULT_SORT,
+        help=f"a key metric ({', '.join(KEY_METRICS)}) or a param key (default {DEFAULT_SORT})",
+    )
     parser.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not HEAD's")
     parser.add_argument("--repo", default=".", help="the repository (default: here)")

@@ -95,13 +95,18 @@ def write_run_diagnostics(
     test_acc = float(np.mean(y_pred == y_true)) if len(y_true) else 0.0
 
     row = selected_epoch_row(history, best_epoch)
-    fit = fit_diagnosis(row["train_acc"], row["val_acc"], test_acc, row["train_loss"], row["val_loss"],
-                        thresholds)
+    fit = fit_diagnosis(row["train_acc"], row["val_acc"], test_acc, row["train_loss"], row["val_loss"], thresholds)
     own_features = features if model_features is None else model_features
     health, findings = model_problems(
-        y_true, y_pred, class_names, fit,
+        y_true,
+        y_pred,
+        class_names,
+        fit,
         None if model_features is None else feature_health(model_features, features, y_true),
-        selection, train_counts, thresholds)
+        selection,
+        train_counts,
+        thresholds,
+    )
     fit["verdict"] = verdict_of(findings)
     topk = top_k_accuracies(y_true, probs)
     table = per_class_table(y_true, y_pred, class_names)
@@ -111,15 +116,24 @@ def write_run_diagnostics(
     write_csv(out / PER_CLASS_CSV, table)
 
     wrong = most_confident_mistakes(y_true, probs, max_mistakes)
-    plot_mistakes([load_image(image_paths[i]) for i in wrong], y_true[wrong], y_pred[wrong],
-                  probs[wrong, y_pred[wrong]], class_names, out / MISTAKES_PNG, n=max_mistakes)
+    plot_mistakes(
+        [load_image(image_paths[i]) for i in wrong],
+        y_true[wrong],
+        y_pred[wrong],
+        probs[wrong, y_pred[wrong]],
+        class_names,
+        out / MISTAKES_PNG,
+        n=max_mistakes,
+    )
 
     plot_feature_projection(own_features, y_true, class_names, out / FEATURES_PNG, method=projection)
     plot_activation_histograms(model, batch, out / ACTIVATIONS_PNG)
 
     metrics: dict = {"fit": fit, "topk": topk, "health": health}
-    files = [out / name for name in (LEARNING_CURVES_PNG, CONFUSION_PNG, PER_CLASS_CSV, MISTAKES_PNG,
-                                     FEATURES_PNG, ACTIVATIONS_PNG)]
+    files = [
+        out / name
+        for name in (LEARNING_CURVES_PNG, CONFUSION_PNG, PER_CLASS_CSV, MISTAKES_PNG, FEATURES_PNG, ACTIVATIONS_PNG)
+    ]
     grads = grad_norm_frame(history).dropna(how="all")
     if weight_change is not None:
         weight_change = in_group_order(weight_change, model)
@@ -133,17 +147,22 @@ def write_run_diagnostics(
         files.append(out / LAYER_MOVEMENT_PNG)
     if weight_change is not None:
         metrics["weight_change"] = {group: float(value) for group, value in weight_change.items()}
-        movement = pd.DataFrame({"group": list(weight_change),
-                                 "relative_weight_change": [float(v) for v in weight_change.values()]})
+        movement = pd.DataFrame(
+            {"group": list(weight_change), "relative_weight_change": [float(v) for v in weight_change.values()]}
+        )
         write_csv(out / LAYER_MOVEMENT_CSV, movement)
         movement_items.append(movement)
         files.append(out / LAYER_MOVEMENT_CSV)
 
-    verdict = (f"Verdict: {fit['verdict']} (train-val accuracy gap {fit['train_val_gap']:.3f}, "
-               f"val-test gap {fit['val_test_gap']:.3f}; epoch {int(row['epoch'])}, phase {row.get('phase', '-')}).")
+    verdict = (
+        f"Verdict: {fit['verdict']} (train-val accuracy gap {fit['train_val_gap']:.3f}, "
+        f"val-test gap {fit['val_test_gap']:.3f}; epoch {int(row['epoch'])}, phase {row.get('phase', '-')})."
+    )
     next_steps: list = [verdict] + (
-        [pd.DataFrame(findings).rename(columns={"advice": "what to try next"})] if findings
-        else ["No problem found: no collapsed features, every class predicted and recognised."])
+        [pd.DataFrame(findings).rename(columns={"advice": "what to try next"})]
+        if findings
+        else ["No problem found: no collapsed features, every class predicted and recognised."]
+    )
     sections: dict[str, list] = {
         "Summary": [{**(summary or {}), "test_accuracy": test_acc, **topk, **fit, **health}],
         "Verdict and what to try next": next_steps,

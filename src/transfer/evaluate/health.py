@@ -87,11 +87,12 @@ def class_separation(features, labels) -> float:
     data = as_numpy(features).astype(np.float64, copy=False).reshape(len(features), -1)
     labels = as_numpy(labels)
     centred = data - data.mean(axis=0)
-    total = float((centred ** 2).sum())
+    total = float((centred**2).sum())
     if total <= 0:
         return 0.0
-    between = sum(float((labels == c).sum()) * float((centred[labels == c].mean(axis=0) ** 2).sum())
-                  for c in np.unique(labels))
+    between = sum(
+        float((labels == c).sum()) * float((centred[labels == c].mean(axis=0) ** 2).sum()) for c in np.unique(labels)
+    )
     return between / total
 
 
@@ -101,10 +102,16 @@ def feature_health(features, pretrained_features, labels=None) -> dict[str, floa
     data = as_numpy(features)
     spread, reference = feature_spread(features), feature_spread(pretrained_features)
     rank, reference_rank = effective_rank(features), effective_rank(pretrained_features)
-    separation = {} if labels is None else {
-        "class_separation": class_separation(features, labels),
-        "class_separation_pretrained": class_separation(pretrained_features, labels)}
-    return {**separation,
+    separation = (
+        {}
+        if labels is None
+        else {
+            "class_separation": class_separation(features, labels),
+            "class_separation_pretrained": class_separation(pretrained_features, labels),
+        }
+    )
+    return {
+        **separation,
         "spread": spread,
         "spread_pretrained": reference,
         "spread_ratio": spread / reference if reference > 0 else float("nan"),
@@ -122,24 +129,30 @@ ADVICE: dict[str, str] = {
     "collapsed features": (
         "Fine-tuning destroyed the pretrained features. Lower finetune.lr and finetune.head_lr_mult, try "
         "finetune.batchnorm: train (a domain unlike ImageNet), freeze more layer groups (a larger freeze_layers), "
-        "or keep the linear probe (freeze_layers: all)."),
+        "or keep the linear probe (freeze_layers: all)."
+    ),
     "predicts few classes": (
         "Balance the classes (head.class_balance: loss for the probe; finetune.class_balance: sampler or loss, "
         "which has collapsed fine-tuning on imbalanced data: check the features), select the epoch by macro-F1 "
-        "(finetune.monitor / head.monitor: val_macro_f1)."),
+        "(finetune.monitor / head.monitor: val_macro_f1)."
+    ),
     "zero-recall classes": (
         "Weight the rare classes (head.class_balance: loss; finetune.class_balance: sampler or loss), select by "
-        "macro-F1 (monitor: val_macro_f1), and add images of these classes."),
+        "macro-F1 (monitor: val_macro_f1), and add images of these classes."
+    ),
     "fine-tune lost to probe": (
         "The stage kept the model fine-tuning started from. Try a lower finetune.lr or finetune.head_lr_mult, "
         "finetune.batchnorm: train, more frozen groups, or freeze_layers: all (the probe: same result, "
-        "seconds instead of minutes)."),
+        "seconds instead of minutes)."
+    ),
     "underfitting": (
         "Train longer (head.epochs / finetune.epochs), raise the learning rate, or unfreeze more layer groups "
-        "(a smaller freeze_layers)."),
+        "(a smaller freeze_layers)."
+    ),
     "overfitting": (
         "Regularise: stronger augmentation (finetune.augment, mixup_alpha), more weight_decay, fewer unfrozen "
-        "groups, or early stopping (finetune.patience)."),
+        "groups, or early stopping (finetune.patience)."
+    ),
 }
 
 
@@ -175,38 +188,70 @@ def model_problems(
         health.update({key: float(value) for key, value in features.items()})
         collapsed = int(features["effective_rank_ratio"] < limits["collapse_ratio"])
         if collapsed:
-            findings.append({"problem": "collapsed features", "evidence": (
-                f"the effective rank of the test features is {features['effective_rank']:.3g}, "
-                f"{features['effective_rank_ratio']:.3g}x the pretrained backbone's (below "
-                f"{limits['collapse_ratio']:g}); their spread is {features['spread_ratio']:.3g}x and "
-                f"{features['dead_share']:.0%} of the feature channels are zero for every test image")})
+            findings.append(
+                {
+                    "problem": "collapsed features",
+                    "evidence": (
+                        f"the effective rank of the test features is {features['effective_rank']:.3g}, "
+                        f"{features['effective_rank_ratio']:.3g}x the pretrained backbone's (below "
+                        f"{limits['collapse_ratio']:g}); their spread is {features['spread_ratio']:.3g}x and "
+                        f"{features['dead_share']:.0%} of the feature channels are zero for every test image"
+                    ),
+                }
+            )
     health["collapsed_features"] = collapsed
 
     few = int(len(predicted) < limits["few_classes_share"] * len(present))
     health["few_predicted_classes"] = few
     if few:
         shares = ", ".join(f"{class_names[c]} {np.mean(y_pred == c):.0%}" for c in predicted)
-        findings.append({"problem": "predicts few classes", "evidence": (
-            f"only {len(predicted)} of the {len(present)} test classes are ever predicted ({shares})")})
+        findings.append(
+            {
+                "problem": "predicts few classes",
+                "evidence": (f"only {len(predicted)} of the {len(present)} test classes are ever predicted ({shares})"),
+            }
+        )
     if zero_recall:
-        counts = "" if train_counts is None else " (training images: " + ", ".join(
-            f"{name} {train_counts.get(name, 0)}" for name in zero_recall) + ")"
-        findings.append({"problem": "zero-recall classes", "evidence": (
-            f"{len(zero_recall)} class(es) never recognised on the test set: {', '.join(zero_recall)}{counts}")})
+        counts = (
+            ""
+            if train_counts is None
+            else " (training images: " + ", ".join(f"{name} {train_counts.get(name, 0)}" for name in zero_recall) + ")"
+        )
+        findings.append(
+            {
+                "problem": "zero-recall classes",
+                "evidence": (
+                    f"{len(zero_recall)} class(es) never recognised on the test set: {', '.join(zero_recall)}{counts}"
+                ),
+            }
+        )
 
     lost = int(bool(selection) and selection.get("kept_start") == 1)
     health["lost_to_probe"] = lost
     if lost:
-        findings.append({"problem": "fine-tune lost to probe", "evidence": (
-            f"no fine-tuning epoch beat the starting model on val {selection.get('monitor', '')} "
-            f"(best fine-tuning epoch {selection.get('finetune_gain', float('nan')):+.4f} against it); "
-            "the stage kept the starting model")})
+        findings.append(
+            {
+                "problem": "fine-tune lost to probe",
+                "evidence": (
+                    f"no fine-tuning epoch beat the starting model on val {selection.get('monitor', '')} "
+                    f"(best fine-tuning epoch {selection.get('finetune_gain', float('nan')):+.4f} against it); "
+                    "the stage kept the starting model"
+                ),
+            }
+        )
     if fit.get("underfitting"):
-        findings.append({"problem": "underfitting", "evidence": (
-            f"train accuracy is below {limits['underfit_acc']:g}")})
+        findings.append(
+            {"problem": "underfitting", "evidence": (f"train accuracy is below {limits['underfit_acc']:g}")}
+        )
     elif fit.get("overfitting"):
-        findings.append({"problem": "overfitting", "evidence": (
-            f"train accuracy exceeds val accuracy by {fit['train_val_gap']:.3f} (> {limits['overfit_gap']:g})")})
+        findings.append(
+            {
+                "problem": "overfitting",
+                "evidence": (
+                    f"train accuracy exceeds val accuracy by {fit['train_val_gap']:.3f} (> {limits['overfit_gap']:g})"
+                ),
+            }
+        )
     for finding in findings:
         finding["advice"] = ADVICE[finding["problem"]]
     return health, findings

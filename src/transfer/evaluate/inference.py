@@ -2,9 +2,9 @@
 
 An image goes through what the evaluation does: `decode_to_cache_form` (transfer.data.cache, the decoding
 the image cache stores for every split) then `eval_batch_transform` of the model's own preprocessing (size,
-resize, interpolation, mean, std, read from the saved model). `model_input` is that one path; `transfer predict`, the MLflow pyfunc
-model and the ONNX check all call it, and nothing re-implements it. Images that cannot be used are kept in
-the results with their error, never dropped.
+resize, interpolation, mean, std, read from the saved model). `model_input` is that one path; `transfer
+predict`, the MLflow pyfunc model and the ONNX check all call it, and nothing re-implements it. Images
+that cannot be used are kept in the results with their error, never dropped.
 
     from transfer.evaluate.inference import predict_images, resolve_model
 
@@ -73,8 +73,9 @@ def resolve_model(reference: str | Path = "data/model") -> SavedModel:
     return load_model(reference)
 
 
-def _decode_all(sources: Sequence[str | Path | bytes], labels: Sequence[str],
-                data_config: DataConfig) -> Iterable[tuple[int, torch.Tensor | None, str | None]]:
+def _decode_all(
+    sources: Sequence[str | Path | bytes], labels: Sequence[str], data_config: DataConfig
+) -> Iterable[tuple[int, torch.Tensor | None, str | None]]:
     for index, (source, label) in enumerate(zip(sources, labels)):
         try:
             yield index, model_input(source, data_config), None
@@ -82,12 +83,20 @@ def _decode_all(sources: Sequence[str | Path | bytes], labels: Sequence[str],
             yield index, None, str(error).removeprefix(f"{label}: ")
 
 
-def predict_images(saved: SavedModel, sources: Sequence[str | Path | bytes], batch_size: int = 64,
-                   device: torch.device | str = "cpu", labels: Sequence[str] | None = None,
-                   progress: bool = True) -> list[Prediction]:
+def predict_images(
+    saved: SavedModel,
+    sources: Sequence[str | Path | bytes],
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    labels: Sequence[str] | None = None,
+    progress: bool = True,
+) -> list[Prediction]:
     """Class probabilities for each image (path or encoded bytes), in order; unusable images carry their error."""
-    labels = list(labels) if labels is not None else [
-        f"<bytes #{i}>" if isinstance(s, bytes) else str(s) for i, s in enumerate(sources)]
+    labels = (
+        list(labels)
+        if labels is not None
+        else [f"<bytes #{i}>" if isinstance(s, bytes) else str(s) for i, s in enumerate(sources)]
+    )
     device = torch.device(device)
     # channels_last: as the features and evaluate stages run the backbone (about 2x faster on CPU). Moved
     # outside inference mode: parameters converted inside it could never take part in autograd again.
@@ -141,16 +150,20 @@ def image_source(value) -> str | bytes:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             return value  # neither: reported as a missing file
-    raise InferenceError(f"column {IMAGE_COLUMN!r}: expected image bytes, base64 text or a file path, "
-                       f"got {type(value).__name__}")
+    raise InferenceError(
+        f"column {IMAGE_COLUMN!r}: expected image bytes, base64 text or a file path, got {type(value).__name__}"
+    )
 
 
-def predict_frame(saved: SavedModel, frame: pd.DataFrame, batch_size: int = 64,
-                  device: torch.device | str = "cpu") -> pd.DataFrame:
+def predict_frame(
+    saved: SavedModel, frame: pd.DataFrame, batch_size: int = 64, device: torch.device | str = "cpu"
+) -> pd.DataFrame:
     """Columns class (the most probable), probability (its probability), probabilities ({class: p}), error."""
     if IMAGE_COLUMN not in frame.columns:
-        raise InferenceError(f"the input needs a column {IMAGE_COLUMN!r} (encoded image bytes, base64 in JSON, "
-                           f"or a file path); got columns {list(frame.columns)}")
+        raise InferenceError(
+            f"the input needs a column {IMAGE_COLUMN!r} (encoded image bytes, base64 in JSON, "
+            f"or a file path); got columns {list(frame.columns)}"
+        )
     sources = [image_source(value) for value in frame[IMAGE_COLUMN]]
     labels = [f"row {i}" if isinstance(s, bytes) else s for i, s in enumerate(sources)]
     predictions = predict_images(saved, sources, batch_size, device, labels=labels, progress=False)
@@ -160,9 +173,12 @@ def predict_frame(saved: SavedModel, frame: pd.DataFrame, batch_size: int = 64,
             rows.append({"class": "", "probability": float("nan"), "probabilities": {}, "error": p.error})
         else:
             best = int(np.argmax(p.probabilities))
-            rows.append({"class": saved.classes[best], "probability": float(p.probabilities[best]),
-                         "probabilities": {name: float(v) for name, v in zip(saved.classes, p.probabilities)},
-                         "error": ""})
+            rows.append(
+                {
+                    "class": saved.classes[best],
+                    "probability": float(p.probabilities[best]),
+                    "probabilities": {name: float(v) for name, v in zip(saved.classes, p.probabilities)},
+                    "error": "",
+                }
+            )
     return pd.DataFrame(rows, columns=["class", "probability", "probabilities", "error"])
-
-

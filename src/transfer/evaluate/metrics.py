@@ -25,8 +25,9 @@ from transfer.data.datasets import DeviceLoader
 
 
 @torch.inference_mode()
-def predict_logits_and_features(model: torch.nn.Module, dataset, batch_size: int, device: torch.device,
-                                tta: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
+def predict_logits_and_features(
+    model: torch.nn.Module, dataset, batch_size: int, device: torch.device, tta: str = "none"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits of `model` (eval mode) over a dataset of (image, label), in order, on the CPU, and the pooled
     backbone features of the (unflipped) images, which the diagnostics compare with the pretrained ones.
 
@@ -55,8 +56,9 @@ def predict_logits_and_features(model: torch.nn.Module, dataset, batch_size: int
     return torch.cat(batches), (torch.cat(pooled) if pooled else None)
 
 
-def predict_logits(model: torch.nn.Module, dataset, batch_size: int, device: torch.device,
-                   tta: str = "none") -> torch.Tensor:
+def predict_logits(
+    model: torch.nn.Module, dataset, batch_size: int, device: torch.device, tta: str = "none"
+) -> torch.Tensor:
     """The logits of `predict_logits_and_features`."""
     return predict_logits_and_features(model, dataset, batch_size, device, tta)[0]
 
@@ -94,8 +96,9 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
 
 def confusion_pairs(paths: list[str], y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> pd.DataFrame:
     """One row per test image (actual, predicted class names): the input of DVC's confusion template."""
-    return pd.DataFrame({"path": paths, "actual": [classes[i] for i in y_true],
-                         "predicted": [classes[i] for i in y_pred]})
+    return pd.DataFrame(
+        {"path": paths, "actual": [classes[i] for i in y_true], "predicted": [classes[i] for i in y_pred]}
+    )
 
 
 def as_numpy(array) -> np.ndarray:
@@ -105,9 +108,7 @@ def as_numpy(array) -> np.ndarray:
     return np.asarray(array)
 
 
-def per_class_table(
-    y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]
-) -> pd.DataFrame:
+def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
     """Per-class precision, recall, F1, support and one-vs-rest accuracy.
 
     `one_vs_rest_accuracy` is the binary accuracy of "is it this class?",
@@ -116,9 +117,7 @@ def per_class_table(
     Classes never predicted or absent get 0 rather than a warning.
     """
     labels = np.arange(len(class_names))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     per_class_cm = multilabel_confusion_matrix(y_true, y_pred, labels=labels)
     correct = per_class_cm[:, 0, 0] + per_class_cm[:, 1, 1]
     accuracy = correct / max(len(y_true), 1)
@@ -134,9 +133,7 @@ def per_class_table(
     )
 
 
-def top_k_accuracies(
-    y_true: np.ndarray, probs: np.ndarray, ks: Iterable[int] = (1, 3, 5)
-) -> dict[str, float]:
+def top_k_accuracies(y_true: np.ndarray, probs: np.ndarray, ks: Iterable[int] = (1, 3, 5)) -> dict[str, float]:
     """Top-k accuracy as `{"top{k}_accuracy": value}` for each k < classes.
 
     k >= number of classes is skipped: it is always 1 and says nothing.
@@ -147,9 +144,7 @@ def top_k_accuracies(
     # sklearn wants the positive-class score alone for two classes
     scores = probs[:, 1] if n_classes == 2 else probs
     return {
-        f"top{k}_accuracy": float(top_k_accuracy_score(y_true, scores, k=k, labels=labels))
-        for k in ks
-        if k < n_classes
+        f"top{k}_accuracy": float(top_k_accuracy_score(y_true, scores, k=k, labels=labels)) for k in ks if k < n_classes
     }
 
 

@@ -68,15 +68,14 @@ def _log_y(ax) -> None:
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
     ax.yaxis.set_minor_locator(NullLocator())
 
+
 def _class_colours(n_classes: int) -> np.ndarray:
     """Distinct RGBA colours for up to 20 classes, cycling beyond."""
     cmap = matplotlib.colormaps["tab10" if n_classes <= 10 else "tab20"]
     return np.array([cmap(i % cmap.N) for i in range(n_classes)])
 
 
-def plot_confusion_matrix(
-    cm: np.ndarray, class_names: Sequence[str], path: str | os.PathLike
-) -> Figure:
+def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str | os.PathLike) -> Figure:
     """Draw a confusion matrix (rows true, columns predicted) to a PNG.
 
     Cells are coloured by the row-normalised rate (so small classes stay
@@ -88,9 +87,7 @@ def plot_confusion_matrix(
     size = max(4.0, 0.55 * n + 2.5)
     figure = _new_figure(size, size)
     ax = figure.add_subplot()
-    image = ax.imshow(
-        rates, cmap=CONFUSION_CMAP, norm=Normalize(0.0, 1.0), interpolation="nearest"
-    )
+    image = ax.imshow(rates, cmap=CONFUSION_CMAP, norm=Normalize(0.0, 1.0), interpolation="nearest")
     figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
     font = max(5, 10 - n // 4)
     for i in range(n):
@@ -122,8 +119,7 @@ def _mark_phases(ax, history: pd.DataFrame, x: np.ndarray) -> None:
     phases = history["phase"].astype(str).to_numpy()
     for i in np.flatnonzero(phases[1:] != phases[:-1]) + 1:
         ax.axvline((x[i - 1] + x[i]) / 2, color="grey", linestyle="--", linewidth=1)
-        ax.annotate(phases[i], (x[i], 1), xycoords=("data", "axes fraction"),
-                    va="top", fontsize=8, color="grey")
+        ax.annotate(phases[i], (x[i], 1), xycoords=("data", "axes fraction"), va="top", fontsize=8, color="grey")
 
 
 def plot_learning_curves(history: pd.DataFrame, path: str | os.PathLike) -> Figure:
@@ -161,7 +157,7 @@ def plot_learning_curves(history: pd.DataFrame, path: str | os.PathLike) -> Figu
 def grad_norm_frame(history: pd.DataFrame) -> pd.DataFrame:
     """The `grad_norm/<group>` columns of a history, renamed to the groups."""
     columns = [c for c in history.columns if str(c).startswith(GRAD_NORM_PREFIX)]
-    frame = history[columns].rename(columns=lambda c: c[len(GRAD_NORM_PREFIX):])
+    frame = history[columns].rename(columns=lambda c: c[len(GRAD_NORM_PREFIX) :])
     frame.index = _epoch_axis(history)
     return frame
 
@@ -193,8 +189,11 @@ def plot_layer_movement(
     bars.set_title("Relative weight change per group")
     bars.grid(axis="y", alpha=0.3)
 
-    frame = pd.DataFrame() if grad_norms is None else grad_norms.rename(
-        columns=lambda c: str(c).removeprefix(GRAD_NORM_PREFIX))
+    frame = (
+        pd.DataFrame()
+        if grad_norms is None
+        else grad_norms.rename(columns=lambda c: str(c).removeprefix(GRAD_NORM_PREFIX))
+    )
     # frozen groups never get a gradient: leave them out of the lines and the legend
     frame = frame.loc[:, (frame.fillna(0) > 0).any()]
     if not frame.empty:
@@ -263,8 +262,9 @@ def plot_feature_projection(
     ax.set_xlabel("component 1")
     ax.set_ylabel("component 2")
     # outside the axes: loc="best" searches every point for a free spot (slow, and rarely finds one)
-    ax.legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.0, 0.5),
-              ncol=1 + len(class_names) // 20)
+    ax.legend(
+        fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=1 + len(class_names) // 20
+    )
     save_figure(figure, path)
     return figure
 
@@ -281,9 +281,7 @@ def _first_tensor(output) -> torch.Tensor | None:
     return None
 
 
-def image_batch(
-    paths: Sequence[str], load_image, transform, size: int = 8
-) -> torch.Tensor:
+def image_batch(paths: Sequence[str], load_image, transform, size: int = 8) -> torch.Tensor:
     """The first `size` images of `paths` as one transformed batch.
 
     `load_image(path)` returns a PIL image; `transform` takes a uint8 CHW
@@ -321,10 +319,10 @@ def collect_group_activations(
                 # than the whole histogram, and the histogram's shape does not change
                 flat = flat[torch.randint(flat.numel(), (max_values,), generator=generator)]
             captured[name] = flat.numpy()
+
         return hook
 
-    handles = [module.register_forward_hook(recorder(name))
-               for name, module in model.backbone.groups.items()]
+    handles = [module.register_forward_hook(recorder(name)) for name, module in model.backbone.groups.items()]
     was_training = model.training
     device = next(model.parameters()).device
     try:
@@ -338,9 +336,7 @@ def collect_group_activations(
     return {name: captured[name] for name in model.backbone.groups if name in captured}
 
 
-def plot_activation_histograms(
-    model: torch.nn.Module, batch: torch.Tensor, path: str | os.PathLike
-) -> Figure:
+def plot_activation_histograms(model: torch.nn.Module, batch: torch.Tensor, path: str | os.PathLike) -> Figure:
     """One histogram per backbone group of its activations on `batch`.
 
     Each title carries the mean, standard deviation and share of exact
@@ -358,10 +354,9 @@ def plot_activation_histograms(
         ax.stairs(counts, edges, fill=True, color="tab:purple")
         _log_y(ax)
         zeros = float(np.mean(values == 0)) if values.size else 0.0
-        ax.set_title(f"{name}\nmean {values.mean():.3g}  std {values.std():.3g}  zero {zeros:.0%}",
-                     fontsize=8)
+        ax.set_title(f"{name}\nmean {values.mean():.3g}  std {values.std():.3g}  zero {zeros:.0%}", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in axes[len(activations):]:
+    for ax in axes[len(activations) :]:
         ax.axis("off")
     figure.suptitle("Activations per layer group (one fixed batch)")
     save_figure(figure, path)

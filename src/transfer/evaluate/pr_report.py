@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from transfer.evaluate.compare import KEY_METRICS
-from transfer.pipeline.params import flatten_dict
 from transfer.pipeline.errors import UserError
 from transfer.pipeline.files import write_text
 from transfer.pipeline.layout import REPORTS_DIR
+from transfer.pipeline.params import flatten_dict
 
 REPORT_DIR = REPORTS_DIR / "pr"
 HISTORY_FILE = REPORTS_DIR / "history.csv"
@@ -35,20 +35,26 @@ class ReportError(UserError):
 
 
 def dvc(args: list[str], repo: Path) -> str:
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise ReportError(f"`dvc {' '.join(args)}` failed in {repo}:\n{done.stderr.strip()[-2000:]}")
     return done.stdout
 
 
 def check_revision(base: str, repo: Path) -> None:
-    done = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}"], cwd=repo,
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
-        raise ReportError(f"base revision {base!r} is not a commit of {repo}: fetch it first "
-                          f"(`git fetch origin {base.removeprefix('origin/')}`; in GitHub Actions check out "
-                          f"with fetch-depth: 0)")
+        raise ReportError(
+            f"base revision {base!r} is not a commit of {repo}: fetch it first "
+            f"(`git fetch origin {base.removeprefix('origin/')}`; in GitHub Actions check out "
+            f"with fetch-depth: 0)"
+        )
 
 
 def _number(value: Any) -> str:
@@ -67,8 +73,11 @@ def _signed(value: Any) -> str:
 
 def key_metrics_markdown(metrics_diff: dict[str, Any], workspace: dict[str, Any]) -> str:
     """Key metrics, base -> this branch, from `dvc metrics diff --json --all` and the workspace's metrics."""
-    changes = {key: change for file in (KEY_METRICS_FILE, KEY_TRAIN_FILE)
-               for key, change in (metrics_diff.get(file) or {}).items()}
+    changes = {
+        key: change
+        for file in (KEY_METRICS_FILE, KEY_TRAIN_FILE)
+        for key, change in (metrics_diff.get(file) or {}).items()
+    }
     lines = ["| metric | base | this branch | change |", "| --- | ---: | ---: | ---: |"]
     for short, key in KEY_METRICS.items():
         change = changes.get(key) or {}
@@ -94,8 +103,9 @@ def confusion_counts(confusion_csv: Path):
     pairs = pd.read_csv(confusion_csv)
     classes = sorted(set(pairs["actual"].astype(str)) | set(pairs["predicted"].astype(str)))
     index = {name: i for i, name in enumerate(classes)}
-    return confusion(pairs["actual"].astype(str).map(index), pairs["predicted"].astype(str).map(index),
-                     len(classes)), classes
+    return confusion(
+        pairs["actual"].astype(str).map(index), pairs["predicted"].astype(str).map(index), len(classes)
+    ), classes
 
 
 def render_plots(repo: Path, out_dir: Path) -> list[tuple[str, str]]:
@@ -126,10 +136,22 @@ def build_report(base: str, repo: Path = Path("."), out_dir: Path | None = None)
     changed_params = dvc(["params", "diff", base, "--md"], repo).strip()
     plots = render_plots(repo, out_dir)
 
-    sections = [f"## Pipeline report: this branch against `{base}`", "",
-                key_metrics_markdown(metrics_diff, workspace_metrics(repo)), "", "### Changed params", "",
-                changed_params or "No param changed.", "", "<details><summary>Every changed metric</summary>", "",
-                changed_metrics or "No metric changed.", "", "</details>", ""]
+    sections = [
+        f"## Pipeline report: this branch against `{base}`",
+        "",
+        key_metrics_markdown(metrics_diff, workspace_metrics(repo)),
+        "",
+        "### Changed params",
+        "",
+        changed_params or "No param changed.",
+        "",
+        "<details><summary>Every changed metric</summary>",
+        "",
+        changed_metrics or "No metric changed.",
+        "",
+        "</details>",
+        "",
+    ]
     for title, name in plots:
         sections += [f"### {title}", "", f"![{title}]({name})", ""]
     report = out_dir / "report.md"
@@ -146,8 +168,10 @@ def run(args: argparse.Namespace) -> int:
 # The `transfer report` command (transfer.cli builds its parser from these and `add_arguments`).
 COMMAND = "report"
 COMMAND_HELP = "markdown report of this branch against a base revision (what CI posts on a PR)"
-COMMAND_DESCRIPTION = ("Key metrics, changed metrics and params (dvc metrics/params diff) against --base, and the "
-                       "learning curves and confusion matrix as images, in reports/pr/report.md.")
+COMMAND_DESCRIPTION = (
+    "Key metrics, changed metrics and params (dvc metrics/params diff) against --base, and the "
+    "learning curves and confusion matrix as images, in reports/pr/report.md."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

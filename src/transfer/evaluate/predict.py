@@ -85,10 +85,18 @@ def predictions_json(predictions: Sequence, classes: list[str], k: int) -> list[
     from transfer.evaluate.inference import top_k
 
     k = min(k, len(classes))
-    return [{"path": p.source,
-             "predictions": [] if p.probabilities is None else
-             [{"class": name, "probability": probability} for name, probability in top_k(p.probabilities, classes, k)],
-             "error": p.error} for p in predictions]
+    return [
+        {
+            "path": p.source,
+            "predictions": []
+            if p.probabilities is None
+            else [
+                {"class": name, "probability": probability} for name, probability in top_k(p.probabilities, classes, k)
+            ],
+            "error": p.error,
+        }
+        for p in predictions
+    ]
 
 
 def write_predictions(path: Path | None, predictions: Sequence, classes: list[str], k: int) -> None:
@@ -110,6 +118,7 @@ def write_predictions(path: Path | None, predictions: Sequence, classes: list[st
 
 # --- `transfer predict` ------------------------------------------------------------------------------
 
+
 def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise PredictError(f"--top-k must be at least 1 (got {args.top_k})")
@@ -128,8 +137,10 @@ def run(args: argparse.Namespace) -> int:
     write_predictions(args.out, predictions, saved.classes, args.top_k)
     failed = [p for p in predictions if p.error]
     where = f" -> {args.out}" if args.out else ""
-    print(f"predict: {len(predictions) - len(failed)} image(s) classified with {args.model} on {device}{where}",
-          file=sys.stderr)
+    print(
+        f"predict: {len(predictions) - len(failed)} image(s) classified with {args.model} on {device}{where}",
+        file=sys.stderr,
+    )
     if failed:
         print(f"predict: {len(failed)} input(s) could not be classified (listed with their error):", file=sys.stderr)
         for p in failed[:20]:
@@ -141,17 +152,27 @@ def run(args: argparse.Namespace) -> int:
 # The `transfer predict` command (transfer.cli builds its parser from these and `add_arguments`).
 COMMAND = "predict"
 COMMAND_HELP = "classify image files with a trained model"
-COMMAND_DESCRIPTION = ("Classify images with the preprocessing of the evaluation; writes path, top-k classes and "
-                       "probabilities. Unreadable files are listed with their error (exit status 1).")
+COMMAND_DESCRIPTION = (
+    "Classify images with the preprocessing of the evaluation; writes path, top-k classes and "
+    "probabilities. Unreadable files are listed with their error (exit status 1)."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="image files, folders (searched recursively) or glob patterns (quote them: 'a/**/*.jpg')")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="a model folder (default data/model), runs:/<run_id> or models:/<name>@<alias>")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="image files, folders (searched recursively) or glob patterns (quote them: 'a/**/*.jpg')",
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="a model folder (default data/model), runs:/<run_id> or models:/<name>@<alias>",
+    )
     parser.add_argument("--top-k", type=int, default=3, help="classes per image, most probable first (default 3)")
     parser.add_argument("--out", type=Path, default=None, help="predictions.csv or .json (default: CSV on stdout)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: CUDA when available (default)")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available (default)"
+    )

@@ -80,10 +80,7 @@ def dataframe_html(frame: pd.DataFrame) -> str:
 def image_html(png_path: str | os.PathLike) -> str:
     """Render a PNG file as an inlined <figure> with its file stem as caption."""
     name = html.escape(Path(png_path).stem.replace("_", " "))
-    return (
-        f'<figure><img alt="{name}" src="{png_data_uri(png_path)}">'
-        f"<figcaption>{name}</figcaption></figure>"
-    )
+    return f'<figure><img alt="{name}" src="{png_data_uri(png_path)}"><figcaption>{name}</figcaption></figure>'
 
 
 def section_item_html(item: SectionItem) -> str:
@@ -113,9 +110,7 @@ def render_html_report(title: str, sections: Mapping[str, Sequence[SectionItem]]
     )
 
 
-def write_html_report(
-    path: str | os.PathLike, title: str, sections: Mapping[str, Sequence[SectionItem]]
-) -> Path:
+def write_html_report(path: str | os.PathLike, title: str, sections: Mapping[str, Sequence[SectionItem]]) -> Path:
     """Write one self-contained HTML page gathering `sections`; return its path.
 
     `sections` maps a heading to its items, each a PNG `Path` (inlined as a

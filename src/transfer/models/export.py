@@ -37,19 +37,25 @@ def _require_onnx():
         import onnx
         import onnxruntime
     except ImportError as exc:
-        raise ExportError(f"ONNX export needs the onnx, onnxscript and onnxruntime packages ({exc.name} is missing): "
-                          "pip install 'transfer[onnx]'") from None
+        raise ExportError(
+            f"ONNX export needs the onnx, onnxscript and onnxruntime packages ({exc.name} is missing): "
+            "pip install 'transfer[onnx]'"
+        ) from None
     return onnx, onnxruntime
 
 
 def onnx_metadata(saved: SavedModel) -> dict[str, str]:
     from transfer.models.saved import FORMAT
 
-    return {"format": FORMAT, "backbone": saved.backbone_name, "classes": json.dumps(saved.classes),
-            "preprocessing": json.dumps(saved.description["preprocessing"], sort_keys=True),
-            "input": "image: float32 [batch, 3, S, S], RGB resized (short side resize_size), centre-cropped to "
-                     "image_size, scaled to [0, 1], normalised with mean and std",
-            "outputs": "logits, probabilities (softmax): float32 [batch, classes], in the order of classes"}
+    return {
+        "format": FORMAT,
+        "backbone": saved.backbone_name,
+        "classes": json.dumps(saved.classes),
+        "preprocessing": json.dumps(saved.description["preprocessing"], sort_keys=True),
+        "input": "image: float32 [batch, 3, S, S], RGB resized (short side resize_size), centre-cropped to "
+        "image_size, scaled to [0, 1], normalised with mean and std",
+        "outputs": "logits, probabilities (softmax): float32 [batch, classes], in the order of classes",
+    }
 
 
 def export_onnx(saved: SavedModel, path: str | Path) -> Path:
@@ -74,9 +80,17 @@ def export_onnx(saved: SavedModel, path: str | Path) -> Path:
     example = torch.zeros(2, 3, size, size)
     batch = torch.export.Dim("batch", min=1, max=65536)
     with atomic_path(path) as tmp:
-        torch.onnx.export(wrapper, (example,), str(tmp), input_names=["image"],
-                          output_names=["logits", "probabilities"], dynamo=True, dynamic_shapes=({0: batch},),
-                          external_data=False, verbose=False)
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(tmp),
+            input_names=["image"],
+            output_names=["logits", "probabilities"],
+            dynamo=True,
+            dynamic_shapes=({0: batch},),
+            external_data=False,
+            verbose=False,
+        )
         model = onnx.load(str(tmp))
         for key, value in onnx_metadata(saved).items():
             entry = model.metadata_props.add()
@@ -100,21 +114,26 @@ def check_onnx(path: str | Path, saved: SavedModel, images: Sequence[str | Path]
 
     _, onnxruntime = _require_onnx()
     if not images:
-        raise ExportError("no images to check the export on: pass --check-images, or run the split stage "
-                          f"({DEFAULT_CHECK_SPLIT})")
+        raise ExportError(
+            f"no images to check the export on: pass --check-images, or run the split stage ({DEFAULT_CHECK_SPLIT})"
+        )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     model = saved.model.cpu().eval()
     max_diff, same_top1, count = 0.0, 0, 0
     for start in range(0, len(images), batch_size):
-        batch = torch.stack([model_input(image, saved.data_config) for image in images[start:start + batch_size]])
+        batch = torch.stack([model_input(image, saved.data_config) for image in images[start : start + batch_size]])
         with torch.inference_mode():
             expected = model(batch).float().softmax(1).numpy()
         _, probabilities = session.run(["logits", "probabilities"], {"image": batch.numpy()})
         max_diff = max(max_diff, float(np.abs(probabilities - expected).max()))
         same_top1 += int((probabilities.argmax(1) == expected.argmax(1)).sum())
         count += len(batch)
-    return {"images": count, "max_abs_diff_probabilities": max_diff, "same_top1": same_top1,
-            "batch_sizes": sorted({min(batch_size, count - s) for s in range(0, count, batch_size)})}
+    return {
+        "images": count,
+        "max_abs_diff_probabilities": max_diff,
+        "same_top1": same_top1,
+        "batch_sizes": sorted({min(batch_size, count - s) for s in range(0, count, batch_size)}),
+    }
 
 
 def default_check_images(limit: int = MAX_CHECK_IMAGES) -> list[str]:
@@ -138,31 +157,47 @@ def run(args: argparse.Namespace) -> int:
         images, problems = collect_images(args.check_images)
         if problems:
             raise ExportError("--check-images: " + "; ".join(f"{source}: {error}" for source, error in problems))
-        images = images[:args.max_check_images]
+        images = images[: args.max_check_images]
     else:
         images = default_check_images(args.max_check_images)
     export_onnx(saved, args.out)
     check = check_onnx(args.out, saved, images)
     write_json(args.out.with_suffix(".check.json"), {"onnx": str(args.out), **check})
-    print(f"export: {args.out} (dynamic batch, classes and preprocessing in metadata_props); onnxruntime vs PyTorch "
-          f"on {check['images']} image(s): max |probability difference| {check['max_abs_diff_probabilities']:.2e}, "
-          f"same top-1 class for {check['same_top1']}/{check['images']}", file=sys.stderr)
+    print(
+        f"export: {args.out} (dynamic batch, classes and preprocessing in metadata_props); onnxruntime vs PyTorch "
+        f"on {check['images']} image(s): max |probability difference| {check['max_abs_diff_probabilities']:.2e}, "
+        f"same top-1 class for {check['same_top1']}/{check['images']}",
+        file=sys.stderr,
+    )
     return 0
 
 
 # The `transfer export` command (transfer.cli builds its parser from these and `add_arguments`).
 COMMAND = "export"
 COMMAND_HELP = "export a trained model to ONNX, checked against PyTorch"
-COMMAND_DESCRIPTION = ("Write an ONNX model (dynamic batch; outputs logits and probabilities; class names and "
-                       "preprocessing in metadata_props) and compare it with PyTorch on real images.")
+COMMAND_DESCRIPTION = (
+    "Write an ONNX model (dynamic batch; outputs logits and probabilities; class names and "
+    "preprocessing in metadata_props) and compare it with PyTorch on real images."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default="onnx", choices=("onnx",), help="export format (onnx)")
-    parser.add_argument("--model", default="data/model",
-                        help="a model folder (default data/model), runs:/<run_id> or models:/<name>@<alias>")
+    parser.add_argument(
+        "--model",
+        default="data/model",
+        help="a model folder (default data/model), runs:/<run_id> or models:/<name>@<alias>",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output file (default {DEFAULT_OUT})")
-    parser.add_argument("--check-images", nargs="+", metavar="PATH",
-                        help="images, folders or globs to compare on (default: the test split, data/split/test.csv)")
-    parser.add_argument("--max-check-images", type=int, default=MAX_CHECK_IMAGES,
-                        help=f"compare on at most this many images (default {MAX_CHECK_IMAGES})")
+    parser.add_argument(
+        "--check-images",
+        nargs="+",
+        metavar="PATH",
+        help="images, folders or globs to compare on (default: the test split, data/split/test.csv)",
+    )
+    parser.add_argument(
+        "--max-check-images",
+        type=int,
+        default=MAX_CHECK_IMAGES,
+        help=f"compare on at most this many images (default {MAX_CHECK_IMAGES})",
+    )

@@ -68,15 +68,20 @@ def match_imagenet_classes(classes: list[str], descriptions: list[str]) -> dict[
     return matches
 
 
-def imagenet_overlap_head(head: nn.Linear, classes: list[str], classifier: nn.Linear | None, seed: int,
-                          descriptions: list[str] | None = None) -> dict[str, str]:
+def imagenet_overlap_head(
+    head: nn.Linear, classes: list[str], classifier: nn.Linear | None, seed: int, descriptions: list[str] | None = None
+) -> dict[str, str]:
     """Xavier head whose rows for ImageNet-matching classes are the pretrained classifier's; returns matches."""
     if classifier is None:
-        raise ValueError("finetune.head_init: imagenet needs the ImageNet classifier: set backbone.weights: "
-                         "imagenet, or use head_init: probe or xavier")
+        raise ValueError(
+            "finetune.head_init: imagenet needs the ImageNet classifier: set backbone.weights: "
+            "imagenet, or use head_init: probe or xavier"
+        )
     if classifier.in_features != head.in_features:
-        raise ValueError(f"the ImageNet classifier takes {classifier.in_features} features but the head "
-                         f"{head.in_features}; use head_init: probe or xavier for this backbone")
+        raise ValueError(
+            f"the ImageNet classifier takes {classifier.in_features} features but the head "
+            f"{head.in_features}; use head_init: probe or xavier for this backbone"
+        )
     descriptions = descriptions or imagenet_descriptions()
     xavier_head(head, seed)
     matches = match_imagenet_classes(classes, descriptions)
@@ -165,8 +170,8 @@ def _bayes(smoothing: float, seed: int):
 FEATURE_HEADS: dict[str, FeatureHead] = {
     # C from strong to weak regularisation, one value per decade (half-decade steps changed val accuracy by less
     # than its noise); the search stops after two values without improvement (train.probe.GRID_PATIENCE).
-    "logreg": FeatureHead(_logreg, "C", tuple(10.0 ** k for k in range(-6, 3)), "decision", linear=True),
-    "svm": FeatureHead(_svm, "C", tuple(10.0 ** k for k in range(-6, 1)), "decision", linear=True),
+    "logreg": FeatureHead(_logreg, "C", tuple(10.0**k for k in range(-6, 3)), "decision", linear=True),
+    "svm": FeatureHead(_svm, "C", tuple(10.0**k for k in range(-6, 1)), "decision", linear=True),
     "knn": FeatureHead(_knn, "k", (1, 3, 5, 10, 20, 50), "proba", linear=False),
     "forest": FeatureHead(_forest, "trees", (200,), "proba", linear=False),
     "bayes": FeatureHead(_bayes, "var_smoothing", (1e-9,), "proba", linear=False),

@@ -38,13 +38,18 @@ def run(args: argparse.Namespace) -> int:
     experiment = args.experiment or experiment
     registered_model = args.name or registered_model
     if not registered_model:
-        raise tracking.TrackingError("no registered model name: pass --name, or set tracking.registered_model "
-                                     "in params.yaml")
-    result = tracking.promote_best(experiment, registered_model, args.metric, args.alias,
-                                   higher_is_better=not args.lowest)
-    print(f"promote: models:/{result['registered_model']}@{result['alias']} -> version {result['version']} "
-          f"(run {result['run_id']}, {result['metric']} = {result['value']:.4f}, best of {result['candidates']} "
-          f"run(s) in experiment {experiment!r})", file=sys.stderr)
+        raise tracking.TrackingError(
+            "no registered model name: pass --name, or set tracking.registered_model in params.yaml"
+        )
+    result = tracking.promote_best(
+        experiment, registered_model, args.metric, args.alias, higher_is_better=not args.lowest
+    )
+    print(
+        f"promote: models:/{result['registered_model']}@{result['alias']} -> version {result['version']} "
+        f"(run {result['run_id']}, {result['metric']} = {result['value']:.4f}, best of {result['candidates']} "
+        f"run(s) in experiment {experiment!r})",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -55,11 +60,14 @@ COMMAND_DESCRIPTION = "Set an alias of the registered model to the version whose
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metric", default=DEFAULT_METRIC,
-                        help=f"MLflow metric of the runs to compare (default {DEFAULT_METRIC})")
+    parser.add_argument(
+        "--metric", default=DEFAULT_METRIC, help=f"MLflow metric of the runs to compare (default {DEFAULT_METRIC})"
+    )
     parser.add_argument("--lowest", action="store_true", help="lower is better (e.g. a loss)")
     parser.add_argument("--alias", default="champion", help="the alias to move (default champion)")
-    parser.add_argument("--experiment", default=None,
-                        help="MLflow experiment (default: tracking.experiment of params.yaml)")
-    parser.add_argument("--name", default=None,
-                        help="registered model (default: tracking.registered_model of params.yaml)")
+    parser.add_argument(
+        "--experiment", default=None, help="MLflow experiment (default: tracking.experiment of params.yaml)"
+    )
+    parser.add_argument(
+        "--name", default=None, help="registered model (default: tracking.registered_model of params.yaml)"
+    )

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-
 from transfer.models.backbones import Classifier, DataConfig, load_backbones
 from transfer.pipeline.errors import UserError
 from transfer.pipeline.files import atomic_path, write_json
@@ -107,10 +106,20 @@ def model_digest(directory: str | Path) -> str:
     return sha256_of(Path(directory) / DESCRIPTION_NAME)
 
 
-def save_model(directory: str | Path, model: Classifier, classes: list[str], data_config: DataConfig, *,
-               backbone: str, weights: str, freeze_layers: int | str,
-               backbones: list[tuple[str, int | None]] | None = None, layers: list | None = None,
-               feature_head=None, head_kind: str = "linear") -> Path:
+def save_model(
+    directory: str | Path,
+    model: Classifier,
+    classes: list[str],
+    data_config: DataConfig,
+    *,
+    backbone: str,
+    weights: str,
+    freeze_layers: int | str,
+    backbones: list[tuple[str, int | None]] | None = None,
+    layers: list | None = None,
+    feature_head=None,
+    head_kind: str = "linear",
+) -> Path:
     """Write model.safetensors and model.json into `directory` (atomically, byte-stable); returns the JSON path.
 
     `weights` is where the backbone's starting weights came from (`backbone.weights`: imagenet, none or a path).
@@ -133,10 +142,14 @@ def save_model(directory: str | Path, model: Classifier, classes: list[str], dat
         "format_version": FORMAT_VERSION,
         "weights_file": WEIGHTS_NAME,
         "weights_sha256": weights_sha256,
-        "backbone": {"name": backbone, "weights": str(weights), "groups": list(model.backbone.groups.keys()),
-                     "num_features": model.backbone.num_features,
-                     "backbones": [[name, size] for name, size in (backbones or [(backbone, data_config.image_size)])],
-                     "layers": layers},
+        "backbone": {
+            "name": backbone,
+            "weights": str(weights),
+            "groups": list(model.backbone.groups.keys()),
+            "num_features": model.backbone.num_features,
+            "backbones": [[name, size] for name, size in (backbones or [(backbone, data_config.image_size)])],
+            "layers": layers,
+        },
         "head": describe_head(model),
         "classes": list(classes),
         # Evaluation preprocessing: decode to RGB, resize the short side to resize_size, centre-crop
@@ -149,37 +162,50 @@ def save_model(directory: str | Path, model: Classifier, classes: list[str], dat
         from transfer.models.heads import save_feature_head
 
         save_feature_head(directory / HEAD_NAME, feature_head)
-        description["head"] = {**description["head"], "kind": head_kind, "file": HEAD_NAME,
-                               "sha256": sha256_of(directory / HEAD_NAME)}
+        description["head"] = {
+            **description["head"],
+            "kind": head_kind,
+            "file": HEAD_NAME,
+            "sha256": sha256_of(directory / HEAD_NAME),
+        }
     write_json(directory / DESCRIPTION_NAME, description)
     return directory / DESCRIPTION_NAME
 
 
 def _read_description(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ModelFileError(f"{path} not found: a model folder holds {DESCRIPTION_NAME} and {WEIGHTS_NAME} "
-                             "(the train stage writes data/model; run `dvc repro train`)")
+        raise ModelFileError(
+            f"{path} not found: a model folder holds {DESCRIPTION_NAME} and {WEIGHTS_NAME} "
+            "(the train stage writes data/model; run `dvc repro train`)"
+        )
     try:
         description = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelFileError(f"{path} is not a readable JSON model description ({exc})") from None
     if not isinstance(description, dict) or description.get("format") != FORMAT:
-        raise ModelFileError(f"{path} is not a {FORMAT} description (no \"format\": \"{FORMAT}\")")
+        raise ModelFileError(f'{path} is not a {FORMAT} description (no "format": "{FORMAT}")')
     if description.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(f"{path}: format_version {description.get('format_version')!r} is not supported by "
-                             f"this version of transfer (it reads version {FORMAT_VERSION}); upgrade transfer")
+        raise ModelFileError(
+            f"{path}: format_version {description.get('format_version')!r} is not supported by "
+            f"this version of transfer (it reads version {FORMAT_VERSION}); upgrade transfer"
+        )
     return description
 
 
 def _data_config(description: dict[str, Any], path: Path) -> DataConfig:
     try:
         prep = description["preprocessing"]
-        config = DataConfig(int(prep["image_size"]), int(prep["resize_size"]), tuple(float(v) for v in prep["mean"]),
-                            tuple(float(v) for v in prep["std"]), str(prep["interpolation"]))
+        config = DataConfig(
+            int(prep["image_size"]),
+            int(prep["resize_size"]),
+            tuple(float(v) for v in prep["mean"]),
+            tuple(float(v) for v in prep["std"]),
+            str(prep["interpolation"]),
+        )
     except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"{path}: invalid \"preprocessing\" ({exc!r})") from None
+        raise ModelFileError(f'{path}: invalid "preprocessing" ({exc!r})') from None
     if len(config.mean) != 3 or len(config.std) != 3 or config.image_size < 1 or config.resize_size < config.image_size:
-        raise ModelFileError(f"{path}: invalid \"preprocessing\" {prep}")
+        raise ModelFileError(f'{path}: invalid "preprocessing" {prep}')
     return config
 
 
@@ -196,20 +222,24 @@ def load_model(directory: str | Path) -> SavedModel:
         directory = directory.parent
     old_format = directory if directory.suffix == ".pt" else directory / "model.pt"
     if old_format.is_file() and not (old_format.parent / DESCRIPTION_NAME).exists():
-        raise ModelFileError(f"{old_format} is not a usable model file: a pickled model (the old format) is never "
-                             "loaded, as unpickling could run code hidden in it; re-run the train stage "
-                             "(dvc repro -f train) to write model.safetensors + model.json")
+        raise ModelFileError(
+            f"{old_format} is not a usable model file: a pickled model (the old format) is never "
+            "loaded, as unpickling could run code hidden in it; re-run the train stage "
+            "(dvc repro -f train) to write model.safetensors + model.json"
+        )
     json_path = directory / DESCRIPTION_NAME
     description = _read_description(json_path)
     weights_path = directory / str(description.get("weights_file", WEIGHTS_NAME))
     if weights_path.parent != directory or not weights_path.is_file():
         raise ModelFileError(f"{weights_path} not found (named by {json_path}); the model folder is incomplete")
     if sha256_of(weights_path) != description.get("weights_sha256"):
-        raise ModelFileError(f"{weights_path} does not match {json_path} (sha256 differs): the weights were "
-                             "replaced or modified after saving; re-run the train stage or restore both files")
+        raise ModelFileError(
+            f"{weights_path} does not match {json_path} (sha256 differs): the weights were "
+            "replaced or modified after saving; re-run the train stage or restore both files"
+        )
     classes = description.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(name, str) for name in classes):
-        raise ModelFileError(f"{json_path}: \"classes\" must be a non-empty list of class names")
+        raise ModelFileError(f'{json_path}: "classes" must be a non-empty list of class names')
     config = _data_config(description, json_path)
     backbone_info = description.get("backbone", {})
     members = backbone_info.get("backbones") or [[backbone_info.get("name"), config.image_size]]
@@ -228,7 +258,9 @@ def load_model(directory: str | Path) -> SavedModel:
         raise ModelFileError(f"{weights_path} is not a valid safetensors file ({exc})") from None
     # Architecture only: the trained weights replace the pretrained ones just below.
     try:
-        backbone = load_backbones([(name, "none", size) for name, size in members], backbone_info.get("layers")).backbone
+        backbone = load_backbones(
+            [(name, "none", size) for name, size in members], backbone_info.get("layers")
+        ).backbone
         model = Classifier(backbone, len(classes))
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:

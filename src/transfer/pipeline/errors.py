@@ -74,8 +74,12 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
         signum = getattr(exc, "signum", signal.SIGINT)
         how = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
         notes = "; ".join(getattr(exc, "__notes__", [])) or "no MLflow run was open"
-        print(f"{name}: interrupted by {how}; {notes}; `dvc repro` resumes: finished stages are kept and "
-              "fine-tuning continues from its last epoch checkpoint", file=sys.stderr, flush=True)
+        print(
+            f"{name}: interrupted by {how}; {notes}; `dvc repro` resumes: finished stages are kept and "
+            "fine-tuning continues from its last epoch checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(128 + signum)
     finally:
         signal.signal(signal.SIGTERM, previous)

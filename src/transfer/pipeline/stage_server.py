@@ -68,10 +68,25 @@ log = logging.getLogger(__name__)
 
 # Imported once by the server: what the stages import, heaviest first.
 PRELOAD = (
-    "torch", "torchvision", "torchvision.transforms.v2", "timm", "mlflow", "mlflow.pytorch",
-    "mlflow.store.tracking.sqlalchemy_store", "sklearn.metrics", "sklearn.decomposition",
-    "sklearn.model_selection", "matplotlib.backends.backend_agg", "matplotlib.figure", "pandas", "numpy",
-    "PIL.Image", "tqdm", "pydantic", "yaml", "threadpoolctl",
+    "torch",
+    "torchvision",
+    "torchvision.transforms.v2",
+    "timm",
+    "mlflow",
+    "mlflow.pytorch",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "sklearn.metrics",
+    "sklearn.decomposition",
+    "sklearn.model_selection",
+    "matplotlib.backends.backend_agg",
+    "matplotlib.figure",
+    "pandas",
+    "numpy",
+    "PIL.Image",
+    "tqdm",
+    "pydantic",
+    "yaml",
+    "threadpoolctl",
 )
 # This project's package: never kept in the server, always imported fresh by the child.
 PROJECT_PACKAGE = (__package__ or "transfer").split(".")[0]
@@ -79,9 +94,29 @@ PROJECT_PACKAGE = (__package__ or "transfer").split(".")[0]
 # whose values differ from the server's would not get the same process, so it runs cold.
 # Temporary, cache and config folders are read once too (tempfile caches TMPDIR; matplotlib its config and
 # font cache), and so is the locale.
-IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "CUDA_", "PYTORCH_", "TORCH_", "NCCL_", "LD_",
-                   "PYTHONHASHSEED", "PYTHONOPTIMIZE", "PYTHONWARNINGS", "MPL", "TMPDIR", "TEMP", "TMP", "HOME",
-                   "XDG_", "LANG", "LC_", "TZ")
+IMPORT_TIME_ENV = (
+    "OMP_",
+    "MKL_",
+    "KMP_",
+    "OPENBLAS_",
+    "CUDA_",
+    "PYTORCH_",
+    "TORCH_",
+    "NCCL_",
+    "LD_",
+    "PYTHONHASHSEED",
+    "PYTHONOPTIMIZE",
+    "PYTHONWARNINGS",
+    "MPL",
+    "TMPDIR",
+    "TEMP",
+    "TMP",
+    "HOME",
+    "XDG_",
+    "LANG",
+    "LC_",
+    "TZ",
+)
 DEFAULT_IDLE_SECONDS = 30 * 60
 UNIX_PATH_MAX = 107
 
@@ -92,12 +127,21 @@ class ServerError(RuntimeError):
 
 # --- Where and whom the server serves ------------------------------------------------------------
 
+
 def fingerprint() -> str:
     """What a process's imported libraries depend on; caller and server must agree on it."""
     site_packages = sorted({p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)})
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(IMPORT_TIME_ENV))
-    blob = json.dumps([sys.executable, sys.prefix, sys.version, list(sys.flags), env,
-                       [(p, os.stat(p).st_mtime_ns) for p in site_packages]])  # pip install touches these
+    blob = json.dumps(
+        [
+            sys.executable,
+            sys.prefix,
+            sys.version,
+            list(sys.flags),
+            env,
+            [(p, os.stat(p).st_mtime_ns) for p in site_packages],
+        ]
+    )  # pip install touches these
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -118,11 +162,15 @@ def check_private_dir(path: Path) -> None:
     if not stat.S_ISDIR(info.st_mode):
         raise ServerError(f"{path} is not a folder (a symlink or a file); remove it or set TRANSFER_SERVER_DIR")
     if info.st_uid != os.getuid():
-        raise ServerError(f"{path} belongs to user id {info.st_uid}, not to you ({os.getuid()}); "
-                          "set TRANSFER_SERVER_DIR to a folder of your own")
+        raise ServerError(
+            f"{path} belongs to user id {info.st_uid}, not to you ({os.getuid()}); "
+            "set TRANSFER_SERVER_DIR to a folder of your own"
+        )
     if info.st_mode & 0o077:
-        raise ServerError(f"{path} has mode {oct(info.st_mode & 0o777)}: others could reach the stage server's "
-                          f"socket; chmod 700 {path}, or set TRANSFER_SERVER_DIR")
+        raise ServerError(
+            f"{path} has mode {oct(info.st_mode & 0o777)}: others could reach the stage server's "
+            f"socket; chmod 700 {path}, or set TRANSFER_SERVER_DIR"
+        )
 
 
 def _make_private_dir(path: Path) -> None:
@@ -140,12 +188,15 @@ def socket_path() -> Path:
     check_private_dir(server_dir())
     path = server_dir() / f"{fingerprint()}.sock"
     if len(str(path)) > UNIX_PATH_MAX:
-        raise ServerError(f"socket path {path} is longer than {UNIX_PATH_MAX} characters: "
-                          "set TRANSFER_SERVER_DIR to a shorter directory")
+        raise ServerError(
+            f"socket path {path} is longer than {UNIX_PATH_MAX} characters: "
+            "set TRANSFER_SERVER_DIR to a shorter directory"
+        )
     return path
 
 
 # --- Messages: 4-byte length, then JSON ----------------------------------------------------------
+
 
 def _send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
     data = json.dumps(message).encode()
@@ -197,6 +248,7 @@ def _connect(path: Path) -> socket.socket | None:
 
 # --- The caller's side (python -m transfer.pipeline.stage) ------------------------------------------------
 
+
 def run_script(script: str, args: list[str]) -> None:
     """Run a stage script in the matching server if one is up, else in this process; never returns."""
     sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python script` would have it
@@ -220,8 +272,18 @@ def run_in_server(script: str, args: list[str]) -> int | None:
         return None
     with sock:
         fds = [fd for fd in (0, 1, 2) if _is_open(fd)]
-        _send(sock, {"command": "run", "argv": [script, *args], "cwd": os.getcwd(), "env": dict(os.environ),
-                     "path": [os.path.abspath(p) if p else os.getcwd() for p in sys.path], "fds": fds}, fds)
+        _send(
+            sock,
+            {
+                "command": "run",
+                "argv": [script, *args],
+                "cwd": os.getcwd(),
+                "env": dict(os.environ),
+                "path": [os.path.abspath(p) if p else os.getcwd() for p in sys.path],
+                "fds": fds,
+            },
+            fds,
+        )
         started, _ = _receive(sock)
         if started is None or "pid" not in started:
             return None  # refused before anything ran: safe to run cold
@@ -230,8 +292,10 @@ def run_in_server(script: str, args: list[str]) -> int | None:
             signal.signal(signum, lambda received, _frame: _signal_group(child, received))
         finished, _ = _receive(sock)
     if finished is None:
-        log.error(f"stage server: lost the server while it ran {script} (see `python -m transfer.pipeline.stage_server "
-                  f"status`); run again, or set TRANSFER_STAGE_SERVER=off")
+        log.error(
+            f"stage server: lost the server while it ran {script} (see `python -m transfer.pipeline.stage_server "
+            f"status`); run again, or set TRANSFER_STAGE_SERVER=off"
+        )
         return 1
     return int(finished["exit"])
 
@@ -258,6 +322,7 @@ def _exit_like(code: int) -> None:
 
 
 # --- The server ----------------------------------------------------------------------------------
+
 
 def preload() -> float:
     started = time.perf_counter()
@@ -309,8 +374,7 @@ def serve(idle_seconds: float) -> None:
                     continue
                 conn, _ = listener.accept()
                 if peer_uid(conn) != os.getuid():  # the folder is private; this is the second lock
-                    print(f"stage server {os.getpid()}: refused a connection from user id {peer_uid(conn)}",
-                          flush=True)
+                    print(f"stage server {os.getpid()}: refused a connection from user id {peer_uid(conn)}", flush=True)
                     conn.close()
                     continue
                 pid = _handle(conn, children, server_sockets, stopping, served)
@@ -348,8 +412,9 @@ def _reap() -> list[tuple[int, int]]:
         done.append((pid, os.waitstatus_to_exitcode(status)))
 
 
-def _handle(conn: socket.socket, children: dict, server_sockets: list, stopping: threading.Event,
-            served: int) -> int | None:
+def _handle(
+    conn: socket.socket, children: dict, server_sockets: list, stopping: threading.Event, served: int
+) -> int | None:
     """Answer one request; for `run`, fork the child and return its pid."""
     conn.settimeout(10)  # a caller that connects and says nothing must not block the others
     try:
@@ -472,6 +537,7 @@ def _die_with_caller(conn: socket.socket) -> None:
 
 # --- start / stop / status -----------------------------------------------------------------------
 
+
 def start(idle_seconds: float, wait_seconds: float = 120) -> int:
     _make_private_dir(server_dir())
     path = socket_path()
@@ -481,19 +547,24 @@ def start(idle_seconds: float, wait_seconds: float = 120) -> int:
         return 0
     log = path.with_suffix(".log")
     with open(log, "ab") as out:
-        process = subprocess.Popen([sys.executable, "-m", f"{PROJECT_PACKAGE}.pipeline.stage_server", "serve",
-                                    "--idle", str(idle_seconds)], stdin=subprocess.DEVNULL, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", f"{PROJECT_PACKAGE}.pipeline.stage_server", "serve", "--idle", str(idle_seconds)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + wait_seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            print(f"stage server failed to start (exit {process.returncode}); its log, {log}:\n"
-                  f"{log.read_text()[-2000:]}", file=sys.stderr)
+            print(
+                f"stage server failed to start (exit {process.returncode}); its log, {log}:\n{log.read_text()[-2000:]}",
+                file=sys.stderr,
+            )
             return 1
         if (sock := _connect(path)) is not None:
             sock.close()
-            print(f"stage server {process.pid} ready on {path}; stops after {idle_seconds:.0f} s unused "
-                  f"(log: {log})")
+            print(f"stage server {process.pid} ready on {path}; stops after {idle_seconds:.0f} s unused (log: {log})")
             return 0
         time.sleep(0.1)
     print(f"stage server not ready after {wait_seconds:.0f} s; see {log}", file=sys.stderr)
@@ -521,8 +592,10 @@ def status() -> int:
             continue
         found += 1
         serves = "serves this environment" if path == mine else "another environment (not used from here)"
-        print(f"stage server {reply['pid']} on {path}: {serves}; {reply['served']} run(s) served, "
-              f"{reply['running']} running")
+        print(
+            f"stage server {reply['pid']} on {path}: {serves}; {reply['served']} run(s) served, "
+            f"{reply['running']} running"
+        )
     if not found:
         print("no stage server running (start one: python -m transfer.pipeline.stage_server start)")
     return 0
@@ -539,14 +612,22 @@ def stop() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m transfer.pipeline.stage_server", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m transfer.pipeline.stage_server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("start", "serve"):
-        command = commands.add_parser(name, help="start in the background" if name == "start"
-                                      else "run in the foreground")
-        command.add_argument("--idle", type=float, default=DEFAULT_IDLE_SECONDS,
-                             help="exit after this many seconds without a stage run (default: %(default)s)")
+        command = commands.add_parser(
+            name, help="start in the background" if name == "start" else "run in the foreground"
+        )
+        command.add_argument(
+            "--idle",
+            type=float,
+            default=DEFAULT_IDLE_SECONDS,
+            help="exit after this many seconds without a stage run (default: %(default)s)",
+        )
     commands.add_parser("status", help="list running servers")
     commands.add_parser("stop", help="stop every server in the socket directory")
     args = parser.parse_args(argv)

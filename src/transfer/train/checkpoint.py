@@ -38,8 +38,7 @@ def fingerprint(train_params: dict[str, Any], data_hash: str) -> str:
 def rng_state() -> dict[str, Any]:
     """Every RNG's state as tensors and plain values, so a checkpoint loads with weights_only=True."""
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
-                   float(cached_gaussian)]
+    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gaussian)]
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -115,7 +114,12 @@ def training_fingerprint(params, data_hash: str) -> str:
     """Fingerprint of a train-stage configuration (transfer.pipeline.params.Params) on data with `data_hash`."""
     finetune = {key: value for key, value in params.finetune.model_dump().items() if key not in RUNTIME_KEYS}
     backbones = params.backbone if isinstance(params.backbone, list) else [params.backbone]
-    shaping = {"backbone": [b.model_dump() for b in backbones], "layers": params.features.layers,
-               "freeze_layers": params.freeze_layers,
-               "head": params.head.model_dump(), "finetune": finetune, "seed": params.seed}
+    shaping = {
+        "backbone": [b.model_dump() for b in backbones],
+        "layers": params.features.layers,
+        "freeze_layers": params.freeze_layers,
+        "head": params.head.model_dump(),
+        "finetune": finetune,
+        "seed": params.seed,
+    }
     return fingerprint(shaping, data_hash)

@@ -51,8 +51,7 @@ def under_torchrun() -> bool:
 
 def relaunch_with_torchrun(script: str | Path, nproc: int, stage: str = "train") -> int:
     """Run `script` as `nproc` processes under torchrun (single node); returns torchrun's exit code."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(script)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script)]
     log.info("%s: starting %d data-parallel processes: %s", stage, nproc, " ".join(command[1:]))
     return subprocess.run(command, check=False).returncode
 
@@ -100,11 +99,14 @@ class EpochBatchSampler(Sampler[list[int]]):
     rank without data would leave the others waiting for its gradients.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, context: DistContext = SINGLE,
-                 weights: torch.Tensor | None = None):
+    def __init__(
+        self, size: int, batch_size: int, seed: int, context: DistContext = SINGLE, weights: torch.Tensor | None = None
+    ):
         if batch_size < context.world_size:
-            raise ValueError(f"finetune.batch_size ({batch_size}) is the global batch and must be at least "
-                             f"finetune.nproc ({context.world_size})")
+            raise ValueError(
+                f"finetune.batch_size ({batch_size}) is the global batch and must be at least "
+                f"finetune.nproc ({context.world_size})"
+            )
         self.size, self.batch_size, self.seed, self.context, self.weights = size, batch_size, seed, context, weights
         self.epoch = 0
 
@@ -120,10 +122,10 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __iter__(self):
         order = self.order()
         for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
+            batch = order[start : start + self.batch_size]
             if len(batch) < self.context.world_size:
                 break
-            yield batch[self.context.rank::self.context.world_size].tolist()
+            yield batch[self.context.rank :: self.context.world_size].tolist()
 
     def __len__(self) -> int:
         full, rest = divmod(self.size, self.batch_size)

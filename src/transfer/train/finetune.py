@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 # --- Fine-tuning: pieces ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Runtime:
     """Device features actually in use: bf16 and pinned memory only on CUDA, whatever params.yaml says."""
@@ -89,8 +90,9 @@ def frozen_at(freeze_layers: int, unfreeze_every: int, epoch_index: int) -> int:
     return max(0, freeze_layers - epoch_index // unfreeze_every)
 
 
-def unfreeze_down_to(model: Classifier, optimizer: torch.optim.Optimizer, params: FinetuneParams, target: int,
-                     scale: float) -> None:
+def unfreeze_down_to(
+    model: Classifier, optimizer: torch.optim.Optimizer, params: FinetuneParams, target: int, scale: float
+) -> None:
     """Unfreeze groups until `target` remain frozen; each joins the optimiser at its own (scheduled) LR."""
     previous = model.frozen_groups
     freeze_first_groups(model, target)
@@ -111,8 +113,15 @@ def make_loss(params: FinetuneParams, weights: torch.Tensor | None) -> Callable:
     return classification_loss(params.label_smoothing, weights)
 
 
-def make_loaders(train_data: ImageDataset, val_data: ImageDataset, params: FinetuneParams, seed: int,
-                 context: DistContext, runtime: Runtime, sample_weights: torch.Tensor | None):
+def make_loaders(
+    train_data: ImageDataset,
+    val_data: ImageDataset,
+    params: FinetuneParams,
+    seed: int,
+    context: DistContext,
+    runtime: Runtime,
+    sample_weights: torch.Tensor | None,
+):
     """Train loader over this rank's slice of every global batch; val loader over this rank's shard.
 
     Both deliver batches transformed on the device; on CUDA a split that fits stays in GPU memory.
@@ -120,8 +129,12 @@ def make_loaders(train_data: ImageDataset, val_data: ImageDataset, params: Finet
     sampler = EpochBatchSampler(len(train_data), params.batch_size, seed, context, sample_weights)
     train_loader = DeviceLoader(train_data, runtime.device, batch_sampler=sampler, num_workers=params.num_workers)
     val_shard = val_data.subset(shard_indices(len(val_data), context)) if context.enabled else val_data
-    val_loader = DeviceLoader(val_shard, runtime.device, batch_size=max(1, 2 * params.batch_size // context.world_size),
-                              num_workers=params.num_workers)
+    val_loader = DeviceLoader(
+        val_shard,
+        runtime.device,
+        batch_size=max(1, 2 * params.batch_size // context.world_size),
+        num_workers=params.num_workers,
+    )
     return train_loader, sampler, val_loader
 
 
@@ -157,9 +170,20 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def train_one_epoch(engine: nn.Module, model: Classifier, loader: DeviceLoader, optimizer: torch.optim.Optimizer,
-                    schedule: WarmupCosine, loss_fn: Callable, mixer: BatchMixer | None, runtime: Runtime,
-                    params: FinetuneParams, context: DistContext, desc: str, bn_frozen: bool = False) -> dict[str, float]:
+def train_one_epoch(
+    engine: nn.Module,
+    model: Classifier,
+    loader: DeviceLoader,
+    optimizer: torch.optim.Optimizer,
+    schedule: WarmupCosine,
+    loss_fn: Callable,
+    mixer: BatchMixer | None,
+    runtime: Runtime,
+    params: FinetuneParams,
+    context: DistContext,
+    desc: str,
+    bn_frozen: bool = False,
+) -> dict[str, float]:
     """One pass of training; returns the mean loss, accuracy and per-group gradient norms over all ranks.
 
     The sums live on the device and are read once, at the end: no step waits for the GPU to finish.
@@ -220,12 +244,15 @@ def evaluate(model: Classifier, loader: DeviceLoader, runtime: Runtime, context:
         with runtime.autocast():
             logits = model(images).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes ** 2).double()
+        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).double()
     totals = _reduced(torch.cat([loss_sum, confusion]), 0, context)[:-1]
     matrix = torch.tensor(totals[1:]).reshape(num_classes, num_classes)
     seen = max(float(matrix.sum()), 1.0)
-    return {"val_loss": totals[0] / seen, "val_acc": float(matrix.diagonal().sum()) / seen,
-            "val_macro_f1": macro_f1_from_confusion(matrix.numpy())}
+    return {
+        "val_loss": totals[0] / seen,
+        "val_acc": float(matrix.diagonal().sum()) / seen,
+        "val_macro_f1": macro_f1_from_confusion(matrix.numpy()),
+    }
 
 
 @dataclass
@@ -255,23 +282,39 @@ class EarlyStopping:
         return dict(best_value=self.best_value, best_epoch=self.best_epoch, bad_epochs=self.bad_epochs)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best_value, self.best_epoch, self.bad_epochs = state["best_value"], state["best_epoch"], state["bad_epochs"]
+        self.best_value, self.best_epoch, self.bad_epochs = (
+            state["best_value"],
+            state["best_epoch"],
+            state["bad_epochs"],
+        )
 
 
 # --- Fine-tuning: the loop -----------------------------------------------------------------------
 
-def fine_tune(model: Classifier, freeze_layers: int, train_data: ImageDataset, val_data: ImageDataset,
-              params: FinetuneParams, seed: int, device: torch.device, first_epoch: int = 1,
-              on_epoch: EpochCallback | None = None, checkpointer: Checkpointer | None = None,
-              context: DistContext = SINGLE, pretrained: bool = True,
-              start_train: dict[str, float] | None = None) -> TrainResult:
+
+def fine_tune(
+    model: Classifier,
+    freeze_layers: int,
+    train_data: ImageDataset,
+    val_data: ImageDataset,
+    params: FinetuneParams,
+    seed: int,
+    device: torch.device,
+    first_epoch: int = 1,
+    on_epoch: EpochCallback | None = None,
+    checkpointer: Checkpointer | None = None,
+    context: DistContext = SINGLE,
+    pretrained: bool = True,
+    start_train: dict[str, float] | None = None,
+) -> TrainResult:
     """Fine-tune the unfrozen groups and the head; returns the model at its best epoch by `params.monitor`.
 
     The starting model is scored on val first: history row `first_epoch - 1`, phase "start" (with the
     `start_train` metrics, e.g. the probe's train_loss/train_acc, when the caller knows them). It competes
     with every fine-tuning epoch, so when none beats it the starting weights are returned and
-    `result.kept_start` is True. With a `checkpointer`, every epoch is saved and a matching last.pt is resumed: the run continues at
-    the next epoch with the same optimiser, schedule, RNG and early-stopping state. `on_epoch` receives
+    `result.kept_start` is True. With a `checkpointer`, every epoch is saved and a matching last.pt is
+    resumed: the run continues at the next epoch with the same optimiser, schedule, RNG and early-stopping
+    state. `on_epoch` receives
     each history row (call it on one rank only); under torchrun every rank calls fine_tune. `pretrained`
     (the backbone has pretrained weights) decides `params.batchnorm: auto`.
     """
@@ -283,15 +326,19 @@ def fine_tune(model: Classifier, freeze_layers: int, train_data: ImageDataset, v
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
     loss_weights, sample_weights = CLASS_BALANCE[params.class_balance](train_data.labels, num_classes)
-    train_loader, sampler, val_loader = make_loaders(train_data, val_data, params, seed, context, runtime,
-                                                     sample_weights)
+    train_loader, sampler, val_loader = make_loaders(
+        train_data, val_data, params, seed, context, runtime, sample_weights
+    )
     if len(train_loader) == 0:
-        raise ValueError(f"no training batch: {len(train_data)} training images for finetune.batch_size "
-                         f"{params.batch_size} across {context.world_size} process(es)")
+        raise ValueError(
+            f"no training batch: {len(train_data)} training images for finetune.batch_size "
+            f"{params.batch_size} across {context.world_size} process(es)"
+        )
     optimizer = build_optimizer(model, params)
     steps_per_epoch = len(train_loader)
-    schedule = WarmupCosine(optimizer, params.epochs * steps_per_epoch, round(params.warmup_epochs * steps_per_epoch),
-                            params.min_lr_ratio)
+    schedule = WarmupCosine(
+        optimizer, params.epochs * steps_per_epoch, round(params.warmup_epochs * steps_per_epoch), params.min_lr_ratio
+    )
     loss_fn, mixer = make_loss(params, loss_weights), batch_mixer(params.mixup_alpha, params.cutmix_alpha, num_classes)
     stopper = EarlyStopping(params.monitor, params.patience)
     result = TrainResult(model, initial_state=cpu_state_dict(model))
@@ -301,8 +348,13 @@ def fine_tune(model: Classifier, freeze_layers: int, train_data: ImageDataset, v
     saved = checkpointer.load_last() if checkpointer is not None and params.resume else None
     if saved is not None:
         # Rebuild the optimiser's groups as they were (unfrozen groups appended in order), then load states.
-        unfreeze_down_to(model, optimizer, params, frozen_at(freeze_layers, params.unfreeze_every, saved["done"] - 1),
-                         schedule.factor())
+        unfreeze_down_to(
+            model,
+            optimizer,
+            params,
+            frozen_at(freeze_layers, params.unfreeze_every, saved["done"] - 1),
+            schedule.factor(),
+        )
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
@@ -313,8 +365,13 @@ def fine_tune(model: Classifier, freeze_layers: int, train_data: ImageDataset, v
             log.info("fine-tune: resuming after epoch %d of %d from %s", done, params.epochs, checkpointer.directory)
 
     if saved is None:  # epoch 0: the starting model, scored like every epoch, takes part in the selection
-        start = dict(epoch=start_epoch, phase="start", frozen_groups=model.frozen_groups,
-                     **(start_train or {}), **evaluate(model, val_loader, runtime, context))
+        start = dict(
+            epoch=start_epoch,
+            phase="start",
+            frozen_groups=model.frozen_groups,
+            **(start_train or {}),
+            **evaluate(model, val_loader, runtime, context),
+        )
         result.history.append(start)
         stopper.update(start[params.monitor], start_epoch)
         best_state = result.initial_state
@@ -331,11 +388,29 @@ def fine_tune(model: Classifier, freeze_layers: int, train_data: ImageDataset, v
             engine = wrap_for_training(model, params, context, runtime)  # DDP must know the new parameters
         sampler.set_epoch(index)
         epoch = first_epoch + index
-        row = dict(epoch=epoch, phase="finetune", lr=params.lr * schedule.factor(),
-                   lr_head=params.lr * params.head_lr_mult * schedule.factor(), frozen_groups=model.frozen_groups)
-        row.update(train_one_epoch(engine, model, train_loader, optimizer, schedule, loss_fn, mixer, runtime, params,
-                                   context, desc=f"fine-tune epoch {index + 1}/{params.epochs}",
-                                   bn_frozen=batchnorm_frozen(params, pretrained)))
+        row = dict(
+            epoch=epoch,
+            phase="finetune",
+            lr=params.lr * schedule.factor(),
+            lr_head=params.lr * params.head_lr_mult * schedule.factor(),
+            frozen_groups=model.frozen_groups,
+        )
+        row.update(
+            train_one_epoch(
+                engine,
+                model,
+                train_loader,
+                optimizer,
+                schedule,
+                loss_fn,
+                mixer,
+                runtime,
+                params,
+                context,
+                desc=f"fine-tune epoch {index + 1}/{params.epochs}",
+                bn_frozen=batchnorm_frozen(params, pretrained),
+            )
+        )
         row.update(evaluate(model, val_loader, runtime, context))
         result.history.append(row)
         if stopper.update(row[params.monitor], epoch):
@@ -343,13 +418,26 @@ def fine_tune(model: Classifier, freeze_layers: int, train_data: ImageDataset, v
         if on_epoch:
             on_epoch(row)  # logged before the checkpoint: a kill in between repeats the epoch, never loses it
         if checkpointer is not None:
-            checkpointer.save_last(dict(done=index + 1, model=cpu_state_dict(model), optimizer=optimizer.state_dict(),
-                                        schedule=schedule.state_dict(), stopper=stopper.state_dict(), rng=rng_state(),
-                                        best_state=best_state, history=result.history))
+            checkpointer.save_last(
+                dict(
+                    done=index + 1,
+                    model=cpu_state_dict(model),
+                    optimizer=optimizer.state_dict(),
+                    schedule=schedule.state_dict(),
+                    stopper=stopper.state_dict(),
+                    rng=rng_state(),
+                    best_state=best_state,
+                    history=result.history,
+                )
+            )
         if stopper.should_stop:
             if context.is_main:
-                log.info("fine-tune: early stop after epoch %d: %s has not improved for %d epoch(s)", epoch,
-                         params.monitor, params.patience)
+                log.info(
+                    "fine-tune: early stop after epoch %d: %s has not improved for %d epoch(s)",
+                    epoch,
+                    params.monitor,
+                    params.patience,
+                )
             break
     model.load_state_dict(best_state)
     result.best_epoch = stopper.best_epoch

@@ -42,9 +42,7 @@ def _group_names(model: torch.nn.Module) -> list[str]:
     return names
 
 
-def relative_weight_change(
-    initial_state: Mapping[str, torch.Tensor], model: torch.nn.Module
-) -> dict[str, float]:
+def relative_weight_change(initial_state: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, float]:
     """``||theta - theta0|| / ||theta0||`` per layer group, in group order.
 
     A group's parameters are those named ``backbone.groups.<group>.*`` (and
@@ -70,9 +68,7 @@ def relative_weight_change(
             diff_sq[group] += float(torch.sum((now - start) ** 2))
             init_sq[group] += float(torch.sum(start**2))
     return {
-        group: math.sqrt(diff_sq[group]) / math.sqrt(init_sq[group])
-        if init_sq[group] > 0
-        else float("nan")
+        group: math.sqrt(diff_sq[group]) / math.sqrt(init_sq[group]) if init_sq[group] > 0 else float("nan")
         for group in groups
         if group in seen
     }

@@ -44,8 +44,7 @@ def class_weights(labels: list[int] | torch.Tensor, num_classes: int) -> torch.T
     """
     counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).double()
     present = int((counts > 0).sum())
-    weights = torch.where(counts > 0, counts.sum() / (max(present, 1) * counts.clamp(min=1)),
-                          torch.zeros_like(counts))
+    weights = torch.where(counts > 0, counts.sum() / (max(present, 1) * counts.clamp(min=1)), torch.zeros_like(counts))
     return weights.float()
 
 
@@ -56,6 +55,7 @@ def classification_loss(label_smoothing: float = 0.0, weights: torch.Tensor | No
     target-weighted mean of the class weights). Smoothing is applied per sample, unweighted, so it only
     softens each sample's own target and never favours a class.
     """
+
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         per_sample = F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction="none")
         if weights is None:
@@ -63,6 +63,7 @@ def classification_loss(label_smoothing: float = 0.0, weights: torch.Tensor | No
         class_weight = weights.to(logits.device, logits.dtype)
         sample_weight = class_weight[targets] if targets.ndim == 1 else targets @ class_weight
         return (per_sample * sample_weight).mean()
+
     return loss
 
 

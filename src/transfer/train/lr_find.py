@@ -72,7 +72,7 @@ def smooth(losses: list[float], beta: float = SMOOTHING) -> list[float]:
     average, out = 0.0, []
     for step, loss in enumerate(losses, start=1):
         average = beta * average + (1 - beta) * loss
-        out.append(average / (1 - beta ** step))
+        out.append(average / (1 - beta**step))
     return out
 
 
@@ -83,7 +83,7 @@ def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float | None, floa
     if finite.sum() < SKIP_START + 2:
         return None, None
     lowest = int(np.nanargmin(np.where(finite, values, np.nan)))
-    window = values[SKIP_START:lowest + 1]
+    window = values[SKIP_START : lowest + 1]
     if len(window) < 2:
         return None, lrs[lowest]
     # Equal steps in log LR: the gradient against the index is the slope against log LR, up to a constant.
@@ -104,8 +104,8 @@ def sweep(step: Callable[[float], float], lrs: list[float], progress: bool = Tru
             diverged = True
             break
     smoothed = smooth(losses)
-    suggested, at_min = suggest(lrs[:len(losses)], smoothed)
-    return LRSweep(lrs[:len(losses)], losses, smoothed, suggested, at_min, diverged)
+    suggested, at_min = suggest(lrs[: len(losses)], smoothed)
+    return LRSweep(lrs[: len(losses)], losses, smoothed, suggested, at_min, diverged)
 
 
 def _cycle(loader: DataLoader):
@@ -114,14 +114,22 @@ def _cycle(loader: DataLoader):
 
 # --- Recipes: one training step at a given LR -------------------------------------------------------
 
-def probe_step(train_features, num_classes: int, batch_size: int, weight_decay: float, seed: int
-               ) -> Callable[[float], float]:
+
+def probe_step(
+    train_features, num_classes: int, batch_size: int, weight_decay: float, seed: int
+) -> Callable[[float], float]:
     """A step of the linear probe (AdamW on the cached features, as train_linear_probe) at a given head LR."""
     seed_everything(seed)
     head = nn.Linear(train_features.features.shape[1], num_classes)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1.0, weight_decay=weight_decay)
-    batches = _cycle(DataLoader(TensorDataset(train_features.features, train_features.labels),
-                                batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)))
+    batches = _cycle(
+        DataLoader(
+            TensorDataset(train_features.features, train_features.labels),
+            batch_size=batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
+    )
 
     def step(lr: float) -> float:
         features, labels = next(batches)
@@ -158,13 +166,16 @@ def finetune_step(params: Params, inputs) -> Callable[[float], float]:
     model.to(device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
-    sample_transform, batch_transform = train_transforms(loaded.data_config, finetune.augment,
-                                                         finetune.crop_min_scale, finetune.hflip)
+    sample_transform, batch_transform = train_transforms(
+        loaded.data_config, finetune.augment, finetune.crop_min_scale, finetune.hflip
+    )
     data = inputs.images("train", loaded.data_config, batch_transform, sample_transform)
     num_classes = len(inputs.classes)
     loss_weights, _ = CLASS_BALANCE[finetune.class_balance](data.labels, num_classes)
-    loss_fn, mixer = make_loss(finetune, loss_weights), batch_mixer(finetune.mixup_alpha, finetune.cutmix_alpha,
-                                                                    num_classes)
+    loss_fn, mixer = (
+        make_loss(finetune, loss_weights),
+        batch_mixer(finetune.mixup_alpha, finetune.cutmix_alpha, num_classes),
+    )
     seed_everything(params.seed)
     optimizer = build_optimizer(model, finetune)
     ratios = [group["initial_lr"] / finetune.lr for group in optimizer.param_groups]  # head and layer-decay ratios
@@ -199,6 +210,7 @@ def finetune_step(params: Params, inputs) -> Callable[[float], float]:
 
 # --- Output ---------------------------------------------------------------------------------------
 
+
 def plot_sweep(result: LRSweep, path: Path, title: str, current_lr: float | None = None) -> None:
     """Loss (raw and smoothed) against LR on a log axis, the suggestions and the current value marked."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -211,8 +223,11 @@ def plot_sweep(result: LRSweep, path: Path, title: str, current_lr: float | None
     axes = figure.add_subplot()
     axes.plot(result.lrs, result.losses, color="0.75", linewidth=0.8, label="loss")
     axes.plot(result.lrs, result.smoothed, color="C0", linewidth=1.8, label="smoothed loss")
-    marks = [(result.suggested_lr, "C3", "suggested (steepest descent)"),
-             (result.min_over_10, "C2", "minimum / 10"), (current_lr, "0.3", "params.yaml")]
+    marks = [
+        (result.suggested_lr, "C3", "suggested (steepest descent)"),
+        (result.min_over_10, "C2", "minimum / 10"),
+        (current_lr, "0.3", "params.yaml"),
+    ]
     for lr, colour, label in marks:
         if lr is not None:
             axes.axvline(lr, color=colour, linestyle="--", linewidth=1, label=f"{label}: {lr:.2g}")
@@ -233,15 +248,21 @@ def plot_sweep(result: LRSweep, path: Path, title: str, current_lr: float | None
 # The `transfer lr-find` command (transfer.cli builds its parser from these and `add_arguments`).
 COMMAND = "lr-find"
 COMMAND_HELP = "sweep the learning rate exponentially and suggest one"
-COMMAND_DESCRIPTION = ("A short run of the recipe with an exponentially growing LR; suggests the LR of the "
-                       "steepest loss descent and saves the loss-vs-LR plot under data/lr_find/.")
+COMMAND_DESCRIPTION = (
+    "A short run of the recipe with an exponentially growing LR; suggests the LR of the "
+    "steepest loss descent and saves the loss-vs-LR plot under data/lr_find/."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    parser.add_argument("--recipe", choices=("auto", "probe", "finetune"), default="auto",
-                        help="probe: head.lr on the cached features; finetune: finetune.lr; auto (default): "
-                             "probe for freeze_layers: all, else finetune")
+    parser.add_argument(
+        "--recipe",
+        choices=("auto", "probe", "finetune"),
+        default="auto",
+        help="probe: head.lr on the cached features; finetune: finetune.lr; auto (default): "
+        "probe for freeze_layers: all, else finetune",
+    )
     parser.add_argument("--freeze-layers", type=int, help="finetune: groups frozen (default: params.yaml's)")
     parser.add_argument("--steps", type=int, default=200, help="steps of the sweep (default 200)")
     parser.add_argument("--min-lr", type=float, default=1e-6, help="first LR (default 1e-6)")
@@ -263,8 +284,9 @@ def run(args: argparse.Namespace) -> int:
     if recipe == "auto":
         recipe = "probe" if params.freeze_layers == "all" else "finetune"
     if recipe == "finetune" and params.freeze_layers == "all":
-        raise LRFindError("--recipe finetune needs an integer freeze_layers: pass --freeze-layers k "
-                          "or set it in params.yaml")
+        raise LRFindError(
+            "--recipe finetune needs an integer freeze_layers: pass --freeze-layers k or set it in params.yaml"
+        )
     lrs = exponential_lrs(args.min_lr, args.max_lr, args.steps)
     try:
         inputs = load_training_inputs()
@@ -272,8 +294,9 @@ def run(args: argparse.Namespace) -> int:
         raise LRFindError(f"{exc}; the LR finder starts from the cached features: run `dvc repro features`") from None
     if recipe == "probe":
         key, current = "head.lr", params.head.lr
-        step = probe_step(inputs.train_features, len(inputs.classes), params.head.batch_size,
-                          params.head.weight_decay, params.seed)
+        step = probe_step(
+            inputs.train_features, len(inputs.classes), params.head.batch_size, params.head.weight_decay, params.seed
+        )
     else:
         key, current = "finetune.lr", params.finetune.lr
         step = finetune_step(params, inputs)
@@ -281,27 +304,50 @@ def run(args: argparse.Namespace) -> int:
     with single_threaded() if recipe == "probe" else contextlib.nullcontext():
         result = sweep(step, lrs)
     out = LR_FIND_DIR / recipe
-    summary = {"recipe": recipe, "key": key, "current": current, "suggested_lr": result.suggested_lr,
-               "min_loss_lr": result.min_loss_lr, "min_loss_lr_over_10": result.min_over_10,
-               "steps": len(result.lrs), "diverged": result.diverged, "lrs": result.lrs, "losses": result.losses}
+    summary = {
+        "recipe": recipe,
+        "key": key,
+        "current": current,
+        "suggested_lr": result.suggested_lr,
+        "min_loss_lr": result.min_loss_lr,
+        "min_loss_lr_over_10": result.min_over_10,
+        "steps": len(result.lrs),
+        "diverged": result.diverged,
+        "lrs": result.lrs,
+        "losses": result.losses,
+    }
     write_json(out.with_suffix(".json"), summary)
     plot_sweep(result, out.with_suffix(".png"), f"LR finder: {key} ({recipe}, {len(result.lrs)} steps)", current)
-    metrics = {k: v for k, v in (("lr_find.suggested_lr", result.suggested_lr),
-                                 ("lr_find.min_loss_lr", result.min_loss_lr)) if v is not None}
-    run_id = tracking.log_lr_find(params.tracking.experiment, recipe,
-                                  {**train_params(params), "lr_find.steps": args.steps, "lr_find.min_lr": args.min_lr,
-                                   "lr_find.max_lr": args.max_lr},
-                                  list(zip(result.lrs, result.smoothed)), metrics,
-                                  [out.with_suffix(".png"), out.with_suffix(".json")],
-                                  tracking.run_tags("+".join(b.name for b in backbone_list(params.backbone)),
-                                                    inputs.data_hash))
+    metrics = {
+        k: v
+        for k, v in (("lr_find.suggested_lr", result.suggested_lr), ("lr_find.min_loss_lr", result.min_loss_lr))
+        if v is not None
+    }
+    run_id = tracking.log_lr_find(
+        params.tracking.experiment,
+        recipe,
+        {
+            **train_params(params),
+            "lr_find.steps": args.steps,
+            "lr_find.min_lr": args.min_lr,
+            "lr_find.max_lr": args.max_lr,
+        },
+        list(zip(result.lrs, result.smoothed)),
+        metrics,
+        [out.with_suffix(".png"), out.with_suffix(".json")],
+        tracking.run_tags("+".join(b.name for b in backbone_list(params.backbone)), inputs.data_hash),
+    )
     if result.suggested_lr is None:
-        print(f"lr-find: no suggestion after {len(result.lrs)} steps (too few before the loss diverged): "
-              f"lower --min-lr or raise --steps; plot: {out.with_suffix('.png')}")
+        print(
+            f"lr-find: no suggestion after {len(result.lrs)} steps (too few before the loss diverged): "
+            f"lower --min-lr or raise --steps; plot: {out.with_suffix('.png')}"
+        )
         return 1
-    print(f"lr-find: {key} suggested {result.suggested_lr:.3g} (steepest descent; minimum/10: "
-          f"{result.min_over_10:.3g}; params.yaml: {current:.3g}); {len(result.lrs)} steps"
-          f"{', stopped at divergence' if result.diverged else ''}")
+    print(
+        f"lr-find: {key} suggested {result.suggested_lr:.3g} (steepest descent; minimum/10: "
+        f"{result.min_over_10:.3g}; params.yaml: {current:.3g}); {len(result.lrs)} steps"
+        f"{', stopped at divergence' if result.diverged else ''}"
+    )
     print(f"lr-find: plot {out.with_suffix('.png')}, MLflow run {run_id}")
     overrides = {key: float(f"{result.suggested_lr:.2g}")}
     if recipe == "finetune":

@@ -60,8 +60,9 @@ def parameter_groups(model: Classifier, params: FinetuneParams) -> list[dict]:
 
 
 def _sgd(groups: list[dict], params: FinetuneParams) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=params.lr, momentum=params.momentum,
-                           nesterov=params.nesterov and params.momentum > 0)
+    return torch.optim.SGD(
+        groups, lr=params.lr, momentum=params.momentum, nesterov=params.nesterov and params.momentum > 0
+    )
 
 
 def _adamw(groups: list[dict], params: FinetuneParams) -> torch.optim.Optimizer:
@@ -80,8 +81,9 @@ def build_optimizer(model: Classifier, params: FinetuneParams) -> torch.optim.Op
     return OPTIMIZERS[params.optimizer](parameter_groups(model, params), params)
 
 
-def add_layer_group(optimizer: torch.optim.Optimizer, model: Classifier, params: FinetuneParams, index: int,
-                    scale: float) -> None:
+def add_layer_group(
+    optimizer: torch.optim.Optimizer, model: Classifier, params: FinetuneParams, index: int, scale: float
+) -> None:
     """Gradual unfreezing: give the optimiser layer group `index` at its own LR (x the schedule's `scale`)."""
     for group in layer_group_param_groups(model, params, index):
         group["lr"] = group["initial_lr"] * scale
@@ -91,8 +93,9 @@ def add_layer_group(optimizer: torch.optim.Optimizer, model: Classifier, params:
 class WarmupCosine:
     """Linear warmup over `warmup_steps`, then cosine decay to `min_lr_ratio` x each group's initial LR."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                 min_lr_ratio: float = 0.0):
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0
+    ):
         self.optimizer, self.total_steps = optimizer, max(1, total_steps)
         self.warmup_steps, self.min_lr_ratio = min(warmup_steps, self.total_steps), min_lr_ratio
         self.step_count = 0

@@ -9,13 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from tqdm import tqdm
-
 import torch
 import torch.nn.functional as F
+from sklearn.exceptions import ConvergenceWarning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
 
 from transfer.evaluate.metrics import macro_f1_from_confusion
 from transfer.features import FeatureCache
@@ -33,17 +32,26 @@ def _loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[floa
 def _split_scores(logits: torch.Tensor, labels: torch.Tensor, prefix: str) -> dict[str, float]:
     """Plain (unweighted) cross-entropy, accuracy and macro-F1 of a split."""
     num_classes = logits.shape[1]
-    confusion = torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes ** 2)
-    return {f"{prefix}_loss": F.cross_entropy(logits, labels).item(),
-            f"{prefix}_acc": (logits.argmax(1) == labels).float().mean().item(),
-            f"{prefix}_macro_f1": macro_f1_from_confusion(confusion.reshape(num_classes, num_classes).numpy())}
+    confusion = torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
+    return {
+        f"{prefix}_loss": F.cross_entropy(logits, labels).item(),
+        f"{prefix}_acc": (logits.argmax(1) == labels).float().mean().item(),
+        f"{prefix}_macro_f1": macro_f1_from_confusion(confusion.reshape(num_classes, num_classes).numpy()),
+    }
 
 
 # --- Linear probe --------------------------------------------------------------------------------
 
+
 @single_threaded()  # [batch, ~1000] x [~1000, classes] matmuls: threads cost more than they give
-def train_linear_probe(train: FeatureCache, val: FeatureCache, num_classes: int, params: HeadParams, seed: int,
-                       on_epoch: EpochCallback | None = None) -> TrainResult:
+def train_linear_probe(
+    train: FeatureCache,
+    val: FeatureCache,
+    num_classes: int,
+    params: HeadParams,
+    seed: int,
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
     """Fit a linear classifier on cached features with AdamW; keep the best epoch by `params.monitor`.
 
     `params.class_balance: loss` weights each sample by the inverse frequency of its class.
@@ -53,10 +61,15 @@ def train_linear_probe(train: FeatureCache, val: FeatureCache, num_classes: int,
     initial_state = copy.deepcopy(head.state_dict())
     optimizer = torch.optim.AdamW(head.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.epochs)
-    loader = DataLoader(TensorDataset(train.features, train.labels), batch_size=params.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
-    loss_fn = classification_loss(weights=class_weights(train.labels, num_classes)
-                                  if params.class_balance == "loss" else None)
+    loader = DataLoader(
+        TensorDataset(train.features, train.labels),
+        batch_size=params.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    loss_fn = classification_loss(
+        weights=class_weights(train.labels, num_classes) if params.class_balance == "loss" else None
+    )
     result, best_value, best_state = TrainResult(head, initial_state=initial_state), None, None
     for epoch in range(1, params.epochs + 1):
         head.train()
@@ -69,8 +82,13 @@ def train_linear_probe(train: FeatureCache, val: FeatureCache, num_classes: int,
         scheduler.step()
         head.eval()
         with torch.no_grad():
-            row = dict(epoch=epoch, phase="probe", lr=lr, **_split_scores(head(train.features), train.labels, "train"),
-                       **_split_scores(head(val.features), val.labels, "val"))
+            row = dict(
+                epoch=epoch,
+                phase="probe",
+                lr=lr,
+                **_split_scores(head(train.features), train.labels, "train"),
+                **_split_scores(head(val.features), val.labels, "val"),
+            )
         result.history.append(row)
         if on_epoch:
             on_epoch(row)
@@ -81,6 +99,7 @@ def train_linear_probe(train: FeatureCache, val: FeatureCache, num_classes: int,
 
 
 # --- scikit-learn heads (head.kind other than linear) -------------------------------------------------
+
 
 @dataclass
 class FittedFeatureHead:
@@ -118,8 +137,9 @@ def _score_sample(train: FeatureCache, seed: int) -> FeatureCache:
 
 
 @single_threaded()  # BLAS threads spin-wait for each other on a busy 2-core machine (a fit took 10x longer)
-def fit_feature_head(kind: str, train: FeatureCache, val: FeatureCache, seed: int,
-                     on_epoch: EpochCallback | None = None) -> FittedFeatureHead:
+def fit_feature_head(
+    kind: str, train: FeatureCache, val: FeatureCache, seed: int, on_epoch: EpochCallback | None = None
+) -> FittedFeatureHead:
     """Fit head.kind on cached features: the values of its grid on train, the best on val, refitted on train + val.
 
     The grid is searched in order until val accuracy has not improved GRID_PATIENCE times in a row. The
@@ -136,8 +156,15 @@ def fit_feature_head(kind: str, train: FeatureCache, val: FeatureCache, seed: in
         estimator = _refitted(spec, estimator, value, seed, x_train, y_train)
         train_loss, train_acc = _scores(estimator, kind, train_sample)
         val_loss, val_acc = _scores(estimator, kind, val)
-        row = dict(epoch=position, phase=kind, **{spec.hyperparameter: value}, train_loss=train_loss,
-                   train_acc=train_acc, val_loss=val_loss, val_acc=val_acc)
+        row = dict(
+            epoch=position,
+            phase=kind,
+            **{spec.hyperparameter: value},
+            train_loss=train_loss,
+            train_acc=train_acc,
+            val_loss=val_loss,
+            val_acc=val_acc,
+        )
         result.history.append(row)
         if on_epoch:
             on_epoch(row)

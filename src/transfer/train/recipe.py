@@ -82,10 +82,12 @@ def load_training_inputs(root: Path | None = None) -> TrainingInputs:
     """The split's classes and the cached train/val features under `root` (the pipeline must have run to features)."""
     root = Path.cwd() if root is None else root
     return TrainingInputs(
-        root=root, classes=read_classes(root / SPLIT_DIR),
+        root=root,
+        classes=read_classes(root / SPLIT_DIR),
         train_features=load_feature_cache(root / FEATURES_DIR / "train.pt"),
         val_features=load_feature_cache(root / FEATURES_DIR / "val.pt"),
-        data_hash=read_json(root / SPLIT_DIR / "summary.json")["data_hash"])
+        data_hash=read_json(root / SPLIT_DIR / "summary.json")["data_hash"],
+    )
 
 
 @dataclass
@@ -97,8 +99,9 @@ class TrialOutcome:
     best_epoch: int
 
 
-def _score_row(row: dict, metric: str, predict: Callable[[], tuple[np.ndarray, np.ndarray]],
-               classes: list[str]) -> float:
+def _score_row(
+    row: dict, metric: str, predict: Callable[[], tuple[np.ndarray, np.ndarray]], classes: list[str]
+) -> float:
     if metric in row:
         return float(row[metric])
     y_true, y_pred = predict()  # val_macro_f1: not in the history rows, computed from predictions
@@ -110,8 +113,9 @@ def pretrained(params: Params) -> bool:
     return backbone_list(params.backbone)[0].weights != "none"
 
 
-def initial_model(params: Params, inputs: TrainingInputs, loaded: LoadedBackbone,
-                  on_epoch: EpochCallback | None = None) -> tuple[Classifier, list[dict], int]:
+def initial_model(
+    params: Params, inputs: TrainingInputs, loaded: LoadedBackbone, on_epoch: EpochCallback | None = None
+) -> tuple[Classifier, list[dict], int]:
     """The model fine-tuning starts from, as the train stage builds it: (model, head history, head best epoch).
 
     finetune.head_init probe fits head.kind on the cached features first (linear or logreg; other kinds
@@ -124,8 +128,9 @@ def initial_model(params: Params, inputs: TrainingInputs, loaded: LoadedBackbone
             fitted = fit_feature_head(kind, inputs.train_features, inputs.val_features, params.seed, on_epoch=on_epoch)
             fold_into_linear(fitted.estimator, kind, model.head)
             return model, fitted.history, fitted.best_epoch
-        probe = train_linear_probe(inputs.train_features, inputs.val_features, len(inputs.classes), params.head,
-                                   params.seed, on_epoch=on_epoch)
+        probe = train_linear_probe(
+            inputs.train_features, inputs.val_features, len(inputs.classes), params.head, params.seed, on_epoch=on_epoch
+        )
         model.head.load_state_dict(probe.model.state_dict())
         return model, probe.history, probe.best_epoch
     if params.finetune.head_init == "xavier":
@@ -135,8 +140,13 @@ def initial_model(params: Params, inputs: TrainingInputs, loaded: LoadedBackbone
     return model, [], 0
 
 
-def train_and_score(params: Params, inputs: TrainingInputs, metric: str, on_epoch: EpochCallback | None = None,
-                    on_score: ScoreCallback | None = None) -> TrialOutcome:
+def train_and_score(
+    params: Params,
+    inputs: TrainingInputs,
+    metric: str,
+    on_epoch: EpochCallback | None = None,
+    on_score: ScoreCallback | None = None,
+) -> TrialOutcome:
     """Train `params` as the train stage would and return the val `metric` of the model it keeps.
 
     `on_epoch` receives every history row (probe, then fine-tuning); `on_score` each fine-tuning epoch's
@@ -151,12 +161,14 @@ def train_and_score(params: Params, inputs: TrainingInputs, metric: str, on_epoc
         fitted = fit_feature_head(params.head.kind, inputs.train_features, val, params.seed, on_epoch=on_epoch)
         best = fitted.history[fitted.best_epoch - 1]
         if metric not in best:
-            raise ValueError(f"tune.metric {metric} is not available for head.kind {params.head.kind}: "
-                             f"use val_acc or val_loss")
+            raise ValueError(
+                f"tune.metric {metric} is not available for head.kind {params.head.kind}: use val_acc or val_loss"
+            )
         return TrialOutcome(float(best[metric]), fitted.history, fitted.best_epoch)
     if params.freeze_layers == "all":
-        probe = train_linear_probe(inputs.train_features, val, len(inputs.classes), params.head, params.seed,
-                                   on_epoch=on_epoch)
+        probe = train_linear_probe(
+            inputs.train_features, val, len(inputs.classes), params.head, params.seed, on_epoch=on_epoch
+        )
         best = probe.history[probe.best_epoch - 1]
         with torch.no_grad():
             predictions = probe.model(val.features).argmax(1).numpy()
@@ -170,8 +182,9 @@ def train_and_score(params: Params, inputs: TrainingInputs, metric: str, on_epoc
     model, history, _ = initial_model(params, inputs, loaded, on_epoch)
     finetune = params.finetune
     config = loaded.data_config
-    sample_transform, batch_transform = train_transforms(config, finetune.augment, finetune.crop_min_scale,
-                                                         finetune.hflip)
+    sample_transform, batch_transform = train_transforms(
+        config, finetune.augment, finetune.crop_min_scale, finetune.hflip
+    )
     train_data = inputs.images("train", config, batch_transform, sample_transform)
     val_data = inputs.images("val", config, eval_batch_transform(config))
     first_epoch = len(history) + 2  # as the train stage: the start model is the row after the probe's
@@ -189,6 +202,16 @@ def train_and_score(params: Params, inputs: TrainingInputs, metric: str, on_epoc
         if on_score and not math.isnan(value):
             on_score(value, row["epoch"] - first_epoch + 1)
 
-    result = fine_tune(model, params.freeze_layers, train_data, val_data, finetune, params.seed, device,
-                       first_epoch=first_epoch, on_epoch=score_epoch, pretrained=pretrained(params))
+    result = fine_tune(
+        model,
+        params.freeze_layers,
+        train_data,
+        val_data,
+        finetune,
+        params.seed,
+        device,
+        first_epoch=first_epoch,
+        on_epoch=score_epoch,
+        pretrained=pretrained(params),
+    )
     return TrialOutcome(values[result.best_epoch], history + result.history, result.best_epoch)

@@ -37,8 +37,12 @@ def model_selection(history: list[dict], best_epoch: int, monitor: str) -> dict:
     best = next(row for row in history if row["epoch"] == best_epoch)
     phases = {row["phase"] for row in history}
     selected = ("finetune" if best["phase"] == "finetune" else "start") if "finetune" in phases else "probe"
-    summary = {"best_epoch": best_epoch, "selected": selected, "monitor": monitor,
-               **{key: best.get(key) for key in ("val_acc", "val_macro_f1", "val_loss", "train_acc")}}
+    summary = {
+        "best_epoch": best_epoch,
+        "selected": selected,
+        "monitor": monitor,
+        **{key: best.get(key) for key in ("val_acc", "val_macro_f1", "val_loss", "train_acc")},
+    }
     if selected != "probe":
         start = next(row for row in history if row["phase"] == "start")
         tuned = [row[monitor] for row in history if row["phase"] == "finetune"]
@@ -54,8 +58,12 @@ def selection_message(finetune_history: list[dict], monitor: str, kept_start: bo
     tuned = [row for row in finetune_history if row["phase"] == "finetune"]
     best = (max if MONITOR_DIRECTION[monitor] > 0 else min)(tuned, key=lambda row: row[monitor])
     if kept_start:
-        return (f"train: no fine-tuning epoch beat {start_name} on val ({monitor} {start[monitor]:.4f}; best "
-                f"fine-tuning epoch {best['epoch']}: {best[monitor]:.4f}): keeping {start_name}")
-    return (f"train: fine-tuned, best {monitor} {best[monitor]:.4f} at epoch {best['epoch']} "
-            f"(val accuracy {best['val_acc']:.4f}, macro-F1 {best['val_macro_f1']:.4f}; "
-            f"{start_name} {start[monitor]:.4f})")
+        return (
+            f"train: no fine-tuning epoch beat {start_name} on val ({monitor} {start[monitor]:.4f}; best "
+            f"fine-tuning epoch {best['epoch']}: {best[monitor]:.4f}): keeping {start_name}"
+        )
+    return (
+        f"train: fine-tuned, best {monitor} {best[monitor]:.4f} at epoch {best['epoch']} "
+        f"(val accuracy {best['val_acc']:.4f}, macro-F1 {best['val_macro_f1']:.4f}; "
+        f"{start_name} {start[monitor]:.4f})"
+    )

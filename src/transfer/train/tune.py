@@ -62,6 +62,7 @@ class TrialTracker(Protocol):
 
 # --- Search space and trial params --------------------------------------------------------------
 
+
 def suggest(trial, space: dict[str, SearchDimension]) -> dict[str, Any]:
     """Draw every key of the search space for an Optuna trial."""
     values: dict[str, Any] = {}
@@ -71,8 +72,9 @@ def suggest(trial, space: dict[str, SearchDimension]) -> dict[str, Any]:
         elif dim.type == "int":
             values[key] = trial.suggest_int(key, int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log)
         else:
-            values[key] = trial.suggest_float(key, float(dim.low), float(dim.high), step=dim.step,
-                                              log=dim.type == "loguniform")
+            values[key] = trial.suggest_float(
+                key, float(dim.low), float(dim.high), step=dim.step, log=dim.type == "loguniform"
+            )
     return values
 
 
@@ -90,8 +92,11 @@ def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
 
 def train_params(params: Params) -> dict[str, Any]:
     """The params the train stage reads, flattened as in its MLflow run (comparable side by side in the UI)."""
-    return {key: value for key, value in flatten(params).items()
-            if any(key == prefix or key.startswith(prefix + ".") for prefix in TRAIN_KEYS)}
+    return {
+        key: value
+        for key, value in flatten(params).items()
+        if any(key == prefix or key.startswith(prefix + ".") for prefix in TRAIN_KEYS)
+    }
 
 
 def format_override(key: str, value: Any) -> str:
@@ -116,6 +121,7 @@ def exp_run_command(overrides: dict[str, Any]) -> str:
 
 
 # --- The study ----------------------------------------------------------------------------------
+
 
 def baseline_values(params: Params) -> dict[str, Any]:
     """params.yaml's own values of the searched keys, where the space can draw them."""
@@ -160,9 +166,12 @@ def study_identity(params: Params, data_hash: str) -> dict[str, Any]:
     """What every worker of a study must agree on: the metric, the space, the fixed params and the data."""
     fixed = {k: v for k, v in train_params(params).items() if k not in params.tune.space}
     digest = hashlib.sha256(json.dumps({"fixed": fixed, "data": data_hash}, sort_keys=True, default=str).encode())
-    return {"metric": params.tune.metric, "direction": params.tune.direction,
-            "space": {k: v.model_dump(exclude_defaults=True) for k, v in params.tune.space.items()},
-            "params_and_data": digest.hexdigest()}
+    return {
+        "metric": params.tune.metric,
+        "direction": params.tune.direction,
+        "space": {k: v.model_dump(exclude_defaults=True) for k, v in params.tune.space.items()},
+        "params_and_data": digest.hexdigest(),
+    }
 
 
 def open_study(tune: TuneParams, storage, sampler_seed: int):
@@ -173,8 +182,9 @@ def open_study(tune: TuneParams, storage, sampler_seed: int):
     pruner = make_pruner(tune.pruner, tune.pruner_startup_trials, tune.pruner_warmup_epochs)
     try:
         # Creation is atomic in every storage: of several workers starting together, exactly one creates.
-        return optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=tune.study_name,
-                                   direction=tune.direction), True
+        return optuna.create_study(
+            storage=storage, sampler=sampler, pruner=pruner, study_name=tune.study_name, direction=tune.direction
+        ), True
     except optuna.exceptions.DuplicatedStudyError:
         return optuna.load_study(study_name=tune.study_name, storage=storage, sampler=sampler, pruner=pruner), False
 
@@ -185,9 +195,11 @@ def check_joinable(study, identity: dict[str, Any], storage_text: str) -> None:
         return
     different = sorted(key for key in identity if recorded.get(key) != json.loads(json.dumps(identity[key])))
     if different:
-        raise TuneError(f"study {study.study_name!r} in {storage_text} was started with another {', '.join(different)} "
-                        f"(params.yaml or data differ from its workers'): use another tune.study_name, or the "
-                        f"params.yaml and data of the study's other workers")
+        raise TuneError(
+            f"study {study.study_name!r} in {storage_text} was started with another {', '.join(different)} "
+            f"(params.yaml or data differ from its workers'): use another tune.study_name, or the "
+            f"params.yaml and data of the study's other workers"
+        )
 
 
 def wait_for_parent_run(study, timeout_s: float = PARENT_WAIT_S) -> str | None:
@@ -217,6 +229,7 @@ def best_trial(study):
 
 
 # --- Running trials -----------------------------------------------------------------------------
+
 
 @dataclass
 class TuneSummary:
@@ -267,8 +280,11 @@ def run_trial(study, trial, base: Params, inputs, tracker: TrialTracker | None, 
             tracker.end_trial(run_id, "failed", None)
         raise
     state = "failed" if math.isnan(outcome.value) else "complete"
-    study.tell(trial, outcome.value if state == "complete" else None,
-               state=optuna.trial.TrialState.COMPLETE if state == "complete" else optuna.trial.TrialState.FAIL)
+    study.tell(
+        trial,
+        outcome.value if state == "complete" else None,
+        state=optuna.trial.TrialState.COMPLETE if state == "complete" else optuna.trial.TrialState.FAIL,
+    )
     if tracker:
         tracker.end_trial(run_id, state, outcome.value)
 
@@ -283,13 +299,23 @@ def check_freeze_layers(tune: TuneParams, params: Params, inputs) -> None:
     values = dim.choices if dim.type == "categorical" else [int(dim.low), int(dim.high)]
     bad = [v for v in values if v != "all" and not 0 <= v <= groups]
     if bad:
-        raise TuneError(f"tune.space.freeze_layers: {bad} outside 0..{groups}, the layer groups of "
-                        f"the backbone ({', '.join(loaded.backbone.group_names)})")
+        raise TuneError(
+            f"tune.space.freeze_layers: {bad} outside 0..{groups}, the layer groups of "
+            f"the backbone ({', '.join(loaded.backbone.group_names)})"
+        )
 
 
-def tune(params: Params, inputs, root: Path, tracker: TrialTracker | None = None, n_trials: int | None = None,
-         timeout_min: float | None = None, worker: int = 0, tags: dict[str, str] | None = None,
-         progress: bool = True) -> TuneSummary:
+def tune(
+    params: Params,
+    inputs,
+    root: Path,
+    tracker: TrialTracker | None = None,
+    n_trials: int | None = None,
+    timeout_min: float | None = None,
+    worker: int = 0,
+    tags: dict[str, str] | None = None,
+    progress: bool = True,
+) -> TuneSummary:
     """Run trials of params.tune's study until its budget is spent; returns the study's summary.
 
     `n_trials` / `timeout_min` override params.tune's. `worker` offsets the sampler's seed: workers sharing
@@ -320,8 +346,12 @@ def tune(params: Params, inputs, root: Path, tracker: TrialTracker | None = None
             study.enqueue_trial(baseline)
         if tracker:
             settings = {k: v for k, v in flatten(params).items() if k.startswith("tune.") and k != "tune.space"}
-            settings.update({f"tune.space.{k}": json.dumps(v.model_dump(exclude_defaults=True))
-                             for k, v in tune_params.space.items()})
+            settings.update(
+                {
+                    f"tune.space.{k}": json.dumps(v.model_dump(exclude_defaults=True))
+                    for k, v in tune_params.space.items()
+                }
+            )
             study.set_user_attr(PARENT_RUN_ATTR, tracker.create_parent(settings, tags))
     else:
         check_joinable(study, identity, storage_text)
@@ -332,8 +362,13 @@ def tune(params: Params, inputs, root: Path, tracker: TrialTracker | None = None
 
     start = time.monotonic()
     ran = 0
-    bar = tqdm(total=n_trials, initial=len(finished_trials(study)), desc=f"tune {tune_params.study_name}",
-               unit="trial", disable=not progress)
+    bar = tqdm(
+        total=n_trials,
+        initial=len(finished_trials(study)),
+        desc=f"tune {tune_params.study_name}",
+        unit="trial",
+        disable=not progress,
+    )
     try:
         while True:
             done = len(finished_trials(study))
@@ -360,20 +395,32 @@ def summarise(study, ran: int, wall_s: float) -> TuneSummary:
     counts = {state: len(study.get_trials(deepcopy=False, states=(state,))) for state in optuna.trial.TrialState}
     best = best_trial(study)
     return TuneSummary(
-        study_name=study.study_name, best_value=best.value if best else None, best_trial=best.number if best else None,
-        best_params=dict(best.params) if best else {}, complete=counts[optuna.trial.TrialState.COMPLETE],
-        pruned=counts[optuna.trial.TrialState.PRUNED], failed=counts[optuna.trial.TrialState.FAIL], ran_here=ran,
-        wall_s=wall_s, command=exp_run_command(best.params) if best else None, study=study)
+        study_name=study.study_name,
+        best_value=best.value if best else None,
+        best_trial=best.number if best else None,
+        best_params=dict(best.params) if best else {},
+        complete=counts[optuna.trial.TrialState.COMPLETE],
+        pruned=counts[optuna.trial.TrialState.PRUNED],
+        failed=counts[optuna.trial.TrialState.FAIL],
+        ran_here=ran,
+        wall_s=wall_s,
+        command=exp_run_command(best.params) if best else None,
+        study=study,
+    )
 
 
 # --- Outputs ------------------------------------------------------------------------------------
+
 
 def record_study(summary: TuneSummary, tune_params: TuneParams, out_dir: Path, tracker: TrialTracker | None) -> None:
     """The study's files in out_dir and, with a tracker, its summary, best params and plots on the parent run."""
     artifacts = write_outputs(summary, tune_params, out_dir)
     if tracker:
-        metrics = {"trials_complete": summary.complete, "trials_pruned": summary.pruned,
-                   "trials_failed": summary.failed}
+        metrics = {
+            "trials_complete": summary.complete,
+            "trials_pruned": summary.pruned,
+            "trials_failed": summary.failed,
+        }
         if summary.best_value is not None:
             metrics["best_value"] = summary.best_value
         tracker.log_study(metrics, summary.best_params, artifacts)
@@ -385,11 +432,20 @@ def write_outputs(summary: TuneSummary, tune_params: TuneParams, out_dir: Path) 
 
     study, written = summary.study, []
     if summary.best_trial is not None:
-        write_json(out_dir / "best.json", {
-            "study": summary.study_name, "storage": tune_params.storage, "metric": tune_params.metric,
-            "direction": tune_params.direction, "best_value": summary.best_value, "best_trial": summary.best_trial,
-            "params": summary.best_params, "command": summary.command,
-            "trials": {"complete": summary.complete, "pruned": summary.pruned, "failed": summary.failed}})
+        write_json(
+            out_dir / "best.json",
+            {
+                "study": summary.study_name,
+                "storage": tune_params.storage,
+                "metric": tune_params.metric,
+                "direction": tune_params.direction,
+                "best_value": summary.best_value,
+                "best_trial": summary.best_trial,
+                "params": summary.best_params,
+                "command": summary.command,
+                "trials": {"complete": summary.complete, "pruned": summary.pruned, "failed": summary.failed},
+            },
+        )
         written.append(out_dir / "best.json")
     # No timestamps or durations: the same seeded study writes the same file.
     frame = study.trials_dataframe(attrs=("number", "value", "state", "params"))
@@ -441,8 +497,10 @@ def save_plots(study, out_dir: Path) -> list[Path]:
 # The `transfer tune` command (transfer.cli builds its parser from these and `add_arguments`).
 COMMAND = "tune"
 COMMAND_HELP = "search hyper-parameters with Optuna (params.yaml tune:)"
-COMMAND_DESCRIPTION = ("An Optuna study over tune.space, scored on the validation split. Run it again, or on "
-                       "other machines, with the same tune.storage and study_name to add workers to the study.")
+COMMAND_DESCRIPTION = (
+    "An Optuna study over tune.space, scored on the validation split. Run it again, or on "
+    "other machines, with the same tune.storage and study_name to add workers to the study."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -451,11 +509,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-min", type=float, help="start no trial after this many minutes")
     parser.add_argument("--storage", help="overrides tune.storage: a journal file path or a database URL")
     parser.add_argument("--study-name", help="overrides tune.study_name")
-    parser.add_argument("--worker", type=int, default=0,
-                        help="this worker's index (0, 1, ...): offsets the sampler seed, so that workers sharing "
-                             "a study propose different trials")
-    parser.add_argument("--apply", action="store_true", help="then run the best params through the pipeline "
-                                                             "(dvc exp run -S ...)")
+    parser.add_argument(
+        "--worker",
+        type=int,
+        default=0,
+        help="this worker's index (0, 1, ...): offsets the sampler seed, so that workers sharing "
+        "a study propose different trials",
+    )
+    parser.add_argument(
+        "--apply", action="store_true", help="then run the best params through the pipeline (dvc exp run -S ...)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -476,23 +539,36 @@ def run(args: argparse.Namespace) -> int:
         raise TuneError(f"{exc}; tuning trains on the cached features: run `dvc repro features` first") from None
     tracker = tracking.StudyTracker(params.tracking.experiment, params.tune.study_name)
     tags = tracking.run_tags("+".join(b.name for b in backbone_list(params.backbone)), inputs.data_hash)
-    summary = tune(params, inputs, root, tracker, n_trials=args.n_trials, timeout_min=args.timeout_min,
-                   worker=args.worker, tags=tags)
+    summary = tune(
+        params,
+        inputs,
+        root,
+        tracker,
+        n_trials=args.n_trials,
+        timeout_min=args.timeout_min,
+        worker=args.worker,
+        tags=tags,
+    )
     # With --params other.yaml, the pipeline (params.yaml) also needs the fixed values that differ.
     pipeline = train_params(load_params()) if Path(args.params).resolve() != Path("params.yaml").resolve() else {}
-    overrides = {key: value for key, value in train_params(params).items() if key in pipeline
-                 and pipeline[key] != value}
+    overrides = {
+        key: value for key, value in train_params(params).items() if key in pipeline and pipeline[key] != value
+    }
     overrides.update(summary.best_params)
     summary.command = exp_run_command(overrides) if summary.best_trial is not None else None
     out_dir = root / TUNE_DIR / params.tune.study_name
     record_study(summary, params.tune, out_dir, tracker)
-    print(f"tune: {summary.ran_here} trial(s) here in {summary.wall_s:.0f} s; study {summary.study_name}: "
-          f"{summary.complete} complete, {summary.pruned} pruned, {summary.failed} failed")
+    print(
+        f"tune: {summary.ran_here} trial(s) here in {summary.wall_s:.0f} s; study {summary.study_name}: "
+        f"{summary.complete} complete, {summary.pruned} pruned, {summary.failed} failed"
+    )
     if summary.best_trial is None:
         print("tune: no trial completed")
         return 1
-    print(f"tune: best {params.tune.metric} {summary.best_value:.4f} (trial {summary.best_trial}): "
-          f"{json.dumps(summary.best_params)} -> {out_dir / 'best.json'}")
+    print(
+        f"tune: best {params.tune.metric} {summary.best_value:.4f} (trial {summary.best_trial}): "
+        f"{json.dumps(summary.best_params)} -> {out_dir / 'best.json'}"
+    )
     print(f"tune: train it through the pipeline with\n  {summary.command}")
     if args.apply:
         argv = [sys.executable, "-m", "dvc", "exp", "run"]
