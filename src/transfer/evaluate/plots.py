@@ -224,7 +224,9 @@ def project_features(features, method: str = "pca", seed: int = 0) -> np.ndarray
     data = data.reshape(len(data), -1)
     n_components = min(2, data.shape[0], data.shape[1])
     if method == "pca":
-        coords = PCA(n_components=n_components).fit_transform(data)
+        # Seeded: above 500 samples or features scikit-learn picks its randomized solver, whose unseeded
+        # result moved a few pixels between runs and broke dvc.lock's byte-identity.
+        coords = PCA(n_components=n_components, random_state=seed).fit_transform(data)
     elif method == "tsne":
         from sklearn.manifold import TSNE  # imported lazily: rarely used
         from threadpoolctl import threadpool_limits
