@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image
+from project_copy import copy_project  # bench/project_copy.py (bench/ is on sys.path when run as a script)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["download", "split", "cache", "features", "train", "evaluate"]
@@ -73,24 +73,6 @@ def write_photos(folder: Path, count: int, photos: dict[str, list[bytes]]) -> No
         target = folder / name / f"{index:05d}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(with_comment(variants[(index // len(photos)) % len(variants)], f"photo {index}"))
-
-
-def copy_project(dest: Path) -> None:
-    listed = (
-        subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            check=True,
-        )
-        .stdout.decode()
-        .split("\0")
-    )
-    for name in filter(None, listed):
-        source = REPO_ROOT / name
-        if source.is_file() and not name.startswith(("data/", "mlruns/", "dvc.lock", "reports/", "bench/results")):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
 
 
 def tree_rss(pid: int) -> int:

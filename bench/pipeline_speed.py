@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,25 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from project_copy import copy_project  # bench/project_copy.py (bench/ is on sys.path when run as a script)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def copy_project(dest: Path) -> None:
-    listed = (
-        subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            check=True,
-        )
-        .stdout.decode()
-        .split("\0")
-    )
-    for name in filter(None, listed):
-        source = REPO_ROOT / name
-        if source.is_file() and not name.startswith(("data/", "mlruns/", "dvc.lock", "reports/")):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
 
 
 def timed(args: list[str], cwd: Path, env: dict) -> tuple[float, list[str]]:

@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from project_copy import copy_project  # bench/project_copy.py (bench/ is on sys.path when run as a script)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
@@ -72,26 +74,12 @@ def run(args: list[str], cwd: Path) -> str:
     return done.stdout + done.stderr
 
 
-def copy_project(destination: Path) -> Path:
+def fresh_repository(destination: Path) -> Path:
     """A fresh git repository with the project's tracked and new (not ignored) files, no results."""
     if destination.exists():
         shutil.rmtree(destination)
     destination.mkdir(parents=True)
-    listed = (
-        subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=REPO,
-            capture_output=True,
-            check=True,
-        )
-        .stdout.decode()
-        .split("\0")
-    )
-    for name in filter(None, listed):
-        source = REPO / name
-        if source.is_file() and not name.startswith(("data/", "reports/", "mlruns/", "dvc.lock", "bench/results")):
-            (destination / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, destination / name)
+    copy_project(destination, REPO)
     for args in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
         run(args, destination)
     return destination
@@ -124,7 +112,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     args = parser.parse_args()
 
-    work = copy_project(args.work)
+    work = fresh_repository(args.work)
     table = variants(args.freeze_layers)
     results = {}
     for name in args.variants:
