@@ -38,8 +38,12 @@ from transfer.pipeline.errors import UserError
 from transfer.pipeline.files import atomic_path, read_json, write_json
 
 META_FILE = "meta.json"
-_PIL_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-                 "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+_PIL_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 
 class CacheError(UserError, ValueError):
@@ -57,8 +61,10 @@ class CacheGeometry:
 def cache_geometry(config: DataConfig) -> CacheGeometry:
     """The cache a backbone's data config needs: its eval resize size, with its interpolation."""
     if config.interpolation not in _PIL_RESAMPLE:
-        raise CacheError(f"interpolation {config.interpolation!r} of the backbone's data config is not one of "
-                         f"{sorted(_PIL_RESAMPLE)}")
+        raise CacheError(
+            f"interpolation {config.interpolation!r} of the backbone's data config is not one of "
+            f"{sorted(_PIL_RESAMPLE)}"
+        )
     return CacheGeometry(config.resize_size, config.interpolation)
 
 
@@ -111,28 +117,40 @@ def _keep_array(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def write_split_cache(path: Path, files: list[Path], geometry: CacheGeometry, workers: int = 0,
-                      desc: str = "cache") -> None:
+def write_split_cache(
+    path: Path, files: list[Path], geometry: CacheGeometry, workers: int = 0, desc: str = "cache"
+) -> None:
     """Decode `files` in order into one [N, S, S, 3] uint8 .npy at `path`, one image in memory at a time.
 
     `workers` > 0 decodes in that many processes (results still written in order, so the file's bytes do
     not depend on it). The header is NumPy's own, so `np.load(path, mmap_mode="r")` opens the file.
     """
     side = geometry.side
-    loader = DataLoader(_DecodeFiles(files, geometry), batch_size=None, num_workers=workers,
-                        collate_fn=_keep_array, prefetch_factor=2 if workers else None)
+    loader = DataLoader(
+        _DecodeFiles(files, geometry),
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_keep_array,
+        prefetch_factor=2 if workers else None,
+    )
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.lib.format.write_array_header_1_0(
-            handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                     "shape": (len(files), side, side, 3)})
+            handle,
+            {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                "fortran_order": False,
+                "shape": (len(files), side, side, 3),
+            },
+        )
         for array in tqdm(loader, total=len(files), desc=desc, unit="img"):
             handle.write(np.ascontiguousarray(array).tobytes())
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def build_image_cache(cache_dir: Path, split_dir: Path, repo_root: Path, geometry: CacheGeometry,
-                      workers: int | None = None) -> dict[str, int]:
+def build_image_cache(
+    cache_dir: Path, split_dir: Path, repo_root: Path, geometry: CacheGeometry, workers: int | None = None
+) -> dict[str, int]:
     """The cache stage: every split's images decoded once into `cache_dir`; returns the image count per split.
 
     `workers`: decoding processes; None picks per split (`decode_workers`). The bytes written do not depend on it.
@@ -141,8 +159,13 @@ def build_image_cache(cache_dir: Path, split_dir: Path, repo_root: Path, geometr
     for split in SPLITS:
         manifest = read_manifest(split_dir, split)
         files = [repo_root / p for p in manifest.paths]
-        write_split_cache(cache_dir / f"{split}.npy", files, geometry,
-                          decode_workers(files) if workers is None else workers, desc=f"cache {split}")
+        write_split_cache(
+            cache_dir / f"{split}.npy",
+            files,
+            geometry,
+            decode_workers(files) if workers is None else workers,
+            desc=f"cache {split}",
+        )
         meta["splits"][split] = {"count": len(manifest.paths), "manifest_sha256": manifest_hash(manifest.paths)}
     write_json(cache_dir / META_FILE, meta)
     return {split: entry["count"] for split, entry in meta["splits"].items()}
@@ -163,6 +186,7 @@ def decode_workers(files: list[Path]) -> int:
 
 # --- Reading ---------------------------------------------------------------------------------------
 
+
 class CachedImages:
     """One split of the cache: `read(indices)` returns those images as a uint8 [B, 3, S, S] tensor.
 
@@ -178,8 +202,9 @@ class CachedImages:
         try:
             with open(self.path, "rb") as handle:  # only the header: NumPy's own reader
                 version = np.lib.format.read_magic(handle)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
                 shape, _, dtype = read_header(handle)
                 offset = handle.tell()
         except ValueError as exc:
@@ -191,8 +216,10 @@ class CachedImages:
         self.image_bytes = self.side * self.side * 3
         expected = offset + self.count * self.image_bytes
         if self.path.stat().st_size != expected:
-            raise CacheError(f"{self.path} is truncated ({self.path.stat().st_size} bytes, expected {expected}); "
-                             f"re-run dvc repro cache")
+            raise CacheError(
+                f"{self.path} is truncated ({self.path.stat().st_size} bytes, expected {expected}); "
+                f"re-run dvc repro cache"
+            )
         self._fd: int | None = None
         self._pid: int | None = None
 
@@ -256,13 +283,17 @@ def open_split(cache_dir: Path, split: str, paths: list[str], config: DataConfig
     meta = read_cache_meta(cache_dir)
     entry = meta["splits"].get(split)
     if entry is None or entry["count"] != len(paths) or entry["manifest_sha256"] != manifest_hash(paths):
-        raise CacheError(f"{cache_dir} was built from another {split} manifest than data/split holds; "
-                         f"re-run the cache stage (dvc repro cache)")
+        raise CacheError(
+            f"{cache_dir} was built from another {split} manifest than data/split holds; "
+            f"re-run the cache stage (dvc repro cache)"
+        )
     if config is not None:
         wanted = cache_geometry(config)
         if (meta["side"], meta["interpolation"]) != (wanted.side, wanted.interpolation):
-            raise CacheError(f"{cache_dir} holds {meta['side']} px images ({meta['interpolation']}), but the backbone "
-                             f"needs {wanted.side} px ({wanted.interpolation}); re-run dvc repro cache")
+            raise CacheError(
+                f"{cache_dir} holds {meta['side']} px images ({meta['interpolation']}), but the backbone "
+                f"needs {wanted.side} px ({wanted.interpolation}); re-run dvc repro cache"
+            )
     images = CachedImages(cache_dir / f"{split}.npy")
     if len(images) != len(paths):
         raise CacheError(f"{images.path} holds {len(images)} images, its manifest {len(paths)}; re-run dvc repro cache")

@@ -73,9 +73,14 @@ class ImageDataset(Dataset):
     return uint8; `batch_transform` runs on the device on the whole batch (crop, flip, normalise).
     """
 
-    def __init__(self, images, labels: Sequence[int], paths: list[str] | None = None,
-                 batch_transform: Callable[[torch.Tensor], torch.Tensor] = to_float,
-                 sample_transform: Callable | None = None):
+    def __init__(
+        self,
+        images,
+        labels: Sequence[int],
+        paths: list[str] | None = None,
+        batch_transform: Callable[[torch.Tensor], torch.Tensor] = to_float,
+        sample_transform: Callable | None = None,
+    ):
         if isinstance(images, torch.Tensor):
             images = InMemoryImages(images)
         if len(images) != len(labels):
@@ -100,9 +105,13 @@ class ImageDataset(Dataset):
     def subset(self, indices: Sequence[int]) -> "ImageDataset":
         """The same dataset restricted to `indices` (a rank's shard), still reading per batch."""
         indices = list(indices)
-        return ImageDataset(_Selection(self.images, indices), [self.labels[i] for i in indices],
-                            None if self.paths is None else [self.paths[i] for i in indices],
-                            self.batch_transform, self.sample_transform)
+        return ImageDataset(
+            _Selection(self.images, indices),
+            [self.labels[i] for i in indices],
+            None if self.paths is None else [self.paths[i] for i in indices],
+            self.batch_transform,
+            self.sample_transform,
+        )
 
     def transformed(self, indices: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
         """The batch transform's output for a few images (an example input, a diagnostics batch)."""
@@ -110,9 +119,14 @@ class ImageDataset(Dataset):
         return self.batch_transform(images.to(device))
 
 
-def load_split_dataset(cache_dir: Path, split_dir: Path, split: str, config: DataConfig | None = None,
-                       batch_transform: Callable[[torch.Tensor], torch.Tensor] = to_float,
-                       sample_transform: Callable | None = None) -> ImageDataset:
+def load_split_dataset(
+    cache_dir: Path,
+    split_dir: Path,
+    split: str,
+    config: DataConfig | None = None,
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] = to_float,
+    sample_transform: Callable | None = None,
+) -> ImageDataset:
     """A split's dataset over the image cache (labels and paths from its manifest)."""
     manifest = read_manifest(split_dir, split)
     images: CachedImages = open_split(cache_dir, split, manifest.paths, config)
@@ -143,8 +157,15 @@ class DeviceLoader:
     `resident`: None decides by size (`fits_on_device`); False always streams.
     """
 
-    def __init__(self, dataset: Dataset, device: torch.device, batch_size: int | None = None,
-                 batch_sampler=None, num_workers: int = 0, resident: bool | None = None):
+    def __init__(
+        self,
+        dataset: Dataset,
+        device: torch.device,
+        batch_size: int | None = None,
+        batch_sampler=None,
+        num_workers: int = 0,
+        resident: bool | None = None,
+    ):
         if batch_sampler is None:
             batch_sampler = BatchSampler(SequentialSampler(range(len(dataset))), batch_size, drop_last=False)
         self.dataset, self.device, self.batch_sampler = dataset, device, batch_sampler
@@ -156,9 +177,14 @@ class DeviceLoader:
             return
         image_dataset = isinstance(dataset, ImageDataset)
         cuda = device.type == "cuda"
-        self.loader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=cuda,
-                                 persistent_workers=num_workers > 0,
-                                 **({"collate_fn": _already_batched} if image_dataset else {}))
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            num_workers=num_workers,
+            pin_memory=cuda,
+            persistent_workers=num_workers > 0,
+            **({"collate_fn": _already_batched} if image_dataset else {}),
+        )
         self.transform = dataset.batch_transform if image_dataset else None
 
     def _upload(self, dataset: ImageDataset, chunk: int) -> None:
@@ -166,10 +192,11 @@ class DeviceLoader:
         first = dataset.images.read([0]) if len(dataset) else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
         shape = (len(dataset), *first.shape[1:])
         on_device = torch.empty(shape, dtype=torch.uint8, device=self.device).contiguous(
-            memory_format=torch.channels_last)
+            memory_format=torch.channels_last
+        )
         for start in range(0, len(dataset), chunk):
             rows = list(range(start, min(start + chunk, len(dataset))))
-            on_device[start:start + len(rows)].copy_(dataset.images.read(rows).pin_memory(), non_blocking=True)
+            on_device[start : start + len(rows)].copy_(dataset.images.read(rows).pin_memory(), non_blocking=True)
         self.images_on_device = on_device
         self.labels_on_device = torch.tensor(dataset.labels, dtype=torch.int64).to(self.device)
         self.transform = dataset.batch_transform

@@ -105,16 +105,21 @@ class _Budget:
         self.files += 1
         self.bytes += max(0, size)
         limits, ratio = self.limits, self.bytes / self.archive_bytes
-        problem = (f"more than {limits.max_files} members (data.archive_max_files)" if self.files > limits.max_files
-                   else f"more than {limits.max_bytes} bytes unpacked (data.archive_max_bytes)"
-                   if self.bytes > limits.max_bytes
-                   else f"a compression ratio above {limits.max_ratio:g} ({self.bytes} bytes from "
-                        f"{self.archive_bytes}; data.archive_max_ratio)" if ratio > limits.max_ratio and self.bytes > RATIO_FLOOR_BYTES
-                   else None)
+        problem = (
+            f"more than {limits.max_files} members (data.archive_max_files)"
+            if self.files > limits.max_files
+            else f"more than {limits.max_bytes} bytes unpacked (data.archive_max_bytes)"
+            if self.bytes > limits.max_bytes
+            else f"a compression ratio above {limits.max_ratio:g} ({self.bytes} bytes from "
+            f"{self.archive_bytes}; data.archive_max_ratio)"
+            if ratio > limits.max_ratio and self.bytes > RATIO_FLOOR_BYTES
+            else None
+        )
         if problem:
             raise ArchiveTooLargeError(
                 f"archive {self.archive} would unpack to {problem}; refusing to unpack it (nothing was written). "
-                "If the archive is trusted and really this large, raise that limit in params.yaml.")
+                "If the archive is trusted and really this large, raise that limit in params.yaml."
+            )
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -175,10 +180,18 @@ def _download_once(url: str, part: Path, timeout: float) -> None:
         remaining = int(length) if length is not None else None
         total = offset + remaining if remaining is not None else None
         received = 0
-        with open(part, "ab" if offset else "wb") as out, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=f"download {_archive_name(url)}", leave=False,
-        ) as bar:
+        with (
+            open(part, "ab" if offset else "wb") as out,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=f"download {_archive_name(url)}",
+                leave=False,
+            ) as bar,
+        ):
             for chunk in iter(lambda: response.read(CHUNK_SIZE), b""):
                 out.write(chunk)
                 received += len(chunk)
@@ -216,8 +229,10 @@ def _download(url: str, cached: Path, expected: str, retries: int, timeout: floa
             attempt = min(attempt, retries - 1)
             continue
         raise ChecksumMismatchError(url, expected, actual)
-    raise DownloadError(f"could not download {url} after {attempt} attempt(s): {last_error}. "
-                        "Check the URL and the network; rerun to resume the partial download.")
+    raise DownloadError(
+        f"could not download {url} after {attempt} attempt(s): {last_error}. "
+        "Check the URL and the network; rerun to resume the partial download."
+    )
 
 
 def _safe_target(dest: Path, name: str, archive: str) -> Path:
@@ -268,8 +283,9 @@ def _extract_tar(archive: Path, dest: Path, limits: ArchiveLimits) -> None:
             tf.extract(member, dest, filter="data")
 
 
-def unpack_archive(archive: str | os.PathLike, dest_dir: str | os.PathLike,
-                   limits: ArchiveLimits = ArchiveLimits()) -> Path:
+def unpack_archive(
+    archive: str | os.PathLike, dest_dir: str | os.PathLike, limits: ArchiveLimits = ArchiveLimits()
+) -> Path:
     """Unpack a zip or tar(.gz/.bz2/.xz) archive into `dest_dir`, atomically, within `limits`.
 
     Every member is checked (path, links, size, count, ratio) before the first is written. Members go to

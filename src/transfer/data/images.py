@@ -208,7 +208,9 @@ def _open_decoded(
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(path, f"refused as a decompression bomb ({exc}); resize the image or remove it.") from exc
+        raise ImageTooLargeError(
+            path, f"refused as a decompression bomb ({exc}); resize the image or remove it."
+        ) from exc
     except UnidentifiedImageError as exc:
         raise NotAnImageError(
             path, "not a recognised image format (wrong extension, or not an image); delete or rename it."
@@ -248,7 +250,9 @@ def load_rgb(
     except ImageError:
         raise
     except OSError as exc:
-        raise UnreadableImageError(path, f"cannot read file ({exc.strerror or exc}); check it exists and is readable.") from exc
+        raise UnreadableImageError(
+            path, f"cannot read file ({exc.strerror or exc}); check it exists and is readable."
+        ) from exc
 
 
 def load_rgb_bytes(
@@ -283,7 +287,9 @@ def probe_image(
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise UnreadableImageError(path, f"cannot read file ({exc.strerror or exc}); check it exists and is readable.") from exc
+        raise UnreadableImageError(
+            path, f"cannot read file ({exc.strerror or exc}); check it exists and is readable."
+        ) from exc
     if not data:
         raise EmptyImageError(path, "file is empty (0 bytes); delete it or re-download it.")
     image, fmt = _open_decoded(io.BytesIO(data), path, max_pixels, max_side)

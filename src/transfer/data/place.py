@@ -21,6 +21,7 @@ from tqdm import tqdm
 from transfer.data.scan import SourceError, display_path, real_path, resolve_path
 from transfer.pipeline.layout import INDEX_COLUMNS
 
+
 def check_raw_dir(raw_dir: Path, repo_root: Path, source_inputs: Mapping[str, str | None]) -> None:
     """raw_dir is wiped: refuse a location that would delete the repository or the source itself.
 
@@ -33,8 +34,10 @@ def check_raw_dir(raw_dir: Path, repo_root: Path, source_inputs: Mapping[str, st
         if not value or len(urllib.parse.urlsplit(str(value)).scheme) > 1:  # http(s)/file URLs are not local
             continue
         if resolve_path(repo_root, value).resolve().is_relative_to(raw):
-            raise SourceError(f"data.{key} ({value}) lies inside the raw dir {raw_dir}, which is rebuilt on "
-                              "every run; move the source data outside it")
+            raise SourceError(
+                f"data.{key} ({value}) lies inside the raw dir {raw_dir}, which is rebuilt on "
+                "every run; move the source data outside it"
+            )
 
 
 def reset_dir(path: Path) -> None:
@@ -58,11 +61,19 @@ def link_or_copy(src: Path, dst: Path) -> None:
 def place_files(frame: pd.DataFrame, raw_dir: Path, repo_root: Path) -> pd.DataFrame:
     """Copy files that live outside raw_dir into it; return the sorted index."""
     paths = []
-    for file, dest in tqdm(zip(frame["file"], frame["dest"]), total=len(frame), desc="copy", unit="file",
-                           leave=False, disable=not (frame["dest"] != "").any()):
+    for file, dest in tqdm(
+        zip(frame["file"], frame["dest"]),
+        total=len(frame),
+        desc="copy",
+        unit="file",
+        leave=False,
+        disable=not (frame["dest"] != "").any(),
+    ):
         target = Path(os.path.abspath(file if not dest else raw_dir / dest))
         # The sources keep every path inside its root; this is the last guard before anything is written.
-        if not target.is_relative_to(raw_dir) or (not dest and not real_path(target).is_relative_to(real_path(raw_dir))):
+        if not target.is_relative_to(raw_dir) or (
+            not dest and not real_path(target).is_relative_to(real_path(raw_dir))
+        ):
             raise SourceError(f"{file} would be indexed or written as {target}, outside {raw_dir}; refusing")
         if dest:
             link_or_copy(Path(file), target)
@@ -88,7 +99,9 @@ def _write_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, optimize=False)
 
 
-def write_arrays(images: Any, labels: list[str], subset: str, out_dir: Path, desc: str) -> list[tuple[str, str, str, str]]:
+def write_arrays(
+    images: Any, labels: list[str], subset: str, out_dir: Path, desc: str
+) -> list[tuple[str, str, str, str]]:
     """Write images (arrays or PIL images) as out_dir/<subset>/<class>/<n>.png; candidate rows."""
     rows = []
     for n, (image, label) in enumerate(tqdm(zip(images, labels), total=len(labels), desc=desc, unit="img")):

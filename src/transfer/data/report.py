@@ -80,8 +80,13 @@ def class_balance(class_counts: Mapping[str, int], warn_above: float = IMBALANCE
         return {"class_counts": {}, "imbalance_ratio": None, "imbalance_warning": False}
     largest, smallest = max(counts, key=counts.get), min(counts, key=counts.get)
     ratio = counts[largest] / max(counts[smallest], 1)
-    return {"class_counts": counts, "largest_class": largest, "smallest_class": smallest,
-            "imbalance_ratio": round(ratio, 4), "imbalance_warning": ratio > warn_above}
+    return {
+        "class_counts": counts,
+        "largest_class": largest,
+        "smallest_class": smallest,
+        "imbalance_ratio": round(ratio, 4),
+        "imbalance_warning": ratio > warn_above,
+    }
 
 
 def imbalance_message(balance: Mapping[str, Any], warn_above: float = IMBALANCE_WARNING) -> str | None:
@@ -89,11 +94,13 @@ def imbalance_message(balance: Mapping[str, Any], warn_above: float = IMBALANCE_
     if not balance.get("imbalance_warning"):
         return None
     counts = balance["class_counts"]
-    return (f"warning: classes are imbalanced, {balance['imbalance_ratio']:.1f}:1 (largest "
-            f"{balance['largest_class']} {counts[balance['largest_class']]} images, smallest "
-            f"{balance['smallest_class']} {counts[balance['smallest_class']]}; above data.imbalance_warning "
-            f"{warn_above:g}). Accuracy hides small classes: set head.class_balance / finetune.class_balance: loss "
-            "and monitor: val_macro_f1, and read the per-class recall in the evaluate report")
+    return (
+        f"warning: classes are imbalanced, {balance['imbalance_ratio']:.1f}:1 (largest "
+        f"{balance['largest_class']} {counts[balance['largest_class']]} images, smallest "
+        f"{balance['smallest_class']} {counts[balance['smallest_class']]}; above data.imbalance_warning "
+        f"{warn_above:g}). Accuracy hides small classes: set head.class_balance / finetune.class_balance: loss "
+        "and monitor: val_macro_f1, and read the per-class recall in the evaluate report"
+    )
 
 
 def action_for(policy: Policy, kind: str) -> Action:
@@ -142,8 +149,10 @@ class DataReport:
             group = [issue for issue in failing if POLICY_OF_KIND[issue.kind] == key]
             if not group:
                 continue
-            lines.append(f"{len(group)} {key.replace('_', ' ')} ({ADVICE[key]}, or set data.policy.{key}: skip "
-                         "to skip them with a report):")
+            lines.append(
+                f"{len(group)} {key.replace('_', ' ')} ({ADVICE[key]}, or set data.policy.{key}: skip "
+                "to skip them with a report):"
+            )
             lines += [f"  [{issue.kind}] {issue.message}" for issue in group[:20]]
             if len(group) > 20:
                 lines.append(f"  ... and {len(group) - 20} more, all listed in {report_path}")
@@ -155,8 +164,12 @@ class DataReport:
         for issue in self.issues:
             per_kind[issue.kind] += 1
             if per_kind[issue.kind] <= MAX_LISTED_PER_KIND:
-                listed.append({**asdict(issue), "action": "ignored" if POLICY_OF_KIND[issue.kind] is None
-                               else action_for(policy, issue.kind)})
+                listed.append(
+                    {
+                        **asdict(issue),
+                        "action": "ignored" if POLICY_OF_KIND[issue.kind] is None else action_for(policy, issue.kind),
+                    }
+                )
         return {
             "source": self.source,
             "policy": policy.model_dump(),

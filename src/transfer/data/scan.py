@@ -13,7 +13,7 @@ import os
 import string
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 from tqdm import tqdm
@@ -23,8 +23,15 @@ from transfer.data.report import DataReport
 from transfer.pipeline.errors import UserError
 
 # Folder names recognised as official splits, and the subset each one becomes.
-SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                 "validation": "val", "test": "test", "testing": "test"}
+SPLIT_FOLDERS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 # When one image sits in several official splits, the copy in the most held-out split is kept.
@@ -40,6 +47,7 @@ class SourceError(UserError, ValueError):
 
 
 # --- Paths ---------------------------------------------------------------------------------------
+
 
 def resolve_path(repo_root: Path, value: str | os.PathLike) -> Path:
     """A params path: absolute as given, relative to the repository root otherwise."""
@@ -69,6 +77,7 @@ def candidate_frame(rows: list[tuple[str, str, str, str]]) -> pd.DataFrame:
 
 
 # --- ImageFolder scanning --------------------------------------------------------------------------
+
 
 def _link_problem(link: Path, source_root: Path, walking: Path | None = None) -> str | None:
     """Why the symlink `link` must not be followed (None when it may): it leaves the source root, or it
@@ -113,9 +122,14 @@ def _walk_files(folder: Path, source_root: Path, report: DataReport, repo_root: 
     return found
 
 
-def scan_class_folders(root: Path, subset: str, report: DataReport, repo_root: Path,
-                       dest_prefix: PurePosixPath | None, source_root: Path | None = None
-                       ) -> list[tuple[str, str, str, str]]:
+def scan_class_folders(
+    root: Path,
+    subset: str,
+    report: DataReport,
+    repo_root: Path,
+    dest_prefix: PurePosixPath | None,
+    source_root: Path | None = None,
+) -> list[tuple[str, str, str, str]]:
     """Rows for `root/<class>/**/<image>`; stray files, non-images and empty classes go to the report.
 
     `dest_prefix` is where the files will live under the raw dir (None: they already do); no file outside
@@ -131,9 +145,12 @@ def scan_class_folders(root: Path, subset: str, report: DataReport, repo_root: P
             continue
         if not entry.is_dir():
             if is_image_file(entry):
-                report.add("unlabelled_file", display_path(entry, repo_root),
-                           f"{display_path(entry, repo_root)} is not inside a class folder, so it has no label; "
-                           "move it into <class>/ or delete it")
+                report.add(
+                    "unlabelled_file",
+                    display_path(entry, repo_root),
+                    f"{display_path(entry, repo_root)} is not inside a class folder, so it has no label; "
+                    "move it into <class>/ or delete it",
+                )
             else:
                 report.add("non_image", display_path(entry, repo_root), f"{display_path(entry, repo_root)} ignored")
             continue
@@ -147,9 +164,12 @@ def scan_class_folders(root: Path, subset: str, report: DataReport, repo_root: P
             rows.append((str(file), dest, label, subset))
             n_images += 1
         if n_images == 0:
-            report.add("empty_class", display_path(entry, repo_root),
-                       f"class folder {display_path(entry, repo_root)} has no image; add images or delete the "
-                       "folder", label)
+            report.add(
+                "empty_class",
+                display_path(entry, repo_root),
+                f"class folder {display_path(entry, repo_root)} has no image; add images or delete the folder",
+                label,
+            )
     return rows
 
 
@@ -162,14 +182,16 @@ def detect_layout(root: Path) -> str:
     if dirs - set(SPLIT_FOLDERS):
         raise SourceError(
             f"{root} mixes split folders {sorted(split_dirs)} with other folders {sorted(dirs - set(SPLIT_FOLDERS))}; "
-            "set data.layout to 'flat' (all are classes) or 'split', or tidy the folder")
+            "set data.layout to 'flat' (all are classes) or 'split', or tidy the folder"
+        )
     if not any(SPLIT_FOLDERS[d] == "train" for d in split_dirs):
         raise SourceError(f"{root} has split folders {sorted(split_dirs)} but no train/; add train/<class>/ folders")
     return "split"
 
 
-def scan_image_folder(root: Path, layout: str, report: DataReport, repo_root: Path,
-                      dest_prefix: PurePosixPath | None) -> pd.DataFrame:
+def scan_image_folder(
+    root: Path, layout: str, report: DataReport, repo_root: Path, dest_prefix: PurePosixPath | None
+) -> pd.DataFrame:
     """Candidates of a flat or pre-split ImageFolder rooted at `root`."""
     if not root.is_dir():
         raise SourceError(f"image folder {root} does not exist or is not a folder; check data.path in params.yaml")
@@ -187,8 +209,11 @@ def scan_image_folder(root: Path, layout: str, report: DataReport, repo_root: Pa
             continue
         subset = SPLIT_FOLDERS.get(entry.name.lower())
         if subset is None or not entry.is_dir():
-            report.add("non_image", display_path(entry, repo_root),
-                       f"{display_path(entry, repo_root)} is not a train/val/test folder; ignored")
+            report.add(
+                "non_image",
+                display_path(entry, repo_root),
+                f"{display_path(entry, repo_root)} is not a train/val/test folder; ignored",
+            )
             continue
         prefix = None if dest_prefix is None else dest_prefix / entry.name
         rows += scan_class_folders(entry, subset, report, repo_root, prefix, source_root=root)
@@ -209,6 +234,7 @@ def dataset_root(path: Path) -> Path:
 
 # --- Labels CSV ---------------------------------------------------------------------------------
 
+
 def _template_fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name}
 
@@ -217,22 +243,34 @@ def _relative_image_path(path: str, where: str, ident: str, shown_root: str) -> 
     """The image path an id names, as a path that stays under the image folder; refuse anything else."""
     posix = PurePosixPath(path.replace("\\", "/"))
     if "\0" in path or posix.is_absolute() or ".." in posix.parts or not posix.parts or posix.parts == (".",):
-        raise SourceError(f"{where}: id {ident!r} names the image {path!r}, which is not a file inside the image "
-                          f"folder {shown_root}; ids (with data.image_template) must name files under data.path. "
-                          "Fix or delete the row")
+        raise SourceError(
+            f"{where}: id {ident!r} names the image {path!r}, which is not a file inside the image "
+            f"folder {shown_root}; ids (with data.image_template) must name files under data.path. "
+            "Fix or delete the row"
+        )
     return posix
 
 
-def scan_labels_csv(root: Path, labels_csv: str, id_col: str, label_col: str, template: str, subset_col: str | None,
-                    report: DataReport, repo_root: Path, dest_prefix: PurePosixPath | None) -> pd.DataFrame:
+def scan_labels_csv(
+    root: Path,
+    labels_csv: str,
+    id_col: str,
+    label_col: str,
+    template: str,
+    subset_col: str | None,
+    report: DataReport,
+    repo_root: Path,
+    dest_prefix: PurePosixPath | None,
+) -> pd.DataFrame:
     """Candidates from a labels CSV (read with pandas) whose ids (column `id_col`) name files under `root`
     through `template` (`train/{id}.jpg`); labels in `label_col`, official subsets in `subset_col` if any."""
     csv_path = root / labels_csv  # an absolute labels_csv stays absolute
     if not csv_path.is_file():
         raise SourceError(f"labels CSV {csv_path} not found; set data.labels_csv (relative to data.path)")
     if _template_fields(template) != {"id"}:
-        raise SourceError(f"data.image_template must contain exactly the field {{id}}, e.g. 'train/{{id}}.jpg' "
-                          f"(given {template!r})")
+        raise SourceError(
+            f"data.image_template must contain exactly the field {{id}}, e.g. 'train/{{id}}.jpg' (given {template!r})"
+        )
     try:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
@@ -240,8 +278,10 @@ def scan_labels_csv(root: Path, labels_csv: str, id_col: str, label_col: str, te
     wanted = [c for c in (id_col, label_col, subset_col) if c]
     missing = [c for c in wanted if c not in table.columns]
     if missing:
-        raise SourceError(f"labels CSV {csv_path} has no column(s) {missing}; its columns are {list(table.columns)}. "
-                          "Set data.id_column / data.label_column / data.subset_column")
+        raise SourceError(
+            f"labels CSV {csv_path} has no column(s) {missing}; its columns are {list(table.columns)}. "
+            "Set data.id_column / data.label_column / data.subset_column"
+        )
 
     shown_csv, shown_root = display_path(csv_path, repo_root), display_path(root, repo_root)
     listed: dict[str, list[tuple[str, str, str, PurePosixPath]]] = {}  # file -> (where, label, subset, relative)
@@ -250,8 +290,12 @@ def scan_labels_csv(root: Path, labels_csv: str, id_col: str, label_col: str, te
         subset = SPLIT_FOLDERS.get(str(record[subset_col]).strip().lower(), None) if subset_col else ""
         where = f"{shown_csv} line {line}"
         if not ident or not label:
-            report.add("missing_label", where, f"{where}: empty {id_col!r} or {label_col!r}; fill it in or "
-                       "delete the row", label or None)
+            report.add(
+                "missing_label",
+                where,
+                f"{where}: empty {id_col!r} or {label_col!r}; fill it in or delete the row",
+                label or None,
+            )
             continue
         if subset is None:
             raise SourceError(f"{where}: {subset_col}={record[subset_col]!r} is not one of train/val/test")
@@ -267,20 +311,33 @@ def scan_labels_csv(root: Path, labels_csv: str, id_col: str, label_col: str, te
         if len({label for _, label, _, _ in entries}) > 1:
             rows_listed = "; ".join(f"{where}: {label!r}" for where, label, _, _ in entries)
             for where, label, _, _ in entries:
-                report.add("label_conflict", where, f"{shown_file} is listed under different labels ({rows_listed}); "
-                           "keep one row", label)
+                report.add(
+                    "label_conflict",
+                    where,
+                    f"{shown_file} is listed under different labels ({rows_listed}); keep one row",
+                    label,
+                )
             continue
         ordered = sorted(entries, key=lambda entry: SUBSET_PRIORITY[entry[2]])
         where, label, subset, relative = ordered[0]
         for other_where, _, other_subset, _ in ordered[1:]:
             kind = "leakage" if other_subset != subset else "duplicate"
-            report.add(kind, other_where, f"{other_where}: {shown_file} is listed again (first in {where}"
-                       + (f", {subset} vs {other_subset or 'unsplit'}" if kind == "leakage" else "")
-                       + "); keep one row", label)
+            report.add(
+                kind,
+                other_where,
+                f"{other_where}: {shown_file} is listed again (first in {where}"
+                + (f", {subset} vs {other_subset or 'unsplit'}" if kind == "leakage" else "")
+                + "); keep one row",
+                label,
+            )
         file = root / relative
         if not file.exists() and not file.is_symlink():
-            report.add("missing_file", where, f"{where}: label {label!r} for {shown_file}, "
-                       "which does not exist; add the image or delete the row", label)
+            report.add(
+                "missing_file",
+                where,
+                f"{where}: label {label!r} for {shown_file}, which does not exist; add the image or delete the row",
+                label,
+            )
             continue
         if problem := _link_problem(file, root):
             report.add("unsafe_link", where, f"{where}: {shown_file} {problem}", label)
@@ -302,8 +359,10 @@ def scan_labels_csv(root: Path, labels_csv: str, id_col: str, label_col: str, te
 
 # --- Checking every image, duplicates ------------------------------------------------------------
 
-def probe_all(files: list[str], report: DataReport, repo_root: Path, labels: list[str],
-              max_pixels: int | None = None) -> list[str | None]:
+
+def probe_all(
+    files: list[str], report: DataReport, repo_root: Path, labels: list[str], max_pixels: int | None = None
+) -> list[str | None]:
     """sha256 of every file that decodes, None (and an issue) for the rest; threads overlap the I/O."""
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
 
@@ -337,22 +396,31 @@ def resolve_duplicates(frame: pd.DataFrame, report: DataReport, repo_root: Path)
     same label across official splits -> leakage (the most held-out copy kept); else duplicate (first kept)."""
     drop: set[Any] = set()
     for group in find_duplicates(frame):
-        shown = [f"{display_path(Path(f), repo_root)} ({lab}{', ' + sub if sub else ''})"
-                 for f, lab, sub in zip(group["file"], group["label"], group["subset"])]
+        shown = [
+            f"{display_path(Path(f), repo_root)} ({lab}{', ' + sub if sub else ''})"
+            for f, lab, sub in zip(group["file"], group["label"], group["subset"])
+        ]
         if group["label"].nunique() > 1:
             for row, label in zip(group.itertuples(), group["label"]):
-                report.add("label_conflict", display_path(Path(row.file), repo_root),
-                           "byte-identical images under different labels: " + " = ".join(shown), label)
+                report.add(
+                    "label_conflict",
+                    display_path(Path(row.file), repo_root),
+                    "byte-identical images under different labels: " + " = ".join(shown),
+                    label,
+                )
             drop.update(group.index)
             continue
         ordered = group.assign(_p=group["subset"].map(SUBSET_PRIORITY)).sort_values(["_p", "file"])
         keeper = ordered.iloc[0]
         for index, row in ordered.iloc[1:].iterrows():
             kind = "leakage" if row["subset"] != keeper["subset"] else "duplicate"
-            report.add(kind, display_path(Path(row["file"]), repo_root),
-                       f"{display_path(Path(row['file']), repo_root)} is a byte-identical copy of "
-                       f"{display_path(Path(keeper['file']), repo_root)}"
-                       + (f" (in {row['subset'] or 'unsplit'} vs {keeper['subset']})" if kind == "leakage" else ""),
-                       row["label"])
+            report.add(
+                kind,
+                display_path(Path(row["file"]), repo_root),
+                f"{display_path(Path(row['file']), repo_root)} is a byte-identical copy of "
+                f"{display_path(Path(keeper['file']), repo_root)}"
+                + (f" (in {row['subset'] or 'unsplit'} vs {keeper['subset']})" if kind == "leakage" else ""),
+                row["label"],
+            )
             drop.add(index)
     return frame.drop(index=list(drop))

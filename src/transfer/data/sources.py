@@ -57,8 +57,18 @@ from transfer.pipeline.params import DataParams
 
 log = logging.getLogger(__name__)
 
-FASHION_MNIST_CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt_top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle_boot",
+]
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 # torchvision datasets supported by name: how to ask each for its train and test parts.
@@ -84,10 +94,20 @@ def _local_source_dir(params: DataParams, repo_root: Path) -> Path:
     return resolve_path(repo_root, params.path)
 
 
-def _scan_labels_csv(root: Path, params: DataParams, report: DataReport, repo_root: Path,
-                     dest_prefix: PurePosixPath | None) -> pd.DataFrame:
-    return scan_labels_csv(root, params.labels_csv or "labels.csv", params.id_column, params.label_column,
-                           params.image_template, params.subset_column, report, repo_root, dest_prefix)
+def _scan_labels_csv(
+    root: Path, params: DataParams, report: DataReport, repo_root: Path, dest_prefix: PurePosixPath | None
+) -> pd.DataFrame:
+    return scan_labels_csv(
+        root,
+        params.labels_csv or "labels.csv",
+        params.id_column,
+        params.label_column,
+        params.image_template,
+        params.subset_column,
+        report,
+        repo_root,
+        dest_prefix,
+    )
 
 
 def source_folder(params: DataParams, raw_dir: Path, repo_root: Path) -> tuple[pd.DataFrame, DataReport]:
@@ -118,15 +138,15 @@ def source_archive(params: DataParams, raw_dir: Path, repo_root: Path) -> tuple[
     report = DataReport("archive")
     if not params.url or not params.sha256:
         raise SourceError("data.source 'archive' needs data.url and data.sha256")
-    limits = ArchiveLimits(max_bytes=params.archive_max_bytes, max_files=params.archive_max_files,
-                           max_ratio=params.archive_max_ratio)
+    limits = ArchiveLimits(
+        max_bytes=params.archive_max_bytes, max_files=params.archive_max_files, max_ratio=params.archive_max_ratio
+    )
     fetch_archive(_archive_location(params.url, repo_root), params.sha256, raw_dir, limits=limits)
     root = dataset_root(raw_dir)
     if params.path:  # a sub-folder of the archive, e.g. 'hotdog' or 'dog-breed-identification'
         root = raw_dir / params.path
         if not real_path(root).is_relative_to(real_path(raw_dir)):
-            raise SourceError(f"data.path {params.path!r} leads outside the unpacked archive; name a folder "
-                              "inside it")
+            raise SourceError(f"data.path {params.path!r} leads outside the unpacked archive; name a folder inside it")
         if not root.is_dir():
             raise SourceError(f"data.path {params.path!r} is not a folder inside the archive {params.url}")
     if params.labels_csv:
@@ -150,7 +170,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise SourceError(f"{path} is not an unsigned-byte IDX file")
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
         raise SourceError(f"{path} is truncated: header says {dims}, found {body.size} values")
@@ -164,15 +184,21 @@ def source_idx(params: DataParams, raw_dir: Path, repo_root: Path) -> tuple[pd.D
     classes = list(params.classes or FASHION_MNIST_CLASSES)
     rows: list[tuple[str, str, str, str]] = []
     for subset, stem in (("train", "train"), ("test", "t10k")):
-        found = {kind: next((p for p in (root / f"{stem}-{kind}-ubyte.gz", root / f"{stem}-{kind}-ubyte")
-                             if p.is_file()), None) for kind in ("images-idx3", "labels-idx1")}
+        found = {
+            kind: next(
+                (p for p in (root / f"{stem}-{kind}-ubyte.gz", root / f"{stem}-{kind}-ubyte") if p.is_file()), None
+            )
+            for kind in ("images-idx3", "labels-idx1")
+        }
         if None in found.values():
             hint = " (apt-get install dataset-fashion-mnist)" if str(root) == DEBIAN_FASHION_MNIST else ""
             raise SourceError(f"{root} lacks {stem}-images-idx3-ubyte[.gz] / {stem}-labels-idx1-ubyte[.gz]{hint}")
         images, labels = read_idx(found["images-idx3"]), read_idx(found["labels-idx1"])
         if len(images) != len(labels) or int(labels.max()) >= len(classes):
-            raise SourceError(f"{root}: {stem} has {len(images)} images, {len(labels)} labels, label max "
-                              f"{int(labels.max())}; data.classes has {len(classes)} names")
+            raise SourceError(
+                f"{root}: {stem} has {len(images)} images, {len(labels)} labels, label max "
+                f"{int(labels.max())}; data.classes has {len(classes)} names"
+            )
         rows += write_arrays(images, [classes[i] for i in labels], subset, raw_dir / root.name, f"write {stem}")
     return candidate_frame(rows), report
 
@@ -181,6 +207,7 @@ def _torchvision_dataset(name: str, root: Path, part: str, download: bool) -> An
     if name not in TORCHVISION_SPLITS:
         raise SourceError(f"torchvision dataset {name!r} is not supported; choose one of {sorted(TORCHVISION_SPLITS)}")
     import torchvision  # late import: only this source needs it
+
     arg, train_value, test_value = TORCHVISION_SPLITS[name]
     cls = getattr(torchvision.datasets, name)
     try:
@@ -189,7 +216,8 @@ def _torchvision_dataset(name: str, root: Path, part: str, download: bool) -> An
         raise SourceError(
             f"torchvision could not {'download or ' if download else ''}find {name} ({part}) under {root}: {exc}. "
             f"Offline? Download it once on a connected machine (torchvision.datasets.{name}(root, download=True)) "
-            "and point data.root at that folder.") from exc
+            "and point data.root at that folder."
+        ) from exc
 
 
 def source_torchvision(params: DataParams, raw_dir: Path, repo_root: Path) -> tuple[pd.DataFrame, DataReport]:
@@ -225,11 +253,17 @@ SOURCES: dict[str, SourceFn] = {
 
 def summarise(index: pd.DataFrame) -> dict[str, Any]:
     """Image counts per class and per subset, for the report and the printed summary."""
-    per_class = {label: {(s or "unsplit"): int(n) for s, n in group["subset"].value_counts().sort_index().items()}
-                 for label, group in index.groupby("label")}
+    per_class = {
+        label: {(s or "unsplit"): int(n) for s, n in group["subset"].value_counts().sort_index().items()}
+        for label, group in index.groupby("label")
+    }
     per_subset = {(s or "unsplit"): int(n) for s, n in index["subset"].value_counts().sort_index().items()}
-    return {"images": int(len(index)), "classes": int(index["label"].nunique()),
-            "per_subset": per_subset, "per_class": per_class}
+    return {
+        "images": int(len(index)),
+        "classes": int(index["label"].nunique()),
+        "per_subset": per_subset,
+        "per_class": per_class,
+    }
 
 
 def data_params(params: DataParams | Mapping[str, Any]) -> DataParams:
@@ -242,13 +276,18 @@ def data_params(params: DataParams | Mapping[str, Any]) -> DataParams:
     try:
         return DataParams.model_validate(params)
     except ValidationError as exc:
-        problems = "; ".join(f"data.{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"]
-                             for e in exc.errors())
+        problems = "; ".join(
+            f"data.{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()
+        )
         raise SourceError(f"data params are invalid: {problems}") from None
 
 
-def materialise(params: DataParams | Mapping[str, Any], raw_dir: str | os.PathLike, repo_root: str | os.PathLike,
-                policy: Policy | Mapping[str, str] | None = None) -> tuple[pd.DataFrame, DataReport]:
+def materialise(
+    params: DataParams | Mapping[str, Any],
+    raw_dir: str | os.PathLike,
+    repo_root: str | os.PathLike,
+    policy: Policy | Mapping[str, str] | None = None,
+) -> tuple[pd.DataFrame, DataReport]:
     """Run the source in `params` (data section), validate, and write raw_dir/index.csv + data_report.json.
 
     Returns the index (path,label,subset; paths relative to `repo_root`) and the report.
@@ -266,8 +305,7 @@ def materialise(params: DataParams | Mapping[str, Any], raw_dir: str | os.PathLi
 
     frame, report = SOURCES[name](params, raw_dir, repo_root)
     frame = frame.reset_index(drop=True)
-    frame["sha256"] = probe_all(list(frame["file"]), report, repo_root, list(frame["label"]),
-                                params.max_pixels)
+    frame["sha256"] = probe_all(list(frame["file"]), report, repo_root, list(frame["label"]), params.max_pixels)
     frame = resolve_duplicates(frame[frame["sha256"].notna()], report, repo_root)
     report_path = raw_dir / DATA_REPORT_NAME
     shown_report = display_path(report_path, repo_root)
@@ -287,12 +325,13 @@ def materialise(params: DataParams | Mapping[str, Any], raw_dir: str | os.PathLi
     return index, report
 
 
-def summary_line(index: pd.DataFrame, report: DataReport, raw_dir: str | os.PathLike,
-                 repo_root: str | os.PathLike) -> str:
+def summary_line(
+    index: pd.DataFrame, report: DataReport, raw_dir: str | os.PathLike, repo_root: str | os.PathLike
+) -> str:
     """The download stage's one line: images, classes, subsets, what the report counted and where it is."""
     report_path = display_path(Path(raw_dir) / DATA_REPORT_NAME, Path(repo_root))
     per_subset = ", ".join(f"{k}={v}" for k, v in summarise(index)["per_subset"].items())
-    return (f"data: {len(index)} images in {index['label'].nunique()} classes ({per_subset}); "
-            f"{report.summary_line()}; report: {report_path}")
-
-
+    return (
+        f"data: {len(index)} images in {index['label'].nunique()} classes ({per_subset}); "
+        f"{report.summary_line()}; report: {report_path}"
+    )

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from transfer.pipeline.errors import UserError
 from transfer.pipeline.files import read_json, write_csv, write_json
@@ -29,6 +28,7 @@ class SplitError(UserError, ValueError):
 
 # --- Index ---------------------------------------------------------------------------------------
 
+
 def read_index(path: Path) -> pd.DataFrame:
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = set(INDEX_COLUMNS) - set(frame.columns)
@@ -38,6 +38,7 @@ def read_index(path: Path) -> pd.DataFrame:
 
 
 # --- Split ---------------------------------------------------------------------------------------
+
 
 def minimum_images_per_class(fractions: list[float]) -> int:
     """The smallest class for which every carved split, and train, receives at least one image."""
@@ -49,19 +50,26 @@ def check_class_sizes(labels: pd.Series, minimum: int, what: str) -> None:
     too_small = counts[counts < minimum].sort_index()
     if len(too_small):
         listing = ", ".join(f"{name!r} has {count}" for name, count in too_small.items())
-        raise SplitError(f"{what}: {listing} image(s); each class needs at least {minimum} for the split fractions "
-                         f"in params.yaml. Add images to these classes, lower split.val_fraction/test_fraction, "
-                         f"or remove the class.")
+        raise SplitError(
+            f"{what}: {listing} image(s); each class needs at least {minimum} for the split fractions "
+            f"in params.yaml. Add images to these classes, lower split.val_fraction/test_fraction, "
+            f"or remove the class."
+        )
 
 
 def _carve(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split off `fraction` of `frame`, stratified by label: (rest, carved)."""
+    # Imported here: every later stage reads the manifests through this module, and scikit-learn takes
+    # most of a second to import.
+    from sklearn.model_selection import train_test_split
+
     rest, carved = train_test_split(frame, test_size=fraction, stratify=frame["label"], random_state=seed)
     return rest, carved
 
 
-def stratified_split(index: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
-                     samples_per_class: int | None = None) -> dict[str, pd.DataFrame]:
+def stratified_split(
+    index: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int, samples_per_class: int | None = None
+) -> dict[str, pd.DataFrame]:
     """Train/val/test manifests from an index; pre-split subsets in the index are kept as they are.
 
     Rows marked `test` (an official test split) stay the test split and rows marked `val` stay the
@@ -89,10 +97,13 @@ def stratified_split(index: pd.DataFrame, val_fraction: float, test_fraction: fl
     for name, frame in subsets.items():
         missing = sorted(set(classes) - set(frame["label"]))
         if missing:
-            raise SplitError(f"the {name} split has no image of class(es) {missing}; add images to them "
-                             f"or change the split fractions")
-    return {name: frame.sort_values("path")[["path", "label"]].reset_index(drop=True)
-            for name, frame in subsets.items()}
+            raise SplitError(
+                f"the {name} split has no image of class(es) {missing}; add images to them "
+                f"or change the split fractions"
+            )
+    return {
+        name: frame.sort_values("path")[["path", "label"]].reset_index(drop=True) for name, frame in subsets.items()
+    }
 
 
 def few_shot(train: pd.DataFrame, samples_per_class: int, seed: int) -> pd.DataFrame:
@@ -120,6 +131,7 @@ def write_split(out_dir: Path, manifests: dict[str, pd.DataFrame], classes: list
 
 # --- Manifests -----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Manifest:
     """One split: repository-relative image paths and integer labels into `classes`."""
@@ -138,7 +150,9 @@ def read_manifest(split_dir: Path, split: str) -> Manifest:
     frame = pd.read_csv(split_dir / f"{split}.csv", dtype=str, keep_default_na=False)
     unknown = sorted(set(frame["label"]) - set(classes))
     if unknown:
-        raise SplitError(f"{split_dir / (split + '.csv')} has labels {unknown} that are not in classes.json; "
-                         f"re-run the split stage (dvc repro split)")
+        raise SplitError(
+            f"{split_dir / (split + '.csv')} has labels {unknown} that are not in classes.json; "
+            f"re-run the split stage (dvc repro split)"
+        )
     lookup = {name: i for i, name in enumerate(classes)}
     return Manifest(list(frame["path"]), [lookup[label] for label in frame["label"]], classes)

@@ -58,10 +58,12 @@ def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     """The central size x size window of a batch (torchvision's CenterCrop offsets)."""
     height, width = images.shape[-2:]
     if height < size or width < size:
-        raise ValueError(f"cannot centre-crop {size} px from {height}x{width} images; rebuild the image cache "
-                         f"for this backbone (dvc repro cache)")
+        raise ValueError(
+            f"cannot centre-crop {size} px from {height}x{width} images; rebuild the image cache "
+            f"for this backbone (dvc repro cache)"
+        )
     top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-    return images[..., top:top + size, left:left + size]
+    return images[..., top : top + size, left : left + size]
 
 
 class EvalBatch:
@@ -84,8 +86,14 @@ def eval_batch_transform(config: DataConfig) -> EvalBatch:
     return EvalBatch(config)
 
 
-def random_resized_boxes(count: int, height: int, width: int, scale: tuple[float, float],
-                         ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
+def random_resized_boxes(
+    count: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> torch.Tensor:
     """RandomResizedCrop's boxes for `count` images, [count, 4] as (x1, y1, x2, y2) pixel edges, on the CPU.
 
     torchvision's sampling, vectorised: up to `attempts` (area, aspect) draws per image, the first that
@@ -136,8 +144,14 @@ class TrainBatchTransform:
         # aligned=True: box edges are pixel edges; sampling_ratio=0 averages ceil(box/out) points per output
         # pixel and axis, so shrinking a crop is antialiased and enlarging it is plain bilinear.
         # NCHW-contiguous input: roi_align runs about twice as fast on it as on the cache's channels_last batch.
-        crops = roi_align(images.float().contiguous(), rois, output_size=self.image_size, spatial_scale=1.0,
-                          sampling_ratio=0, aligned=True)
+        crops = roi_align(
+            images.float().contiguous(),
+            rois,
+            output_size=self.image_size,
+            spatial_scale=1.0,
+            sampling_ratio=0,
+            aligned=True,
+        )
         crops = torch.where(flips.to(images.device).view(-1, 1, 1, 1), crops.flip(-1), crops)
         # The crops are float 0..255 already: normalising them is the same affine map as for uint8.
         return self.normalise(crops)
@@ -152,19 +166,22 @@ AUGMENT_POLICIES: dict[str, Callable[[DataConfig], list]] = {
 }
 
 
-def train_sample_transform(config: DataConfig, augment: str, crop_min_scale: float,
-                           hflip: float) -> v2.Compose:
+def train_sample_transform(config: DataConfig, augment: str, crop_min_scale: float, hflip: float) -> v2.Compose:
     """Per image, in DataLoader workers: RandomResizedCrop, flip and a policy, uint8 in and out."""
-    return v2.Compose([
-        v2.RandomResizedCrop(config.image_size, scale=(crop_min_scale, 1.0), interpolation=_interpolation(config),
-                             antialias=True),
-        v2.RandomHorizontalFlip(hflip),
-        *AUGMENT_POLICIES[augment](config),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(
+                config.image_size, scale=(crop_min_scale, 1.0), interpolation=_interpolation(config), antialias=True
+            ),
+            v2.RandomHorizontalFlip(hflip),
+            *AUGMENT_POLICIES[augment](config),
+        ]
+    )
 
 
-def train_transforms(config: DataConfig, augment: str, crop_min_scale: float,
-                     hflip: float) -> tuple[Callable | None, BatchTransform]:
+def train_transforms(
+    config: DataConfig, augment: str, crop_min_scale: float, hflip: float
+) -> tuple[Callable | None, BatchTransform]:
     """(per-sample transform for the workers or None, batch transform for the device) of a training set.
 
     The values come from `finetune:` (augment, crop_min_scale, hflip), whose defaults live in the params schema.
