@@ -26,14 +26,14 @@ import argparse
 import copy
 import difflib
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from transfer.models.groups import LayerGroup, _owned_groups, derive_layer_groups
 from transfer.pipeline.errors import UserError
 from transfer.pipeline.files import UnreadableFileError, load_torch
 
@@ -348,196 +348,6 @@ def _data_config(network: nn.Module, resolved: ResolvedName) -> DataConfig:
     return DataConfig(
         preset.crop_size[0], preset.resize_size[0], tuple(preset.mean), tuple(preset.std), preset.interpolation.value
     )
-
-
-# --- Layer groups ----------------------------------------------------------------------------------
-
-
-def _matcher_ordinals(network: nn.Module) -> dict[str, tuple] | None:
-    """Parameter name -> timm's coarse group ordinal, or None when the model has no group_matcher.
-
-    Unlike timm's own grouping, parts timm folds into the previous group (the final conv or norm, marked
-    MATCH_PREV_GROUP) are a group of their own, and unmatched parameters (a neck) a last group.
-    """
-    if not hasattr(network, "group_matcher"):
-        return None
-    matcher = network.group_matcher(coarse=True)
-    if callable(matcher):
-        return {
-            name: tuple(v if isinstance(v, Iterable) else (v,))
-            for name, _ in network.named_parameters()
-            for v in [matcher(name)]
-        }
-    compiled = []
-    for ordinal, (_, spec) in enumerate(matcher.items()):
-        if spec is None:
-            continue
-        for pattern, suffix in spec if isinstance(spec, (list, tuple)) else [(spec, None)]:
-            compiled.append((re.compile(pattern), ordinal, suffix))
-
-    def ordinal_of(name: str) -> tuple:
-        for pattern, ordinal, suffix in compiled:
-            found = pattern.match(name)
-            if found:
-                captured = tuple(float(g) for g in found.groups() if g is not None)
-                return (float(ordinal), *captured, *(float(s) for s in suffix or ()))
-        return (math.inf,)
-
-    return {name: ordinal_of(name) for name, _ in network.named_parameters()}
-
-
-def _top_level_ordinals(network: nn.Module) -> dict[str, tuple]:
-    """The fallback: one group per top-level module holding parameters, in order (descending into a lone
-    container, e.g. torchvision's `features`); leading single layers (conv, norm) and parameters of the
-    network itself form the first group, the stem."""
-
-    def holds_parameters(module: nn.Module) -> bool:
-        return any(True for _ in module.parameters())
-
-    prefix, module = "", network
-    while True:
-        holders = [(name, child) for name, child in module.named_children() if holds_parameters(child)]
-        loose = any(True for _ in module.parameters(recurse=False))
-        if len(holders) == 1 and not loose and any(True for _ in holders[0][1].children()):
-            prefix, module = prefix + holders[0][0] + ".", holders[0][1]
-        else:
-            break
-    child_ordinal: dict[str, int] = {}
-    ordinal, in_stem = 0, True
-    for name, child in holders:
-        single_layer = not any(True for _ in child.children())
-        if in_stem and single_layer:
-            child_ordinal[name] = 0
-            continue
-        ordinal = (1 if child_ordinal else 0) if in_stem else ordinal + 1
-        in_stem = False
-        child_ordinal[name] = ordinal
-    ordinals = {}
-    for name, _ in network.named_parameters():
-        rest = name[len(prefix) :]
-        ordinals[name] = (float(child_ordinal[rest.split(".")[0]]) if "." in rest else 0.0,)
-    return ordinals
-
-
-def _group_label(names: Sequence[str], others: Sequence[str]) -> str:
-    """The shortest module path that holds these parameters and no other group's (e.g. `layer1`, `blocks.3`);
-    without one (a group of several top-level modules), their names joined."""
-    parts = [name.split(".")[:-1] for name in names]
-    common: list[str] = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        common.append(level[0])
-        prefix = ".".join(common) + "."
-        if not any(other.startswith(prefix) for other in others):
-            return ".".join(common)
-    return "_".join(dict.fromkeys(name.split(".")[0] for name in names))
-
-
-def derive_layer_groups(network: nn.Module) -> list[tuple[str, list[str]]]:
-    """Ordered (group name, parameter names): timm's coarse group_matcher, else top-level modules."""
-    ordinals = _matcher_ordinals(network) or _top_level_ordinals(network)
-    grouped: dict[tuple, list[str]] = {}
-    for name, _ in network.named_parameters():
-        grouped.setdefault(ordinals[name], []).append(name)
-    groups, used = [], set()
-    for index, ordinal in enumerate(sorted(grouped)):
-        names = grouped[ordinal]
-        others = [name for key, params in grouped.items() if key != ordinal for name in params]
-        label = "stem" if index == 0 else _group_label(names, others).replace(".", "_")
-        label = "neck" if label == "head" else label  # "head" is the classifier head's name everywhere
-        while label in used:
-            label += "_"
-        used.add(label)
-        groups.append((label, names))
-    return groups
-
-
-def _sanitise(name: str) -> str:
-    return name.replace(".", "_") or "network"
-
-
-class LayerGroup(nn.Module):
-    """The modules and loose tensors (e.g. a ViT's cls_token) of one layer group, which owns them.
-
-    They run inside their network's forward, never through this module; a forward hook on a group is
-    placed on its last module, whose output is the group's output.
-    """
-
-    def __init__(self, network: nn.Module, modules: list[str], loose: list[str]):
-        super().__init__()
-        for name in modules:
-            self.add_module(_sanitise(name), network.get_submodule(name))
-        self._loose: list[tuple[nn.Module, str, str]] = []  # (owner, attribute, name here)
-        for name in loose:
-            owner_name, _, attribute = name.rpartition(".")
-            owner = network.get_submodule(owner_name)
-            local = _sanitise(name)
-            if attribute in owner._parameters:
-                self.register_parameter(local, owner._parameters[attribute])
-            else:
-                self.register_buffer(local, owner._buffers[attribute])
-            self._loose.append((owner, attribute, local))
-        self.output_module = _sanitise(modules[-1]) if modules else None
-
-    def forward(self, *args):
-        raise RuntimeError("a layer group runs inside its network's forward, not on its own")
-
-    def register_forward_hook(self, hook, **kwargs):
-        if self.output_module is None:
-            raise RuntimeError("this layer group has no module whose output could be observed")
-        return getattr(self, self.output_module).register_forward_hook(hook, **kwargs)
-
-    def relink(self) -> None:
-        """After .to()/.float(): the network's own references follow the tensors owned here."""
-        for owner, attribute, local in self._loose:
-            if attribute in owner._parameters:
-                owner._parameters[attribute] = self._parameters[local]
-            else:
-                owner._buffers[attribute] = self._buffers[local]
-
-
-def _owned_groups(network: nn.Module, groups: list[tuple[str, list[str]]]) -> list[tuple[str, nn.Module]]:
-    """Each group as the smallest set of whole modules (plus loose tensors) holding exactly its parameters."""
-    group_of = {param: index for index, (_, params) in enumerate(groups) for param in params}
-    under: dict[str, set[int]] = {}  # module name -> groups of the parameters below it
-    for param, index in group_of.items():
-        parts = param.split(".")[:-1]
-        for depth in range(len(parts) + 1):
-            under.setdefault(".".join(parts[:depth]), set()).add(index)
-    module_order = {name: i for i, (name, _) in enumerate(network.named_modules())}
-    modules: list[list[str]] = [[] for _ in groups]
-    loose: list[list[str]] = [[] for _ in groups]
-    for param, index in group_of.items():
-        parts = param.split(".")[:-1]
-        owner = next(
-            (
-                ".".join(parts[:depth])
-                for depth in range(1, len(parts) + 1)
-                if under[".".join(parts[:depth])] == {index}
-            ),
-            None,
-        )
-        if owner is None:
-            loose[index].append(param)
-        elif owner not in modules[index]:
-            modules[index].append(owner)
-    # Buffers outside every owned module (rare: a parameter-free module's) join the group before them.
-    covered = {name for names in modules for name in names}
-    current = 0
-    for key in network.state_dict(keep_vars=True):
-        if key in group_of:
-            current = group_of[key]
-        elif not any(key.startswith(name + ".") for name in covered) and key not in group_of:
-            loose[current].append(key)
-    owned = []
-    for index, (label, _) in enumerate(groups):
-        members = sorted(modules[index], key=module_order.__getitem__)
-        if len(members) == 1 and not loose[index]:
-            owned.append((label, network.get_submodule(members[0])))
-        else:
-            owned.append((label, LayerGroup(network, members, loose[index])))
-    return owned
 
 
 def _pool(output, channels_last_layout: bool) -> torch.Tensor:
