@@ -31,7 +31,8 @@ import recipe  # noqa: E402  (bench/recipe.py: the data sets)
 from transfer.data.datasets import DeviceLoader, ImageDataset  # noqa: E402
 from transfer.data.transforms import eval_batch_transform, train_transforms  # noqa: E402
 from transfer.features import FeatureCache, extract_features  # noqa: E402
-from transfer.models.backbones import Classifier, freeze_first_groups, load_backbone  # noqa: E402
+from transfer.models.backbones import Classifier, load_backbone  # noqa: E402
+from transfer.models.groups import freeze_first_groups  # noqa: E402
 from transfer.pipeline.params import FinetuneParams, HeadParams  # noqa: E402
 from transfer.train import finetune  # noqa: E402
 from transfer.train.distributed import EpochBatchSampler  # noqa: E402

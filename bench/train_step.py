@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from transfer.models.backbones import Classifier, freeze_first_groups, load_backbone
+from transfer.models.backbones import Classifier, load_backbone
+from transfer.models.groups import freeze_first_groups
 from transfer.pipeline.params import FinetuneParams
 from transfer.train.finetune import make_loss, runtime_for
 from transfer.train.optim import build_optimizer

@@ -27,7 +27,8 @@ from transfer.data.datasets import load_split_dataset
 from transfer.data.split import read_classes
 from transfer.data.transforms import eval_batch_transform, train_transforms
 from transfer.features import load_feature_cache
-from transfer.models.backbones import Classifier, LoadedBackbone, freeze_first_groups, load_backbones
+from transfer.models.backbones import Classifier, LoadedBackbone, load_backbones
+from transfer.models.groups import freeze_first_groups
 from transfer.models.heads import (
     FEATURE_HEADS,
     FINETUNE_INIT_KINDS,

@@ -16,10 +16,10 @@ from transfer.models.backbones import (
     Classifier,
     ConcatBackbone,
     build_network,
-    freeze_first_groups,
     load_backbone,
     load_backbones,
 )
+from transfer.models.groups import LayerGroupError, freeze_first_groups
 from transfer.train.finetune import fine_tune
 
 CNN, VIT = "resnet10t", "vit_tiny_patch16_224"
@@ -128,7 +128,7 @@ def test_layers_pool_and_concatenate_the_chosen_groups():
     vit = load_backbone(VIT, "none", image_size=32, layers=[2, -1]).backbone  # tokens averaged
     with torch.no_grad():
         assert vit(torch.rand(1, 3, 32, 32)).shape == (1, 384)
-    with pytest.raises(BackboneError, match=r"layer9.*1=stem.*5=layer4"):
+    with pytest.raises(LayerGroupError, match=r"layer9.*1=stem.*5=layer4"):
         load_backbone(CNN, "none", layers=["layer9"])
 
 
@@ -138,7 +138,7 @@ def test_two_backbones_concatenate_their_features_and_do_not_fine_tune():
     assert loaded.data_config.image_size == 48 and loaded.data_config.mean == (0.0, 0.0, 0.0)
     with torch.no_grad():
         assert loaded.backbone(torch.rand(2, 3, 48, 48)).shape == (2, 704)
-    with pytest.raises(BackboneError, match="one backbone"):
+    with pytest.raises(LayerGroupError, match="one backbone"):
         freeze_first_groups(Classifier(loaded.backbone, 3), 1)
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from transfer.models.backbones import BackboneError, Classifier, build_network, freeze_first_groups, load_backbone
+from transfer.models.backbones import BackboneError, Classifier, build_network, load_backbone
+from transfer.models.groups import LayerGroupError, freeze_first_groups
 
 LITE0_GROUPS = ["stem", "stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "head_conv"]
 
@@ -104,7 +105,7 @@ def test_freezing_stops_gradients_and_keeps_batchnorm_statistics():
 @pytest.mark.parametrize("k", [-1, 10])
 def test_freeze_outside_the_groups_lists_them(k):
     model = Classifier(load_backbone("efficientnet_lite0", "none").backbone, num_classes=2)
-    with pytest.raises(BackboneError, match=r"0\.\.9.*1=stem.*9=head_conv"):
+    with pytest.raises(LayerGroupError, match=r"0\.\.9.*1=stem.*9=head_conv"):
         freeze_first_groups(model, k)
 
 

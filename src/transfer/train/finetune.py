@@ -31,7 +31,8 @@ from tqdm import tqdm
 from transfer.data.datasets import DeviceLoader, ImageDataset
 from transfer.data.transforms import BatchMixer, batch_mixer
 from transfer.evaluate.metrics import macro_f1_from_confusion
-from transfer.models.backbones import Classifier, freeze_first_groups
+from transfer.models.backbones import Classifier
+from transfer.models.groups import freeze_first_groups
 from transfer.pipeline.params import FinetuneParams
 from transfer.pipeline.runtime import seed_everything
 from transfer.train.checkpoint import (

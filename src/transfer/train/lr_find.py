@@ -150,7 +150,7 @@ def finetune_step(params: Params, inputs) -> Callable[[float], float]:
 
     from transfer.data.datasets import DeviceLoader
     from transfer.data.transforms import batch_mixer, train_transforms
-    from transfer.models.backbones import freeze_first_groups
+    from transfer.models.groups import freeze_first_groups
     from transfer.pipeline.runtime import resolve_device
     from transfer.train.finetune import CLASS_BALANCE, batchnorm_frozen, freeze_batchnorm_stats, make_loss, runtime_for
     from transfer.train.losses import grad_clip_norm
