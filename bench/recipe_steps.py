@@ -32,12 +32,12 @@ from transfer.data.datasets import DeviceLoader, ImageDataset  # noqa: E402
 from transfer.data.transforms import eval_batch_transform, train_transforms  # noqa: E402
 from transfer.features import FeatureCache, extract_features  # noqa: E402
 from transfer.models.backbones import Classifier, load_backbone  # noqa: E402
-from transfer.models.groups import freeze_first_groups  # noqa: E402
+from transfer.models.groups import freeze_first_groups, layer_groups  # noqa: E402
 from transfer.pipeline.params import FinetuneParams, HeadParams  # noqa: E402
 from transfer.train import finetune  # noqa: E402
 from transfer.train.distributed import EpochBatchSampler  # noqa: E402
 from transfer.train.losses import class_weights, classification_loss, grad_clip_norm  # noqa: E402
-from transfer.train.optim import WarmupCosine, build_optimizer  # noqa: E402
+from transfer.train.optim import WarmupCosine, build_optimizer, optimizer_kwargs  # noqa: E402
 from transfer.train.probe import train_linear_probe  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -113,7 +113,7 @@ def main() -> None:
         loader = DeviceLoader(
             train, CPU, batch_sampler=EpochBatchSampler(len(train), params.batch_size, 0, weights=sample_weights)
         )
-        optimizer = build_optimizer(model, params)
+        optimizer = build_optimizer(layer_groups(model), **optimizer_kwargs(params))
         schedule = WarmupCosine(optimizer, len(loader), round(params.warmup_epochs * len(loader)), params.min_lr_ratio)
         clip = grad_clip_norm(params.grad_clip_norm, params.class_balance)
         print(f"== {variant} (weights {None if loss_weights is None else loss_weights.tolist()}, clip {clip})")

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from transfer.models.backbones import Classifier, load_backbone
-from transfer.models.groups import freeze_first_groups
+from transfer.models.groups import freeze_first_groups, layer_groups
 from transfer.pipeline.params import FinetuneParams
 from transfer.train.finetune import make_loss, runtime_for
-from transfer.train.optim import build_optimizer
+from transfer.train.optim import build_optimizer, optimizer_kwargs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,7 +45,7 @@ def images_per_second(variant: str, args: argparse.Namespace) -> float:
     torch.manual_seed(0)
     params = FinetuneParams(**VARIANTS[variant])
     device = torch.device(args.device)
-    runtime = runtime_for(params, device)
+    runtime = runtime_for(device, params.amp, params.channels_last)
     if variant == "bf16" and not runtime.amp:
         # runtime_for keeps bf16 to CUDA; measuring it on CPU shows why.
         runtime = type(runtime)(device, amp=True, channels_last=True, pin_memory=False)
@@ -56,7 +56,8 @@ def images_per_second(variant: str, args: argparse.Namespace) -> float:
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
     engine = torch.compile(model) if params.compile else model
-    optimizer, loss_fn = build_optimizer(model, params), make_loss(params, None)
+    optimizer = build_optimizer(layer_groups(model), **optimizer_kwargs(params))
+    loss_fn = make_loss(params, None)
     images = runtime.prepare(torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=runtime.device))
     labels = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
 

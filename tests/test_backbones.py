@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from transfer.models.backbones import BackboneError, Classifier, build_network, load_backbone
-from transfer.models.groups import LayerGroupError, freeze_first_groups
+from transfer.models.groups import LayerGroupError, freeze_first_groups, layer_groups
 
 LITE0_GROUPS = ["stem", "stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "head_conv"]
 
@@ -100,6 +100,14 @@ def test_freezing_stops_gradients_and_keeps_batchnorm_statistics():
     assert not torch.equal(
         before["backbone.groups.layer2.0.bn1.running_mean"], after["backbone.groups.layer2.0.bn1.running_mean"]
     )
+
+
+def test_a_models_layer_groups_are_the_backbones_then_the_head_and_hold_each_parameter_once():
+    model = Classifier(load_backbone("efficientnet_lite0", "none").backbone, num_classes=2)
+    groups = layer_groups(model)
+    assert [name for name, _ in groups] == [*LITE0_GROUPS, "head"]
+    in_groups = [id(p) for _, module in groups for p in module.parameters()]
+    assert sorted(in_groups) == sorted(id(p) for p in model.parameters())
 
 
 @pytest.mark.parametrize("k", [-1, 10])

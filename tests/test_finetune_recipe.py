@@ -9,11 +9,11 @@ from finetune_helpers import params, tiny_classifier, tiny_dataset
 
 from transfer.data.transforms import batch_mixer, eval_batch_transform, train_transforms
 from transfer.models.backbones import DataConfig
-from transfer.models.groups import freeze_first_groups
+from transfer.models.groups import freeze_first_groups, group_names, layer_groups
 from transfer.models.heads import imagenet_overlap_head, match_imagenet_classes
 from transfer.train.checkpoint import Checkpointer
-from transfer.train.finetune import EarlyStopping, class_weights, fine_tune, frozen_at
-from transfer.train.optim import WarmupCosine, build_optimizer, parameter_groups
+from transfer.train.finetune import EarlyStopping, class_weights, fine_tune, frozen_at, unfreeze_down_to
+from transfer.train.optim import WarmupCosine, build_optimizer, group_lrs, optimizer_kwargs, parameter_groups
 
 CPU = torch.device("cpu")
 
@@ -27,7 +27,8 @@ def finetune_rows(result) -> list[dict]:
 def test_parameter_groups_discriminative_lr_layer_decay_and_no_decay_on_norms_and_biases():
     model = tiny_classifier()
     freeze_first_groups(model, 1)
-    groups = {g["name"]: g for g in parameter_groups(model, params(lr=0.1, head_lr_mult=10, layer_decay=0.5))}
+    lrs = group_lrs(group_names(model), lr=0.1, head_lr_mult=10, layer_decay=0.5)
+    groups = {g["name"]: g for g in parameter_groups(layer_groups(model), lrs, weight_decay=1e-4)}
     assert set(groups) == {"block1", "block1/no_decay", "block2", "block2/no_decay", "head", "head/no_decay"}
     assert groups["head"]["lr"] == pytest.approx(1.0)  # 10 x the base LR
     assert groups["block2"]["lr"] == pytest.approx(0.1) and groups["block1"]["lr"] == pytest.approx(0.05)
@@ -37,9 +38,40 @@ def test_parameter_groups_discriminative_lr_layer_decay_and_no_decay_on_norms_an
     assert not frozen & {id(p) for g in groups.values() for p in g["params"]}
 
 
+def test_optimiser_groups_in_order_with_their_lrs_and_decay_and_unfrozen_groups_appended_top_down():
+    """The order is what a checkpoint's optimizer state is matched by: resuming an older run depends on it."""
+    model = tiny_classifier()
+    freeze_first_groups(model, 2)
+    finetune = params(lr=0.1, head_lr_mult=10, layer_decay=0.5, weight_decay=1e-3)
+    optimizer = build_optimizer(layer_groups(model), **optimizer_kwargs(finetune))
+    assert group_names(model) == ["stem", "block1", "block2", "head"]
+    expected = [
+        ("block2", 0.1, 1e-3),
+        ("block2/no_decay", 0.1, 0.0),
+        ("head", 1.0, 1e-3),
+        ("head/no_decay", 1.0, 0.0),
+    ]
+    actual = [(g["name"], g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups]
+    assert actual == [(name, pytest.approx(lr), decay) for name, lr, decay in expected]
+    lrs = group_lrs(group_names(model), finetune.lr, finetune.head_lr_mult, finetune.layer_decay)
+    unfreeze_down_to(model, optimizer, 0, lrs, finetune.weight_decay, scale=0.5)
+    expected += [
+        ("block1", 0.05, 1e-3),
+        ("block1/no_decay", 0.05, 0.0),
+        ("stem", 0.025, 1e-3),
+        ("stem/no_decay", 0.025, 0.0),
+    ]
+    actual = [(g["name"], g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups]
+    assert actual == [(name, pytest.approx(lr), decay) for name, lr, decay in expected]
+    assert [g["lr"] for g in optimizer.param_groups[4:]] == pytest.approx([0.025, 0.025, 0.0125, 0.0125])
+    owned = [[id(p) for p in module.parameters()] for _, module in layer_groups(model)]
+    in_optimiser = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(in_optimiser) == sorted(i for ids in owned for i in ids)  # every parameter once
+
+
 @pytest.mark.parametrize("name, kind", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
 def test_optimizer_registry(name, kind):
-    optimizer = build_optimizer(tiny_classifier(), params(optimizer=name))
+    optimizer = build_optimizer(layer_groups(tiny_classifier()), **optimizer_kwargs(params(optimizer=name)))
     assert isinstance(optimizer, kind)
     if name == "sgd":
         assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9
@@ -47,7 +79,7 @@ def test_optimizer_registry(name, kind):
 
 def test_warmup_then_cosine_to_the_floor_and_groups_added_later_follow_it():
     model = tiny_classifier()
-    optimizer = build_optimizer(model, params(lr=1.0, head_lr_mult=1.0))
+    optimizer = build_optimizer(layer_groups(model), **optimizer_kwargs(params(lr=1.0, head_lr_mult=1.0)))
     schedule = WarmupCosine(optimizer, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
     lrs = []
     for _ in range(10):

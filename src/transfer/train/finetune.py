@@ -32,7 +32,7 @@ from transfer.data.datasets import DeviceLoader, ImageDataset
 from transfer.data.transforms import BatchMixer, batch_mixer
 from transfer.evaluate.metrics import macro_f1_from_confusion
 from transfer.models.backbones import Classifier
-from transfer.models.groups import freeze_first_groups
+from transfer.models.groups import freeze_first_groups, group_names, layer_groups
 from transfer.pipeline.params import FinetuneParams
 from transfer.pipeline.runtime import seed_everything
 from transfer.train.checkpoint import (
@@ -50,7 +50,7 @@ from transfer.train.distributed import (
 )
 from transfer.train.layer_stats import group_grad_norm_tensor
 from transfer.train.losses import class_weights, classification_loss, grad_clip_norm, improves
-from transfer.train.optim import WarmupCosine, add_layer_group, build_optimizer
+from transfer.train.optim import WarmupCosine, add_layer_group, build_optimizer, group_lrs, optimizer_kwargs
 from transfer.train.result import EpochCallback, TrainResult
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,11 @@ class Runtime:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
 
-def runtime_for(params: FinetuneParams, device: torch.device) -> Runtime:
+def runtime_for(device: torch.device, amp: bool, channels_last: bool) -> Runtime:
+    """The runtime for finetune.amp and finetune.channels_last on `device`."""
     cuda = device.type == "cuda"
     # bf16 autocast on a CPU without AMX is slower than fp32 (36 vs 48 img/s measured here), so CUDA only.
-    return Runtime(device, amp=cuda and params.amp, channels_last=params.channels_last, pin_memory=cuda)
+    return Runtime(device, amp=cuda and amp, channels_last=channels_last, pin_memory=cuda)
 
 
 def frozen_at(freeze_layers: int, unfreeze_every: int, epoch_index: int) -> int:
@@ -92,13 +93,20 @@ def frozen_at(freeze_layers: int, unfreeze_every: int, epoch_index: int) -> int:
 
 
 def unfreeze_down_to(
-    model: Classifier, optimizer: torch.optim.Optimizer, params: FinetuneParams, target: int, scale: float
+    model: Classifier,
+    optimizer: torch.optim.Optimizer,
+    target: int,
+    lrs: dict[str, float],
+    weight_decay: float,
+    scale: float,
 ) -> None:
-    """Unfreeze groups until `target` remain frozen; each joins the optimiser at its own (scheduled) LR."""
+    """Unfreeze groups until `target` remain frozen; each joins the optimiser at its own LR in `lrs` (x the
+    schedule's `scale`)."""
     previous = model.frozen_groups
     freeze_first_groups(model, target)
-    for index in range(previous - 1, target - 1, -1):  # top-down: the same order on a resumed run
-        add_layer_group(optimizer, model, params, index, scale)
+    groups = layer_groups(model)
+    for name, module in reversed(groups[target:previous]):  # top-down: the same order on a resumed run
+        add_layer_group(optimizer, name, module, lrs[name], weight_decay, scale)
 
 
 # finetune.class_balance -> (loss weights, per-sample sampling weights), from the training labels.
@@ -320,7 +328,7 @@ def fine_tune(
     (the backbone has pretrained weights) decides `params.batchnorm: auto`.
     """
     seed_everything(seed)
-    runtime = runtime_for(params, device)
+    runtime = runtime_for(device, params.amp, params.channels_last)
     num_classes = model.head.out_features
     freeze_first_groups(model, freeze_layers)
     model.to(device)
@@ -335,7 +343,9 @@ def fine_tune(
             f"no training batch: {len(train_data)} training images for finetune.batch_size "
             f"{params.batch_size} across {context.world_size} process(es)"
         )
-    optimizer = build_optimizer(model, params)
+    optimizer = build_optimizer(layer_groups(model), **optimizer_kwargs(params))
+    # Where gradual unfreezing adds a group: at the LR it would have had in the optimiser from the start.
+    lrs = group_lrs(group_names(model), params.lr, params.head_lr_mult, params.layer_decay)
     steps_per_epoch = len(train_loader)
     schedule = WarmupCosine(
         optimizer, params.epochs * steps_per_epoch, round(params.warmup_epochs * steps_per_epoch), params.min_lr_ratio
@@ -352,8 +362,9 @@ def fine_tune(
         unfreeze_down_to(
             model,
             optimizer,
-            params,
             frozen_at(freeze_layers, params.unfreeze_every, saved["done"] - 1),
+            lrs,
+            params.weight_decay,
             schedule.factor(),
         )
         model.load_state_dict(saved["model"])
@@ -385,7 +396,7 @@ def fine_tune(
             break  # the checkpointed run had already stopped early
         target = frozen_at(freeze_layers, params.unfreeze_every, index)
         if target < model.frozen_groups:
-            unfreeze_down_to(model, optimizer, params, target, schedule.factor())
+            unfreeze_down_to(model, optimizer, target, lrs, params.weight_decay, schedule.factor())
             engine = wrap_for_training(model, params, context, runtime)  # DDP must know the new parameters
         sampler.set_epoch(index)
         epoch = first_epoch + index

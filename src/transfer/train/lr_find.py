@@ -150,16 +150,16 @@ def finetune_step(params: Params, inputs) -> Callable[[float], float]:
 
     from transfer.data.datasets import DeviceLoader
     from transfer.data.transforms import batch_mixer, train_transforms
-    from transfer.models.groups import freeze_first_groups
+    from transfer.models.groups import freeze_first_groups, layer_groups
     from transfer.pipeline.runtime import resolve_device
     from transfer.train.finetune import CLASS_BALANCE, batchnorm_frozen, freeze_batchnorm_stats, make_loss, runtime_for
     from transfer.train.losses import grad_clip_norm
-    from transfer.train.optim import build_optimizer
+    from transfer.train.optim import build_optimizer, optimizer_kwargs
     from transfer.train.recipe import initial_model, pretrained
 
     finetune = params.finetune
     device = resolve_device(params.device)
-    runtime = runtime_for(finetune, device)
+    runtime = runtime_for(device, finetune.amp, finetune.channels_last)
     loaded = inputs.backbone(params)
     model, _, _ = initial_model(params, inputs, loaded)
     freeze_first_groups(model, params.freeze_layers)
@@ -177,7 +177,7 @@ def finetune_step(params: Params, inputs) -> Callable[[float], float]:
         batch_mixer(finetune.mixup_alpha, finetune.cutmix_alpha, num_classes),
     )
     seed_everything(params.seed)
-    optimizer = build_optimizer(model, finetune)
+    optimizer = build_optimizer(layer_groups(model), **optimizer_kwargs(finetune))
     ratios = [group["initial_lr"] / finetune.lr for group in optimizer.param_groups]  # head and layer-decay ratios
     order = RandomSampler(range(len(data)), generator=torch.Generator().manual_seed(params.seed))
     batches = _cycle(DeviceLoader(data, device, batch_sampler=BatchSampler(order, finetune.batch_size, drop_last=True)))

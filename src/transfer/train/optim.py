@@ -1,6 +1,6 @@
 """Optimiser and learning-rate schedule of fine-tuning.
 
-Parameter groups follow the backbone's layer groups, so that
+Parameter groups follow the model's layer groups in order (transfer.models.groups.layer_groups), so that
   * the head learns at `head_lr_mult` x the base LR (a new head needs larger steps than pretrained layers),
   * with `layer_decay` < 1 each group toward the input learns at `layer_decay` x the next one
     (early, generic features move least),
@@ -14,19 +14,37 @@ group's `initial_lr`; unlike torch's LambdaLR it accepts groups added mid-traini
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from transfer.models.backbones import Classifier
+from transfer.models.groups import HEAD
 from transfer.pipeline.params import FinetuneParams
 
 
-def group_lr(params: FinetuneParams, index: int, num_groups: int) -> float:
-    """LR of backbone layer group `index` (0 = input side): base LR x layer_decay^(distance to the head)."""
-    return params.lr * params.layer_decay ** (num_groups - 1 - index)
+def optimizer_kwargs(params: FinetuneParams) -> dict[str, Any]:
+    """`build_optimizer`'s keyword values from the finetune params (as timm's `optimizer_kwargs(cfg)`)."""
+    return dict(
+        optimizer=params.optimizer,
+        lr=params.lr,
+        head_lr_mult=params.head_lr_mult,
+        layer_decay=params.layer_decay,
+        weight_decay=params.weight_decay,
+        momentum=params.momentum,
+        nesterov=params.nesterov,
+    )
+
+
+def group_lrs(names: Sequence[str], lr: float, head_lr_mult: float = 1.0, layer_decay: float = 1.0) -> dict[str, float]:
+    """The LR of each layer group (`names` in order, input to head): the head's lr x head_lr_mult, a backbone
+    group's lr x layer_decay^(its distance to the head)."""
+    backbone = [name for name in names if name != HEAD]
+    lrs = {name: lr * layer_decay ** (len(backbone) - 1 - index) for index, name in enumerate(backbone)}
+    if HEAD in names:
+        lrs[HEAD] = lr * head_lr_mult
+    return lrs
 
 
 def _decay_split(module: nn.Module, lr: float, weight_decay: float, name: str) -> list[dict]:
@@ -34,7 +52,7 @@ def _decay_split(module: nn.Module, lr: float, weight_decay: float, name: str) -
     biases and normalisation scales/shifts, every parameter with ndim <= 1, get none), at one LR.
 
     timm's `param_groups_layer_decay` is not used for the LRs: it numbers layers through a timm
-    `group_matcher`, while the layer groups here are the backbone registry's (torchvision models too), and
+    `group_matcher`, while the layer groups here are transfer.models.groups' (torchvision models too), and
     gradual unfreezing adds them to the optimiser one at a time.
     """
     groups = sorted(param_groups_weight_decay(module, weight_decay), key=lambda group: not group["weight_decay"])
@@ -43,49 +61,54 @@ def _decay_split(module: nn.Module, lr: float, weight_decay: float, name: str) -
     return groups
 
 
-def layer_group_param_groups(model: Classifier, params: FinetuneParams, index: int) -> list[dict]:
-    """The optimiser groups of backbone layer group `index`."""
-    names = model.backbone.group_names
-    module = model.backbone.groups[names[index]]
-    return _decay_split(module, group_lr(params, index, len(names)), params.weight_decay, names[index])
+def parameter_groups(
+    groups: Sequence[tuple[str, nn.Module]], lrs: Mapping[str, float], weight_decay: float
+) -> list[dict]:
+    """Optimiser groups of every trainable parameter of the layer `groups` (transfer.models.groups.layer_groups:
+    the backbone's from the input, then the head), in their order, each at its LR in `lrs`."""
+    return [
+        param_group for name, module in groups for param_group in _decay_split(module, lrs[name], weight_decay, name)
+    ]
 
 
-def parameter_groups(model: Classifier, params: FinetuneParams) -> list[dict]:
-    """Optimiser groups of every trainable parameter: unfrozen layer groups in order, then the head."""
-    groups = []
-    for index in range(len(model.backbone.group_names)):
-        groups += layer_group_param_groups(model, params, index)
-    groups += _decay_split(model.head, params.lr * params.head_lr_mult, params.weight_decay, "head")
-    return groups
+def _sgd(groups: list[dict], lr: float, momentum: float, nesterov: bool) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
 
 
-def _sgd(groups: list[dict], params: FinetuneParams) -> torch.optim.Optimizer:
-    return torch.optim.SGD(
-        groups, lr=params.lr, momentum=params.momentum, nesterov=params.nesterov and params.momentum > 0
-    )
+def _adamw(groups: list[dict], lr: float, momentum: float, nesterov: bool) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
 
 
-def _adamw(groups: list[dict], params: FinetuneParams) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=params.lr, betas=(params.momentum, 0.999))
-
-
-# finetune.optimizer -> builder. `momentum` doubles as AdamW's beta1 (the same role: gradient averaging).
-OPTIMIZERS: dict[str, Callable[[list[dict], FinetuneParams], torch.optim.Optimizer]] = {
+# finetune.optimizer -> builder(param groups, lr, momentum, nesterov). `momentum` doubles as AdamW's beta1
+# (the same role: gradient averaging); AdamW has no Nesterov variant here.
+OPTIMIZERS: dict[str, Callable[[list[dict], float, float, bool], torch.optim.Optimizer]] = {
     "sgd": _sgd,
     "adamw": _adamw,
 }
 
 
-def build_optimizer(model: Classifier, params: FinetuneParams) -> torch.optim.Optimizer:
-    """The optimiser over the model's currently trainable parameters."""
-    return OPTIMIZERS[params.optimizer](parameter_groups(model, params), params)
+def build_optimizer(
+    groups: Sequence[tuple[str, nn.Module]],
+    *,
+    optimizer: str,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    head_lr_mult: float = 1.0,
+    layer_decay: float = 1.0,
+    weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """The optimiser over the currently trainable parameters of the layer `groups` (in order, input to head),
+    at discriminative LRs (`group_lrs`). From params: `build_optimizer(groups, **optimizer_kwargs(finetune))`."""
+    lrs = group_lrs([name for name, _ in groups], lr, head_lr_mult, layer_decay)
+    return OPTIMIZERS[optimizer](parameter_groups(groups, lrs, weight_decay), lr, momentum, nesterov)
 
 
 def add_layer_group(
-    optimizer: torch.optim.Optimizer, model: Classifier, params: FinetuneParams, index: int, scale: float
+    optimizer: torch.optim.Optimizer, name: str, module: nn.Module, lr: float, weight_decay: float, scale: float
 ) -> None:
-    """Gradual unfreezing: give the optimiser layer group `index` at its own LR (x the schedule's `scale`)."""
-    for group in layer_group_param_groups(model, params, index):
+    """Gradual unfreezing: give the optimiser layer group `name` at its own `lr` (x the schedule's `scale`)."""
+    for group in _decay_split(module, lr, weight_decay, name):
         group["lr"] = group["initial_lr"] * scale
         optimizer.add_param_group(group)
 
