@@ -65,6 +65,9 @@ def test_unreachable_torchvision_weights_say_how_to_use_a_local_file(monkeypatch
 def test_local_weights_file_is_loaded(tmp_path):
     source = load_backbone("resnet18", "none")
     network = build_network("resnet18", "none")[0]
+    with torch.no_grad():  # other weights than the (fixed-seed) random ones
+        for parameter in network.parameters():
+            parameter.add_(torch.randn_like(parameter))
     torch.save(network.state_dict(), tmp_path / "resnet18.pth")
     loaded = load_backbone("resnet18", str(tmp_path / "resnet18.pth"))
     assert torch.equal(loaded.backbone.groups["stem"].conv1.weight, network.conv1.weight)
@@ -121,3 +124,16 @@ def test_freeze_all_groups_trains_only_the_head():
     model = Classifier(load_backbone("resnet18", "none").backbone, num_classes=2)
     freeze_first_groups(model, 5)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+
+
+def test_random_weights_are_the_same_network_in_every_stage_and_leave_the_global_rng_alone():
+    """`weights: none` builds the same network each time (the features stage's and the train stage's), so a
+    probe fitted on the features starts fine-tuning of that network; the caller's RNG stream is untouched."""
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first, _, _ = build_network("resnet18", "none", 32)
+    assert torch.equal(torch.rand(3), expected_next)
+    torch.manual_seed(7)
+    second, _, _ = build_network("resnet18", "none", 32)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))

@@ -191,13 +191,13 @@ def test_a_journal_study_continues_across_runs_and_refuses_other_params(tmp_path
 
 @pytest.mark.slow  # fine-tuning trials: ~15 s on 2 idle cores
 def test_fine_tuning_trials_report_every_epoch_and_lagging_ones_are_pruned(tmp_path):
-    # Trial 0 is the baseline (head LR 10 x 0.01); later trials draw head_lr_mult in [10, 100000], almost
+    # Trial 0 is the baseline (head LR 10 x 0.001); later trials draw head_lr_mult in [10, 100000], almost
     # surely a head LR where SGD diverges: once their val accuracy falls below the baseline's at the same
     # epoch, the median pruner stops them.
     root = image_project(
         tmp_path / "project",
         **{
-            "finetune.lr": 0.01,
+            "finetune.lr": 0.001,
             "finetune.head_lr_mult": 10.0,
             "freeze_layers": 4,
             "tune.n_trials": 3,

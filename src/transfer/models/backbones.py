@@ -447,16 +447,24 @@ class LoadedBackbone:
     imagenet_classifier: nn.Linear | None  # None when weights are not the pretrained ones
 
 
+RANDOM_INIT_SEED = 0
+
+
 def build_network(
     name: str, weights: str = PRETRAINED, image_size: int | None = None
 ) -> tuple[nn.Module, ResolvedName, str | None]:
     """The library's model with its weights (classifier included); returns (network, resolved, classifier name)."""
     resolved = resolve_name(name)
     from_download = weights == PRETRAINED and not (resolved.alias and resolved.alias.wheel)
-    if resolved.library == "timm":
-        network = _create_timm(resolved.model, from_download, image_size)
-    else:
-        network = _create_torchvision(resolved, from_download)
+    # The initial (random) weights come from a fixed seed, on a forked RNG: with `weights: none` every stage
+    # (features, train, evaluate) builds the same network, so the probe fitted on the features stage's
+    # output starts fine-tuning of that very network, and features are byte-identical from run to run.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        if resolved.library == "timm":
+            network = _create_timm(resolved.model, from_download, image_size)
+        else:
+            network = _create_torchvision(resolved, from_download)
     classifier = _classifier_name(network, resolved.library)
     if weights == PRETRAINED and resolved.alias and resolved.alias.wheel:
         _load_wheel(network, resolved.alias.wheel)
