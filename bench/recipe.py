@@ -81,9 +81,22 @@ CPU = torch.device("cpu")
 
 # Variant name -> FinetuneParams overrides (on the schema's defaults). The first study ran on the recipe before
 # issue 13 (OLD: label smoothing 0.1, head at 10x the LR, no clipping), so those variants start from it;
-# PREVIOUS is the default before the class_balance fix (no gradient clipping).
-OLD = {"label_smoothing": 0.1, "head_lr_mult": 10.0, "grad_clip_norm": None}
-PREVIOUS = {"label_smoothing": 0.0, "head_lr_mult": 1.0, "grad_clip_norm": None}
+# PREVIOUS is the default before the class_balance fix (no gradient clipping). Variants named after a global-norm
+# clip (no_clip, clip_N) switch adaptive clipping off; agc_F is adaptive clipping alone; default_* is today's
+# default (adaptive clipping at 0.1, and the global norm clipped at 2 with class_balance: loss).
+NO_CLIP = {"grad_clip_norm": None, "grad_clip_agc": None}
+OLD = {"label_smoothing": 0.1, "head_lr_mult": 10.0, **NO_CLIP}
+PREVIOUS = {"label_smoothing": 0.0, "head_lr_mult": 1.0, **NO_CLIP}
+
+
+def _norm_clip(norm: float | None, **more) -> dict:
+    return {"grad_clip_norm": norm, "grad_clip_agc": None, **more}
+
+
+def _adaptive_clip(factor: float, **more) -> dict:
+    return {"grad_clip_norm": None, "grad_clip_agc": factor, **more}
+
+
 VARIANTS: dict[str, dict] = {
     "default": {},
     "old_default": OLD,
@@ -102,21 +115,31 @@ VARIANTS: dict[str, dict] = {
     "ls0_head_lr_1_balance_loss": {**PREVIOUS, "class_balance": "loss"},
     # fine-tuning starts from the probe fitted with the same class-weighted loss (probe_balanced)
     "balanced_start_ls0_head_lr_1_balance_loss": {**PREVIOUS, "class_balance": "loss"},
-    # gradient clipping (the class_balance fix): the default (auto) clips at 2 only with class_balance: loss
-    "no_clip": {"grad_clip_norm": None},
-    "clip_1": {"grad_clip_norm": 1.0},
-    "clip_2": {"grad_clip_norm": 2.0},
-    "clip_5": {"grad_clip_norm": 5.0},
-    "clip_10": {"grad_clip_norm": 10.0},
-    "clip_5_balance_loss": {"grad_clip_norm": 5.0, "class_balance": "loss"},
-    "clip_10_balance_loss": {"grad_clip_norm": 10.0, "class_balance": "loss"},
+    # global-norm clipping alone (the class_balance fix: clip_2_balance_loss was the default before agc)
+    "no_clip": _norm_clip(None),
+    "clip_1": _norm_clip(1.0),
+    "clip_2": _norm_clip(2.0),
+    "clip_5": _norm_clip(5.0),
+    "clip_10": _norm_clip(10.0),
+    "no_clip_balance_loss": _norm_clip(None, class_balance="loss"),
+    "clip_2_balance_loss": _norm_clip(2.0, class_balance="loss"),
+    "clip_5_balance_loss": _norm_clip(5.0, class_balance="loss"),
+    "clip_10_balance_loss": _norm_clip(10.0, class_balance="loss"),
+    "clip_2_balance_loss_f1": _norm_clip(2.0, class_balance="loss", monitor="val_macro_f1"),
+    "no_clip_sampler": _norm_clip(None, class_balance="sampler"),
+    "clip_2_sampler": _norm_clip(2.0, class_balance="sampler"),
+    # adaptive clipping alone
+    "agc_0.005": _adaptive_clip(0.005),
+    "agc_0.01": _adaptive_clip(0.01),
+    "agc_0.02": _adaptive_clip(0.02),
+    "agc_0.05": _adaptive_clip(0.05),
+    "agc_0.1": _adaptive_clip(0.1),
+    "agc_0.01_balance_loss": _adaptive_clip(0.01, class_balance="loss"),
+    "agc_0.1_balance_loss": _adaptive_clip(0.1, class_balance="loss"),
+    # today's default with one change
     "default_balance_loss": {"class_balance": "loss"},
     "default_balance_loss_f1": {"class_balance": "loss", "monitor": "val_macro_f1"},
     "default_sampler": {"class_balance": "sampler"},
-    "clip_2_sampler": {"grad_clip_norm": 2.0, "class_balance": "sampler"},
-    "clip_2_balance_loss_f1": {"grad_clip_norm": 2.0, "class_balance": "loss", "monitor": "val_macro_f1"},
-    "no_clip_balance_loss": {"grad_clip_norm": None, "class_balance": "loss"},
-    "no_clip_sampler": {"grad_clip_norm": None, "class_balance": "sampler"},
     "default_bn_train": {"batchnorm": "train"},
     "default_freeze_2": {"freeze_layers": 2},
 }

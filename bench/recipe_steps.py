@@ -11,8 +11,8 @@ Each variant is a JSON object of `finetune:` overrides plus these study-only key
     "sqrt_weights": true        sqrt inverse-frequency class weights (mean 1 over the training samples)
     "rescale": true             the weighted loss rescaled to the unweighted loss's value every step
 
-    nice -n 10 PYTHONPATH=src python bench/recipe_steps.py --image-size 64 '{"grad_clip_norm": null}' \\
-        '{"class_balance": "loss", "grad_clip_norm": null}' '{"class_balance": "loss", "grad_clip_norm": 2}'
+    nice -n 10 PYTHONPATH=src python bench/recipe_steps.py --image-size 64 '{"grad_clip_agc": null}' \\
+        '{"class_balance": "loss", "grad_clip_norm": null, "grad_clip_agc": null}' '{"class_balance": "loss"}'
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from transfer.models.groups import freeze_first_groups, layer_groups  # noqa: E4
 from transfer.pipeline.params import FinetuneParams, HeadParams  # noqa: E402
 from transfer.train import finetune  # noqa: E402
 from transfer.train.distributed import EpochBatchSampler  # noqa: E402
-from transfer.train.losses import class_weights, classification_loss, grad_clip_norm  # noqa: E402
+from transfer.train.losses import class_weights, classification_loss, clip_gradients, grad_clip_norm  # noqa: E402
 from transfer.train.optim import WarmupCosine, build_optimizer, optimizer_kwargs  # noqa: E402
 from transfer.train.probe import train_linear_probe  # noqa: E402
 
@@ -116,7 +116,10 @@ def main() -> None:
         optimizer = build_optimizer(layer_groups(model), **optimizer_kwargs(params))
         schedule = WarmupCosine(optimizer, len(loader), round(params.warmup_epochs * len(loader)), params.min_lr_ratio)
         clip = grad_clip_norm(params.grad_clip_norm, params.class_balance)
-        print(f"== {variant} (weights {None if loss_weights is None else loss_weights.tolist()}, clip {clip})")
+        print(
+            f"== {variant} (weights {None if loss_weights is None else loss_weights.tolist()}, clip {clip}, "
+            f"adaptive {params.grad_clip_agc})"
+        )
         for step, (images, targets) in enumerate(loader):
             model.train()
             finetune.freeze_batchnorm_stats(model)
@@ -124,7 +127,8 @@ def main() -> None:
             optimizer.zero_grad()
             loss.backward()
             trainable = [p for p in model.parameters() if p.requires_grad]
-            norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip or float("inf")))
+            norm = float(torch.nn.utils.clip_grad_norm_(trainable, float("inf")))  # measured before clipping
+            clip_gradients(model, clip, params.grad_clip_agc)
             optimizer.step()
             schedule.step()
             if step % args.every == 0 or step == len(loader) - 1:

@@ -26,7 +26,7 @@ from transfer.evaluate.metrics import macro_f1_from_confusion
 from transfer.features import FeatureCache, extract_features
 from transfer.pipeline.params import FinetuneParams, HeadParams
 from transfer.train.finetune import fine_tune
-from transfer.train.losses import class_weights, classification_loss, grad_clip_norm
+from transfer.train.losses import class_weights, classification_loss, clip_gradients, grad_clip_norm
 from transfer.train.probe import train_linear_probe
 from transfer.train.result import model_selection, selection_message
 
@@ -204,9 +204,9 @@ def test_class_balanced_fine_tuning_keeps_its_features_alive():
 
     The class weights (up to 5.6 here) multiply the gradients of the rarest, worst-classified images: the
     first steps from the fitted probe reached global gradient norms of 120 (30 unweighted) and drove most
-    ReLU6 channels of the unfrozen groups to zero in the first epoch. The default gradient clipping keeps
-    them alive and the model no worse than its start; without it the features collapse. (`auto` does not clip
-    unweighted fine-tuning, which did better without.)"""
+    ReLU6 channels of the unfrozen groups to zero in the first epoch. The default clipping (global norm 2
+    for a weighted loss, plus adaptive clipping at 0.1) keeps them alive and the model no worse than its
+    start, and so does adaptive clipping alone; with neither the features collapse."""
     from transfer.data.cache import cache_geometry, to_cache_form
     from transfer.data.datasets import ImageDataset
     from transfer.data.transforms import eval_batch_transform, train_transforms
@@ -256,8 +256,10 @@ def test_class_balanced_fine_tuning_keeps_its_features_alive():
     start, tuned = clipped
     assert start["phase"] == "start" and start["dead_share"] < 0.1
     assert tuned["dead_share"] < 0.2 and tuned["val_macro_f1"] > start["val_macro_f1"] - 0.05
-    unclipped = fine_tune_balanced(grad_clip_norm=None)[1]  # the cause: without clipping the features die
+    unclipped = fine_tune_balanced(grad_clip_norm=None, grad_clip_agc=None)[1]  # the cause: unclipped, they die
     assert unclipped["dead_share"] > 0.5 and unclipped["val_macro_f1"] < start["val_macro_f1"] - 0.15
+    adaptive_only = fine_tune_balanced(grad_clip_norm=None)[1]  # the default adaptive clipping alone
+    assert adaptive_only["dead_share"] < 0.2 and adaptive_only["val_macro_f1"] > start["val_macro_f1"] - 0.05
 
 
 # ---------------------------------------------------------------- the verdict's detectors
@@ -378,3 +380,26 @@ def test_download_reports_class_counts_and_warns_on_imbalance(tmp_path: Path, ca
     caplog.clear()
     materialise({"source": "folder", "path": str(images), "imbalance_warning": 20.0}, raw, tmp_path / "repo")
     assert "imbalanced" not in caplog.text
+
+
+def test_adaptive_clipping_bounds_each_backbone_unit_and_leaves_the_head_alone():
+    """grad_clip_agc: no output unit of the backbone gets a gradient above `factor` x its weight norm (timm's
+    adaptive_clip_grad), smaller gradients pass unchanged, and the head is never clipped."""
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Conv2d(3, 8, 3)
+    model.head = torch.nn.Linear(8, 2)
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter) * 100
+    model.backbone.weight.grad[0] = model.backbone.weight[0].detach() * 1e-4  # one unit already small
+    before = {name: p.grad.clone() for name, p in model.named_parameters()}
+    clip_gradients(model, None, 0.01)
+    weight, grad = model.backbone.weight.detach(), model.backbone.weight.grad
+    unit_limit = 0.01 * weight.flatten(1).norm(dim=1).clamp_min(1e-3)
+    assert torch.all(grad.flatten(1).norm(dim=1) <= unit_limit * (1 + 1e-5))
+    assert torch.equal(grad[0], before["backbone.weight"][0])  # under its limit: untouched
+    assert model.backbone.bias.grad.norm() <= 0.01 * model.backbone.bias.detach().norm().clamp_min(1e-3) * (1 + 1e-5)
+    assert torch.equal(model.head.weight.grad, before["head.weight"])
+    assert torch.equal(model.head.bias.grad, before["head.bias"])
+    clip_gradients(model, 1.0, None)  # then the global norm, over every trainable parameter
+    assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm() <= 1.0 + 1e-5

@@ -259,6 +259,12 @@ class FinetuneParams(Section):
         "weights made the first steps' gradients 4x larger and killed every feature channel), "
         "off otherwise (clipping cost digits 0.978 -> 0.911)",
     )
+    grad_clip_agc: Annotated[float, Field(gt=0)] | None = Field(
+        0.1,
+        description="adaptive gradient clipping (timm's agc): each backbone unit's gradient at most this "
+        "fraction of its weight norm, the head left out; null = off. Unclipped, full Fashion-MNIST at 32 px "
+        "collapsed to one class; at 0.1 it reached 0.873 (probe 0.805), no worse on the small sets",
+    )
     # Augmentation (evaluation always resizes and centre-crops)
     augment: Literal["none", "trivialaugment", "randaugment", "autoaugment"] = Field(
         "none", description="stronger policy after RandomResizedCrop + flip"

@@ -49,7 +49,7 @@ from transfer.train.distributed import (
     shard_indices,
 )
 from transfer.train.layer_stats import group_grad_norm_tensor
-from transfer.train.losses import class_weights, classification_loss, grad_clip_norm, improves
+from transfer.train.losses import class_weights, classification_loss, clip_gradients, grad_clip_norm, improves
 from transfer.train.optim import WarmupCosine, add_layer_group, build_optimizer, group_lrs, optimizer_kwargs
 from transfer.train.result import EpochCallback, TrainResult
 
@@ -175,10 +175,6 @@ def batchnorm_frozen(params: FinetuneParams, pretrained: bool) -> bool:
     return params.batchnorm == "frozen" or (params.batchnorm == "auto" and pretrained)
 
 
-def _trainable(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def train_one_epoch(
     engine: nn.Module,
     model: Classifier,
@@ -217,8 +213,7 @@ def train_one_epoch(
         # After backward (and DDP's all-reduce): every rank sees the same averaged gradients.
         groups, norms = group_grad_norm_tensor(model)
         grad_sums = norms if grad_sums is None else grad_sums + norms
-        if clip_norm:
-            torch.nn.utils.clip_grad_norm_(_trainable(model), clip_norm)
+        clip_gradients(model, clip_norm, params.grad_clip_agc)
         optimizer.step()
         schedule.step()
         with torch.no_grad():

@@ -153,7 +153,7 @@ def finetune_step(params: Params, inputs) -> Callable[[float], float]:
     from transfer.models.groups import freeze_first_groups, layer_groups
     from transfer.pipeline.runtime import resolve_device
     from transfer.train.finetune import CLASS_BALANCE, batchnorm_frozen, freeze_batchnorm_stats, make_loss, runtime_for
-    from transfer.train.losses import grad_clip_norm
+    from transfer.train.losses import clip_gradients, grad_clip_norm
     from transfer.train.optim import build_optimizer, optimizer_kwargs
     from transfer.train.recipe import initial_model, pretrained
 
@@ -199,9 +199,7 @@ def finetune_step(params: Params, inputs) -> Callable[[float], float]:
         loss = loss_fn(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        clip_norm = grad_clip_norm(finetune.grad_clip_norm, finetune.class_balance)
-        if clip_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_norm)
+        clip_gradients(model, grad_clip_norm(finetune.grad_clip_norm, finetune.class_balance), finetune.grad_clip_agc)
         optimizer.step()
         return loss.item()
 
