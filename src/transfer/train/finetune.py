@@ -2,17 +2,18 @@
 
 `freeze_layers: all` stops after the probe. An integer k continues on images with the recipe of
 `finetune:` in params.yaml: the first k layer groups frozen (optionally unfrozen one by one every
-`unfreeze_every` epochs), SGD/AdamW with discriminative LRs (transfer.optim), warmup then cosine, label
-smoothing, mixup/cutmix, gradient clipping, early stopping, the best epoch by the monitored val metric.
+`unfreeze_every` epochs), SGD/AdamW with discriminative LRs (`transfer.train.optim`), warmup then cosine, label
+smoothing, mixup/cutmix, gradient clipping (adaptive, and by global norm for a class-weighted loss), early
+stopping, the best epoch by the monitored val metric.
 The model it starts from (the probe-initialised network) is scored on val first, as "epoch 0", and takes
 part in that selection: fine-tuning never returns a model worse on val than the one it was given.
-Each epoch is checkpointed (transfer.checkpoint) so a killed run resumes; with torchrun it runs
-data-parallel (transfer.distributed). channels_last is on by default everywhere (oneDNN's depthwise
+Each epoch is checkpointed (`transfer.train.checkpoint`) so a killed run resumes; with torchrun it runs
+data-parallel (`transfer.train.distributed`). channels_last is on by default everywhere (oneDNN's depthwise
 convolutions train EfficientNet about 2x faster in it on CPU too); bf16 autocast and pinned memory are
 CUDA-only and switch themselves off on CPU.
 
 Images arrive as uint8 batches of the image cache and are cropped, flipped and normalised on the device
-(transfer.data.transforms, through `DeviceLoader`). Nothing in a training step waits for the device: loss,
+(`transfer.data.transforms`, through `DeviceLoader`). Nothing in a training step waits for the device: loss,
 accuracy and per-group gradient norms are summed in device tensors and read once per epoch.
 """
 
