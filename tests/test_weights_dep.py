@@ -48,9 +48,15 @@ def test_the_stages_that_load_backbone_weights_depend_on_the_folder():
 def write_random_weights(path: Path, seed: int) -> None:
     import torch
 
-    torch.manual_seed(seed)
-    network = build_network("resnet10t", "none")[0]
-    save_file({key: value.contiguous() for key, value in network.state_dict().items()}, str(path))
+    # build_network's random weights come from a fixed seed: other weights for every `seed`, by scaling each
+    # value by its own random factor near 1 (BatchNorm variances stay positive)
+    generator = torch.Generator().manual_seed(seed)
+    state = build_network("resnet10t", "none")[0].state_dict()
+    noisy = {
+        key: value * (1 + 0.1 * torch.randn(value.shape, generator=generator)) if value.is_floating_point() else value
+        for key, value in state.items()
+    }
+    save_file({key: value.contiguous() for key, value in noisy.items()}, str(path))
 
 
 def run(args: list[str], cwd: Path, env: dict) -> str:
