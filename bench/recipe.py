@@ -134,6 +134,8 @@ VARIANTS: dict[str, dict] = {
     "agc_0.02": _adaptive_clip(0.02),
     "agc_0.05": _adaptive_clip(0.05),
     "agc_0.1": _adaptive_clip(0.1),
+    "agc_0.2": _adaptive_clip(0.2),
+    "agc_0.3": _adaptive_clip(0.3),
     "agc_0.01_balance_loss": _adaptive_clip(0.01, class_balance="loss"),
     "agc_0.1_balance_loss": _adaptive_clip(0.1, class_balance="loss"),
     # today's default with one change
