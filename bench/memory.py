@@ -34,7 +34,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image
-from project_copy import copy_project  # bench/project_copy.py (bench/ is on sys.path when run as a script)
+from project_copy import (  # bench/project_copy.py (bench/ is on sys.path when run as a script)
+    bench_environment,
+    copy_project,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["download", "split", "cache", "features", "train", "evaluate"]
@@ -150,16 +153,7 @@ def main() -> None:
     parser.add_argument("--variants", type=int, default=3, help="encoded base photos per class")
     args = parser.parse_args()
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-        DVC_NO_ANALYTICS="1",
-        GIT_AUTHOR_NAME="bench",
-        GIT_AUTHOR_EMAIL="bench@localhost",
-        GIT_COMMITTER_NAME="bench",
-        GIT_COMMITTER_EMAIL="bench@localhost",
-        TRANSFER_STAGE_SERVER="off",
-    )
+    env = bench_environment(TRANSFER_STAGE_SERVER="off")
     overrides = {"freeze_layers": 3, "finetune.epochs": 1}
     results: dict = {"photo": f"{args.side}x{args.side * 3 // 4} JPEG", "params": overrides}
     with tempfile.TemporaryDirectory(prefix="transfer-photos-") as tmp:

@@ -26,7 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from project_copy import copy_project  # bench/project_copy.py (bench/ is on sys.path when run as a script)
+from project_copy import (  # bench/project_copy.py (bench/ is on sys.path when run as a script)
+    bench_environment,
+    copy_project,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,16 +49,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="head-only runs per mode (median reported)")
     args = parser.parse_args()
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-        DVC_NO_ANALYTICS="1",
-        GIT_AUTHOR_NAME="bench",
-        GIT_AUTHOR_EMAIL="bench@localhost",
-        GIT_COMMITTER_NAME="bench",
-        GIT_COMMITTER_EMAIL="bench@localhost",
-        TRANSFER_STAGE_SERVER="off",
-    )
+    env = bench_environment(TRANSFER_STAGE_SERVER="off")
     dvc = [sys.executable, "-m", "dvc"]
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="transfer-bench-") as tmp:

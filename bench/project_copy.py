@@ -6,8 +6,10 @@ bench/results): what `git clone` plus the uncommitted work gives, so a benchmark
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,3 +28,18 @@ def copy_project(dest: Path, repo_root: Path = REPO_ROOT) -> None:
         if source.is_file() and not name.startswith(RESULTS):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
+
+
+def bench_environment(**extra: str) -> dict[str, str]:
+    """This environment without MLflow/DVC variables, with this venv first and a git identity for the copy."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="bench",
+        GIT_AUTHOR_EMAIL="bench@localhost",
+        GIT_COMMITTER_NAME="bench",
+        GIT_COMMITTER_EMAIL="bench@localhost",
+        **extra,
+    )
+    return env

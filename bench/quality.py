@@ -32,14 +32,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from project_copy import copy_project  # bench/project_copy.py (bench/ is on sys.path when run as a script)
+from project_copy import (  # bench/project_copy.py (bench/ is on sys.path when run as a script)
+    bench_environment,
+    copy_project,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -54,21 +56,8 @@ def variants(freeze_layers: int) -> dict[str, list[str]]:
     }
 
 
-def environment() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-        DVC_NO_ANALYTICS="1",
-        GIT_AUTHOR_NAME="bench",
-        GIT_AUTHOR_EMAIL="bench@localhost",
-        GIT_COMMITTER_NAME="bench",
-        GIT_COMMITTER_EMAIL="bench@localhost",
-    )
-    return env
-
-
 def run(args: list[str], cwd: Path) -> str:
-    done = subprocess.run(args, cwd=cwd, env=environment(), capture_output=True, text=True)
+    done = subprocess.run(args, cwd=cwd, env=bench_environment(), capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed ({done.returncode}):\n{(done.stdout + done.stderr)[-4000:]}")
     return done.stdout + done.stderr

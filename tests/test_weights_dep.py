@@ -3,15 +3,12 @@ stages depend on, so editing the file re-runs features (and what follows); a pat
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from project_helpers import DVC, copy_project, git_env, run
 from safetensors.torch import save_file
 
 from transfer.models.backbones import build_network
@@ -59,42 +56,16 @@ def write_random_weights(path: Path, seed: int) -> None:
     save_file({key: value.contiguous() for key, value in noisy.items()}, str(path))
 
 
-def run(args: list[str], cwd: Path, env: dict) -> str:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{' '.join(args)} failed ({done.returncode}):\n{output[-4000:]}"
-    return output
-
-
 @pytest.mark.slow
 def test_editing_the_weights_file_re_runs_features(tmp_path):
     """The real DVC: `dvc status` sees the edited file, `dvc repro` re-runs features, new features come out."""
-    repo = tmp_path / "repo"
-    listed = (
-        subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            check=True,
-        )
-        .stdout.decode()
-        .split("\0")
-    )
-    for name in filter(None, listed):  # the project as a fresh clone has it
-        if (REPO_ROOT / name).is_file() and not name.startswith(("data/", "reports/", "mlruns/", "dvc.lock")):
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO_ROOT / name, repo / name)
+    repo = copy_project(tmp_path / "repo")  # the project as a fresh clone has it
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["backbone"] = {"name": "resnet10t", "weights": "weights/random.safetensors", "image_size": 32}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_random_weights(repo / "weights/random.safetensors", seed=0)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-        DVC_NO_ANALYTICS="1",
-        TRANSFER_SERVER_DIR=str(tmp_path / "server"),
-    )
-    dvc = [sys.executable, "-m", "dvc"]
+    env = git_env({"TRANSFER_SERVER_DIR": str(tmp_path / "server")}, importable=False)
+    dvc = DVC
     run(["git", "init", "-q", "-b", "main"], repo, env)
 
     assert "features" in re.findall(r"Running stage '(\w+)'", run(dvc + ["repro", "features"], repo, env))
