@@ -129,7 +129,8 @@ def train(params: Params, context: DistContext) -> None:
     tags = tracking.run_tags(backbone_name, data_hash)
     checkpointer = Checkpointer(CHECKPOINT_DIR, training_fingerprint(params, data_hash), writer=context.is_main)
     saved = checkpointer.load_last() if fine_tuning and params.finetune.resume else None
-    log = tracking.log_epoch if context.is_main else None
+    # Rank 0 writes the history rows into the run; other ranks log nothing.
+    epoch_log = tracking.EpochLog() if context.is_main else contextlib.nullcontext(None)
     # One MLflow run per pipeline run, opened by rank 0 only; a resumed run reopens the run it started.
     run = (
         tracking.training_run(
@@ -139,7 +140,7 @@ def train(params: Params, context: DistContext) -> None:
         else contextlib.nullcontext(None)
     )
 
-    with run as run_id:
+    with run as run_id, epoch_log as log:
         if saved is None and context.is_main:
             # What the download stage skipped or ignored, and why (see transfer.data_report).
             tracking.log_artifacts([DATA_REPORT_FILE], artifact_path="data")

@@ -52,7 +52,8 @@ def record_runs(experiment: str = "transfer") -> None:
             os.environ["DVC_EXP_NAME"] = exp_name
         try:
             with tracking.training_run(experiment, {**PARAMS, "head.lr": lr}, {"backbone": "efficientnet_lite0"}):
-                tracking.log_epoch({"epoch": 1, "phase": "probe", "val_acc": accuracy - 0.02})
+                with tracking.EpochLog() as log_epoch:
+                    log_epoch({"epoch": 1, "phase": "probe", "val_acc": accuracy - 0.02})
                 tracking.log_key_metrics(test_acc=accuracy, test_f1=accuracy - 0.01)
                 tracking.log_tags({"fit_verdict": "good"})
         finally:
@@ -77,6 +78,28 @@ def test_local_store_experiment_has_kind_view_and_named_runs(tmp_path, monkeypat
     client.delete_experiment_tag(experiment.experiment_id, "mlflow.experimentKind")
     tracking.use_experiment("transfer")
     assert client.get_experiment(experiment.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_epoch_log_batches_probe_epochs_and_writes_every_other_row_as_it_ends(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    client = MlflowClient(tracking.tracking_uri())
+
+    def steps(run_id: str) -> list[int]:
+        return sorted(metric.step for metric in client.get_metric_history(run_id, "val_acc"))
+
+    with tracking.training_run("transfer", PARAMS, {}) as run_id, tracking.EpochLog() as log_epoch:
+        for epoch in (1, 2, 3):
+            log_epoch({"epoch": epoch, "phase": "probe", "val_acc": 0.5 + epoch / 100, "lr": 0.01})
+        assert steps(run_id) == []  # probe epochs wait for one batch
+        log_epoch({"epoch": 4, "phase": "start", "val_acc": 0.53, "val_loss": 1.2})
+        assert steps(run_id) == [1, 2, 3, 4]  # a fine-tuning row is written as it ends, with what came before
+        log_epoch({"epoch": 5, "phase": "finetune", "val_acc": 0.6, "kept": True})
+        assert steps(run_id) == [1, 2, 3, 4, 5]
+        log_epoch({"epoch": 6, "phase": "probe", "val_acc": 0.61})
+    assert steps(run_id) == [1, 2, 3, 4, 5, 6]  # the rest on leaving the block
+    assert [m.value for m in client.get_metric_history(run_id, "val_acc")][-1] == 0.61
+    assert "kept" not in client.get_run(run_id).data.metrics and "phase" not in client.get_run(run_id).data.metrics
 
 
 def chromium() -> str | None:

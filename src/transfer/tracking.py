@@ -272,14 +272,47 @@ def model_run(experiment: str, digest: str) -> Iterator[str]:
         yield run.info.run_id
 
 
-def log_epoch(row: dict[str, Any]) -> None:
-    """Per-epoch metrics with the epoch as step, so the MLflow UI draws curves."""
-    metrics = {
-        key: float(value)
+def epoch_metrics(row: dict[str, Any]) -> list[Metric]:
+    """One history row as MLflow metrics at step `epoch` (numbers only: `phase` and the like are not metrics)."""
+    timestamp, step = int(time.time() * 1000), int(row["epoch"])
+    return [
+        Metric(key, float(value), timestamp, step)
         for key, value in row.items()
-        if key not in ("epoch", "phase") and isinstance(value, (int, float))
-    }
-    mlflow.log_metrics(metrics, step=int(row["epoch"]))
+        if key not in ("epoch", "phase") and isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
+
+
+def log_metric_batches(client: MlflowClient, run_id: str, metrics: list[Metric], tags: list[RunTag] = ()) -> None:
+    for start in range(0, max(len(metrics), 1), 1000):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(run_id, metrics=metrics[start : start + 1000], tags=tags if start == 0 else ())
+
+
+class EpochLog:
+    """Per-epoch metrics into the active run with the epoch as step, so the MLflow UI draws curves.
+
+    Call it with each history row. Linear-probe epochs (fractions of a second each; a write per epoch cost
+    0.2 s of every head-only run) are written in one batch, with the first row of another phase or on leaving
+    the `with` block; every other row (a fine-tuning epoch, a fitted head) is written as it arrives.
+    """
+
+    def __init__(self):
+        self.pending: list[Metric] = []
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        self.pending += epoch_metrics(row)
+        if row.get("phase") != "probe":
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            log_metric_batches(MlflowClient(), mlflow.active_run().info.run_id, self.pending)
+            self.pending = []
+
+    def __enter__(self) -> "EpochLog":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.flush()  # after a failure too: the epochs before it belong to the run
 
 
 def log_metrics(metrics: dict[str, Any], prefix: str = "") -> None:
@@ -598,19 +631,12 @@ class StudyTracker:
 
     def log_trial_epoch(self, run_id: str, row: dict[str, Any]) -> None:
         """One history row as metrics at step `epoch`; probe epochs (fractions of a second) are sent in one batch."""
-        timestamp, step = int(time.time() * 1000), int(row["epoch"])
-        self._pending.setdefault(run_id, []).extend(
-            Metric(key, float(value), timestamp, step)
-            for key, value in row.items()
-            if key not in ("epoch", "phase") and isinstance(value, (int, float)) and not isinstance(value, bool)
-        )
+        self._pending.setdefault(run_id, []).extend(epoch_metrics(row))
         if row.get("phase") != "probe":
             self._flush(run_id)
 
     def _flush(self, run_id: str, tags: list[RunTag] = ()) -> None:
-        metrics = self._pending.pop(run_id, [])
-        for start in range(0, max(len(metrics), 1), 1000):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(run_id, metrics=metrics[start : start + 1000], tags=tags if start == 0 else ())
+        log_metric_batches(self.client, run_id, self._pending.pop(run_id, []), tags)
 
     def end_trial(self, run_id: str, state: str, value: float | None) -> None:
         """Close a trial's run: tag tune.state (complete, pruned, failed), metric `objective`, status."""
@@ -674,8 +700,7 @@ def log_lr_find(
         if not math.isnan(value)
     ]
     series += [Metric(k, float(v), timestamp, 0) for k, v in metrics.items()]
-    for start in range(0, len(series), 1000):  # MLflow takes at most 1000 metrics per batch
-        client.log_batch(run_id, metrics=series[start : start + 1000])
+    log_metric_batches(client, run_id, series)
     for path in artifacts:
         if Path(path).exists():
             client.log_artifact(run_id, str(path), artifact_path="lr_find")
