@@ -22,6 +22,7 @@ from tqdm import tqdm
 from transfer.data.datasets import DeviceLoader, ImageDataset
 from transfer.models.backbones import Backbone
 from transfer.pipeline.files import load_torch, save_torch
+from transfer.pipeline.heap import release_free_heap
 from transfer.train.distributed import SINGLE, DistContext
 
 
@@ -85,6 +86,7 @@ def extract_features(
             output = model(images.contiguous(memory_format=torch.channels_last))
             features[position : position + len(output)].copy_(output.float(), non_blocking=cuda)
             position += len(output)
+            release_free_heap()  # peak memory must not grow with the number of batches (pipeline.heap)
     if cuda:
         torch.cuda.synchronize(device)
     if context.enabled:

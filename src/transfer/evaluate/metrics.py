@@ -22,6 +22,7 @@ from sklearn.metrics import (
 from tqdm import tqdm
 
 from transfer.data.datasets import DeviceLoader
+from transfer.pipeline.heap import release_free_heap
 
 
 @torch.inference_mode()
@@ -53,6 +54,7 @@ def predict_logits_and_features(
         batches.append(logits.cpu())
         if features is not None:
             pooled.append(features.float().cpu())
+        release_free_heap()  # peak memory must not grow with the number of batches (pipeline.heap)
     return torch.cat(batches), (torch.cat(pooled) if pooled else None)
 
 

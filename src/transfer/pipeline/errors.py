@@ -18,8 +18,6 @@ import signal
 import sys
 from typing import Callable
 
-from transfer.pipeline.heap import bound_heap_growth
-
 
 class UserError(Exception):
     """A problem in the inputs (params.yaml, data, weights) with a message that says how to fix it."""
@@ -64,7 +62,6 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 def run_stage(name: str, main: Callable[[], None]) -> None:
     configure_logging()
-    bound_heap_growth()  # peak memory must not grow with the number of batches (transfer.pipeline.heap)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         main()

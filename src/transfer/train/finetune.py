@@ -34,6 +34,7 @@ from transfer.data.transforms import BatchMixer, batch_mixer
 from transfer.evaluate.metrics import macro_f1_from_confusion
 from transfer.models.backbones import Classifier
 from transfer.models.groups import freeze_first_groups, group_names, layer_groups
+from transfer.pipeline.heap import release_free_heap
 from transfer.pipeline.params import FinetuneParams
 from transfer.pipeline.runtime import seed_everything
 from transfer.train.checkpoint import (
@@ -420,6 +421,8 @@ def fine_tune(
             )
         )
         row.update(evaluate(model, val_loader, runtime, context))
+        # Once an epoch, not once a step: a step's activations reuse the heap's blocks at full speed.
+        release_free_heap()  # peak memory must not grow with the number of epochs (pipeline.heap)
         result.history.append(row)
         if stopper.update(row[params.monitor], epoch):
             best_state = cpu_state_dict(model)
