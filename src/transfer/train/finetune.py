@@ -222,6 +222,9 @@ def train_one_epoch(
             totals += torch.stack([loss.detach().double() * len(labels), (logits.argmax(1) == labels).sum().double()])
         steps += 1
         seen += len(labels)
+    # Once a pass, not once a step: within the pass a step's activations reuse the heap's blocks at full
+    # speed; what the pass left fragmented goes back to the OS before validation allocates (pipeline.heap).
+    release_free_heap()
     loss_sum, correct, seen = _reduced(totals, seen, context)
     row = {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
     if grad_sums is not None:
@@ -251,6 +254,7 @@ def evaluate(model: Classifier, loader: DeviceLoader, runtime: Runtime, context:
             logits = model(images).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).double()
+    release_free_heap()  # before the next training pass (pipeline.heap)
     totals = _reduced(torch.cat([loss_sum, confusion]), 0, context)[:-1]
     matrix = torch.tensor(totals[1:]).reshape(num_classes, num_classes)
     seen = max(float(matrix.sum()), 1.0)
@@ -421,8 +425,6 @@ def fine_tune(
             )
         )
         row.update(evaluate(model, val_loader, runtime, context))
-        # Once an epoch, not once a step: a step's activations reuse the heap's blocks at full speed.
-        release_free_heap()  # peak memory must not grow with the number of epochs (pipeline.heap)
         result.history.append(row)
         if stopper.update(row[params.monitor], epoch):
             best_state = cpu_state_dict(model)
