@@ -288,14 +288,17 @@ def log_metric_batches(client: MlflowClient, run_id: str, metrics: list[Metric],
 
 
 class EpochLog:
-    """Per-epoch metrics into the active run with the epoch as step, so the MLflow UI draws curves.
+    """Per-epoch metrics into a run (`run_id`, or the active run) with the epoch as step, so the MLflow UI
+    draws curves.
 
     Call it with each history row. Linear-probe epochs (fractions of a second each; a write per epoch cost
-    0.2 s of every head-only run) are written in one batch, with the first row of another phase or on leaving
-    the `with` block; every other row (a fine-tuning epoch, a fitted head) is written as it arrives.
+    0.2 s of every head-only run) are written in one batch, with the first row of another phase, on `flush`
+    or on leaving the `with` block; every other row (a fine-tuning epoch, a fitted head) is written as it
+    arrives.
     """
 
-    def __init__(self):
+    def __init__(self, run_id: str | None = None, client: MlflowClient | None = None):
+        self.run_id, self.client = run_id, client
         self.pending: list[Metric] = []
 
     def __call__(self, row: dict[str, Any]) -> None:
@@ -303,9 +306,11 @@ class EpochLog:
         if row.get("phase") != "probe":
             self.flush()
 
-    def flush(self) -> None:
-        if self.pending:
-            log_metric_batches(MlflowClient(), mlflow.active_run().info.run_id, self.pending)
+    def flush(self, tags: list[RunTag] = ()) -> None:
+        """Write what is pending, with `tags` in the same request."""
+        if self.pending or tags:
+            run_id = self.run_id or mlflow.active_run().info.run_id
+            log_metric_batches(self.client or MlflowClient(), run_id, self.pending, tags)
             self.pending = []
 
     def __enter__(self) -> "EpochLog":
@@ -600,7 +605,7 @@ class StudyTracker:
         self.client = MlflowClient()
         self.study_name = study_name
         self.parent_run_id: str | None = None
-        self._pending: dict[str, list[Metric]] = {}  # metrics not sent yet, by run id
+        self._epoch_logs: dict[str, EpochLog] = {}  # by trial run id
 
     def create_parent(self, settings: dict[str, Any], tags: dict[str, str]) -> str:
         """The study's parent run: the tune settings as params; returns its id."""
@@ -631,18 +636,18 @@ class StudyTracker:
 
     def log_trial_epoch(self, run_id: str, row: dict[str, Any]) -> None:
         """One history row as metrics at step `epoch`; probe epochs (fractions of a second) are sent in one batch."""
-        self._pending.setdefault(run_id, []).extend(epoch_metrics(row))
-        if row.get("phase") != "probe":
-            self._flush(run_id)
+        self._epoch_log(run_id)(row)
 
-    def _flush(self, run_id: str, tags: list[RunTag] = ()) -> None:
-        log_metric_batches(self.client, run_id, self._pending.pop(run_id, []), tags)
+    def _epoch_log(self, run_id: str) -> EpochLog:
+        return self._epoch_logs.setdefault(run_id, EpochLog(run_id, self.client))
 
     def end_trial(self, run_id: str, state: str, value: float | None) -> None:
         """Close a trial's run: tag tune.state (complete, pruned, failed), metric `objective`, status."""
+        log = self._epoch_log(run_id)
         if value is not None and not math.isnan(value):
-            self._pending.setdefault(run_id, []).append(Metric("objective", float(value), int(time.time() * 1000), 0))
-        self._flush(run_id, tags=[RunTag("tune.state", state)])
+            log.pending.append(Metric("objective", float(value), int(time.time() * 1000), 0))
+        log.flush(tags=[RunTag("tune.state", state)])
+        del self._epoch_logs[run_id]
         self.client.set_terminated(run_id, TRIAL_STATUS[state])
 
     def log_study(self, metrics: dict[str, float], best: dict[str, Any], artifacts: list[Path]) -> None:
