@@ -33,9 +33,9 @@ from transfer.data.transforms import eval_batch_transform, train_transforms  # n
 from transfer.features import FeatureCache, extract_features  # noqa: E402
 from transfer.models.backbones import Classifier, load_backbone  # noqa: E402
 from transfer.models.groups import freeze_first_groups, layer_groups  # noqa: E402
+from transfer.pipeline.distributed import EpochBatchSampler  # noqa: E402
 from transfer.pipeline.params import FinetuneParams, HeadParams  # noqa: E402
 from transfer.train import finetune  # noqa: E402
-from transfer.train.distributed import EpochBatchSampler  # noqa: E402
 from transfer.train.losses import class_weights, classification_loss, clip_gradients, grad_clip_norm  # noqa: E402
 from transfer.train.optim import WarmupCosine, build_optimizer, optimizer_kwargs  # noqa: E402
 from transfer.train.probe import train_linear_probe  # noqa: E402

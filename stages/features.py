@@ -15,11 +15,7 @@ from transfer.data.split import SPLITS
 from transfer.data.transforms import eval_batch_transform
 from transfer.features import FeatureCache, extract_features, save_feature_cache
 from transfer.models.backbones import load_backbones
-from transfer.pipeline.errors import run_stage
-from transfer.pipeline.layout import CACHE_DIR, FEATURES_DIR, SPLIT_DIR
-from transfer.pipeline.params import Params, backbone_specs, load_params
-from transfer.pipeline.runtime import resolve_device
-from transfer.train.distributed import (
+from transfer.pipeline.distributed import (
     DistContext,
     device_for,
     init_from_env,
@@ -27,6 +23,10 @@ from transfer.train.distributed import (
     shutdown,
     under_torchrun,
 )
+from transfer.pipeline.errors import run_stage
+from transfer.pipeline.layout import CACHE_DIR, FEATURES_DIR, SPLIT_DIR
+from transfer.pipeline.params import Params, backbone_specs, load_params
+from transfer.pipeline.runtime import resolve_device
 
 
 def extract_all(params: Params, context: DistContext) -> None:

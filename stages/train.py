@@ -39,6 +39,14 @@ from transfer.models.heads import (
     xavier_head,
 )
 from transfer.models.saved import model_digest, save_model
+from transfer.pipeline.distributed import (
+    DistContext,
+    device_for,
+    init_from_env,
+    relaunch_with_torchrun,
+    shutdown,
+    under_torchrun,
+)
 from transfer.pipeline.errors import run_stage
 from transfer.pipeline.files import read_json, write_csv, write_json
 from transfer.pipeline.layout import (
@@ -53,14 +61,6 @@ from transfer.pipeline.layout import (
 from transfer.pipeline.params import Params, backbone_list, backbone_specs, flatten, load_params
 from transfer.pipeline.runtime import resolve_device
 from transfer.train.checkpoint import Checkpointer, cpu_state_dict, training_fingerprint
-from transfer.train.distributed import (
-    DistContext,
-    device_for,
-    init_from_env,
-    relaunch_with_torchrun,
-    shutdown,
-    under_torchrun,
-)
 from transfer.train.finetune import fine_tune
 from transfer.train.layer_stats import relative_weight_change
 from transfer.train.probe import FittedFeatureHead, fit_feature_head, train_linear_probe

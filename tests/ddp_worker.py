@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune_helpers import params, tiny_classifier, tiny_dataset  # noqa: E402
 
-from transfer.train.distributed import init_from_env, shutdown  # noqa: E402
+from transfer.pipeline.distributed import init_from_env, shutdown  # noqa: E402
 from transfer.train.finetune import fine_tune  # noqa: E402
 
 RECIPE = dict(epochs=2, batch_size=8, unfreeze_every=1, hflip=0.0)
@@ -16,7 +16,7 @@ RECIPE = dict(epochs=2, batch_size=8, unfreeze_every=1, hflip=0.0)
 
 def run(context=None):
     """The same fine-tuning in one process (context None) or in each rank."""
-    from transfer.train.distributed import SINGLE
+    from transfer.pipeline.distributed import SINGLE
 
     model = tiny_classifier(batch_norm=False)
     return fine_tune(

@@ -10,7 +10,7 @@ from transfer.data.datasets import ImageDataset
 from transfer.data.transforms import eval_batch_transform
 from transfer.features import extract_features
 from transfer.models.backbones import load_backbone
-from transfer.train.distributed import init_from_env, shutdown
+from transfer.pipeline.distributed import init_from_env, shutdown
 
 
 class RecordingImages(CachedImages):

@@ -14,7 +14,7 @@ from transfer.data.datasets import ImageDataset
 from transfer.data.transforms import eval_batch_transform
 from transfer.features import FeatureCache, contiguous_shard, extract_features, load_feature_cache, save_feature_cache
 from transfer.models.backbones import load_backbone
-from transfer.train.distributed import DistContext
+from transfer.pipeline.distributed import DistContext
 
 HERE = Path(__file__).resolve().parent
 

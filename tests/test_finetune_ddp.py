@@ -11,7 +11,7 @@ import pytest
 import torch
 from ddp_worker import run
 
-from transfer.train.distributed import SINGLE, DistContext, EpochBatchSampler
+from transfer.pipeline.distributed import SINGLE, DistContext, EpochBatchSampler
 
 HERE = Path(__file__).resolve().parent
 

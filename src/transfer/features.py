@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from transfer.data.datasets import DeviceLoader, ImageDataset
 from transfer.models.backbones import Backbone
+from transfer.pipeline.distributed import SINGLE, DistContext
 from transfer.pipeline.files import load_torch, save_torch
 from transfer.pipeline.heap import release_free_heap
-from transfer.train.distributed import SINGLE, DistContext
 
 
 @dataclass

@@ -8,7 +8,7 @@ stopping, the best epoch by the monitored val metric.
 The model it starts from (the probe-initialised network) is scored on val first, as "epoch 0", and takes
 part in that selection: fine-tuning never returns a model worse on val than the one it was given.
 Each epoch is checkpointed (`transfer.train.checkpoint`) so a killed run resumes; with torchrun it runs
-data-parallel (`transfer.train.distributed`). channels_last is on by default everywhere (oneDNN's depthwise
+data-parallel (`transfer.pipeline.distributed`). channels_last is on by default everywhere (oneDNN's depthwise
 convolutions train EfficientNet about 2x faster in it on CPU too); bf16 autocast and pinned memory are
 CUDA-only and switch themselves off on CPU.
 
@@ -34,6 +34,13 @@ from transfer.data.transforms import BatchMixer, batch_mixer
 from transfer.evaluate.metrics import macro_f1_from_confusion
 from transfer.models.backbones import Classifier
 from transfer.models.groups import freeze_first_groups, group_names, layer_groups
+from transfer.pipeline.distributed import (
+    SINGLE,
+    DistContext,
+    EpochBatchSampler,
+    all_reduce_tensor,
+    shard_indices,
+)
 from transfer.pipeline.heap import release_free_heap
 from transfer.pipeline.params import FinetuneParams
 from transfer.pipeline.runtime import seed_everything
@@ -42,13 +49,6 @@ from transfer.train.checkpoint import (
     cpu_state_dict,
     restore_rng_state,
     rng_state,
-)
-from transfer.train.distributed import (
-    SINGLE,
-    DistContext,
-    EpochBatchSampler,
-    all_reduce_tensor,
-    shard_indices,
 )
 from transfer.train.layer_stats import group_grad_norm_tensor
 from transfer.train.losses import class_weights, classification_loss, clip_gradients, grad_clip_norm, improves
