@@ -28,7 +28,7 @@ from transfer.data.split import read_classes
 from transfer.data.transforms import eval_batch_transform, train_transforms
 from transfer.features import load_feature_cache
 from transfer.models.backbones import Classifier, LoadedBackbone, load_backbones
-from transfer.models.groups import freeze_first_groups
+from transfer.models.groups import freeze_first_groups, relative_weight_change
 from transfer.models.heads import (
     FEATURE_HEADS,
     FINETUNE_INIT_KINDS,
@@ -62,7 +62,6 @@ from transfer.pipeline.params import Params, backbone_list, backbone_specs, flat
 from transfer.pipeline.runtime import resolve_device
 from transfer.train.checkpoint import Checkpointer, cpu_state_dict, training_fingerprint
 from transfer.train.finetune import fine_tune
-from transfer.train.layer_stats import relative_weight_change
 from transfer.train.probe import FittedFeatureHead, fit_feature_head, train_linear_probe
 from transfer.train.result import SELECTION_METRICS, model_selection, selection_message
 

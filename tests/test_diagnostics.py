@@ -15,8 +15,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix
 from transfer.evaluate import diagnostics as diag
 from transfer.evaluate import health, plots
 from transfer.evaluate import metrics as evaluate_metrics
+from transfer.models import groups as layer_stats
 from transfer.pipeline.runtime import single_threaded
-from transfer.train import layer_stats
 
 CLASSES = ["cat", "dog", "fox", "owl", "yak", "emu"]
 

@@ -27,9 +27,9 @@ from transfer.evaluate.plots import (
     plot_mistakes,
 )
 from transfer.evaluate.report import write_html_report
+from transfer.models.groups import in_group_order
 from transfer.pipeline.files import write_csv
 from transfer.pipeline.runtime import single_threaded
-from transfer.train.layer_stats import in_group_order
 
 # File names inside a run's diagnostics folder (dvc.yaml declares them).
 LEARNING_CURVES_PNG = "learning_curves.png"

@@ -33,7 +33,7 @@ from transfer.data.datasets import DeviceLoader, ImageDataset
 from transfer.data.transforms import BatchMixer, batch_mixer
 from transfer.evaluate.metrics import macro_f1_from_confusion
 from transfer.models.backbones import Classifier
-from transfer.models.groups import freeze_first_groups, group_names, layer_groups
+from transfer.models.groups import freeze_first_groups, group_grad_norm_tensor, group_names, layer_groups
 from transfer.pipeline.distributed import (
     SINGLE,
     DistContext,
@@ -50,7 +50,6 @@ from transfer.train.checkpoint import (
     restore_rng_state,
     rng_state,
 )
-from transfer.train.layer_stats import group_grad_norm_tensor
 from transfer.train.losses import class_weights, classification_loss, clip_gradients, grad_clip_norm, improves
 from transfer.train.optim import WarmupCosine, add_layer_group, build_optimizer, group_lrs, optimizer_kwargs
 from transfer.train.result import EpochCallback, TrainResult
