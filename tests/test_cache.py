@@ -21,11 +21,11 @@ from transfer.data.cache import (
     decode_to_cache_form,
     write_split_cache,
 )
+from transfer.data.config import DataConfig
 from transfer.data.datasets import DeviceLoader, load_split_dataset
 from transfer.data.images import load_rgb
 from transfer.data.split import stratified_split, write_split
 from transfer.data.transforms import eval_batch_transform
-from transfer.models.backbones import DataConfig
 
 CONFIG = DataConfig(image_size=56, resize_size=64, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), interpolation="bilinear")
 GEOMETRY = CacheGeometry(64, "bilinear")

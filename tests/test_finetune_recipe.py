@@ -7,8 +7,8 @@ import pytest
 import torch
 from finetune_helpers import params, tiny_classifier, tiny_dataset
 
+from transfer.data.config import DataConfig
 from transfer.data.transforms import batch_mixer, eval_batch_transform, train_transforms
-from transfer.models.backbones import DataConfig
 from transfer.models.groups import freeze_first_groups, group_names, layer_groups
 from transfer.models.heads import imagenet_overlap_head, match_imagenet_classes
 from transfer.train.checkpoint import Checkpointer

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from transfer.data.config import DataConfig
 from transfer.data.transforms import TrainBatchTransform, eval_batch_transform, random_resized_boxes
-from transfer.models.backbones import DataConfig
 
 CONFIG = DataConfig(
     image_size=24, resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear"

@@ -5,7 +5,7 @@ The packages follow the data, which flows one way (raw -> manifests -> features 
     data/       fetch (downloads, archives), sources (the five kinds of data.source and `materialise`),
                 scan (folders, labels CSVs, checking every image, duplicates), place (files under data/raw),
                 images (decoding), report (the data report and policy), split (stratified manifests),
-                datasets and transforms
+                config (DataConfig: a backbone's preprocessing), datasets and transforms
     features    pooled features of a frozen backbone, cached per split
     models/     backbones (registry, weights, data config), groups (layer groups: derived, frozen, a
                 model's groups in order, per-group weight change and gradient norms), heads (linear and

@@ -31,9 +31,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from transfer.data.config import DataConfig
 from transfer.data.images import load_rgb, load_rgb_bytes
 from transfer.data.split import SPLITS, read_manifest
-from transfer.models.backbones import DataConfig
 from transfer.pipeline.errors import UserError
 from transfer.pipeline.files import atomic_path, read_json, write_json
 

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from transfer.data.cache import CachedImages, open_split
+from transfer.data.config import DataConfig
 from transfer.data.split import read_manifest
-from transfer.models.backbones import DataConfig
 
 
 class InMemoryImages:

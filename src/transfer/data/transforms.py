@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-from transfer.models.backbones import DataConfig
+from transfer.data.config import DataConfig
 
 BatchTransform = Callable[[torch.Tensor], torch.Tensor]
 

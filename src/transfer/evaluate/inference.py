@@ -28,9 +28,9 @@ import torch
 from tqdm import tqdm
 
 from transfer.data.cache import cache_geometry, decode_to_cache_form
+from transfer.data.config import DataConfig
 from transfer.data.images import ImageError
 from transfer.data.transforms import eval_batch_transform
-from transfer.models.backbones import DataConfig
 from transfer.models.saved import SavedModel, load_model
 from transfer.pipeline.errors import UserError
 

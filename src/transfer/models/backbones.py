@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from transfer.data.config import DataConfig
 from transfer.models.groups import LayerGroup, derive_layer_groups, owned_groups, resolve_layers
 from transfer.pipeline.errors import UserError
 from transfer.pipeline.files import UnreadableFileError, load_torch
@@ -42,24 +43,6 @@ RANDOM = "none"  # backbone.weights: random initialisation
 
 class BackboneError(UserError, RuntimeError):
     """A backbone could not be built or its weights could not be loaded."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """How images must be prepared for a backbone (from its pretrained config, never hard-coded)."""
-
-    image_size: int
-    resize_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str  # "bilinear" or "bicubic"
-
-    def with_image_size(self, image_size: int | None) -> "DataConfig":
-        """Keep the backbone's crop ratio when the user asks for another input size."""
-        if image_size is None or image_size == self.image_size:
-            return self
-        crop_ratio = self.image_size / self.resize_size
-        return DataConfig(image_size, int(math.floor(image_size / crop_ratio)), self.mean, self.std, self.interpolation)
 
 
 # --- Names: aliases, timm, torchvision -------------------------------------------------------------

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from transfer.models.backbones import Classifier, DataConfig, load_backbones
+from transfer.data.config import DataConfig
+from transfer.models.backbones import Classifier, load_backbones
 from transfer.pipeline.errors import UserError
 from transfer.pipeline.files import atomic_path, write_json
 
