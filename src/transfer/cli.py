@@ -1,6 +1,6 @@
 """The `transfer` command: what a user runs after (or around) the pipeline.
 
-Each sub-command lives with its concept, in a module that declares it: `COMMAND` (its name),
+Each sub-command is a module of transfer.commands that declares it: `COMMAND` (its name),
 `COMMAND_HELP` (the line `transfer --help` shows), `COMMAND_DESCRIPTION`, `add_arguments(parser)` and
 `run(args)`; this module builds the parsers from them and only dispatches. Heavy imports stay inside the
 `run` functions, so `transfer --help` answers at once.
@@ -20,8 +20,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "transfer.evaluate.predict",
     "transfer.models.registry",
     "transfer.models.export",
-    "transfer.evaluate.compare",
-    "transfer.evaluate.pr_report",
+    "transfer.commands.compare",
+    "transfer.commands.report",
     "transfer.train.tune",
     "transfer.train.lr_find",
 )

@@ -12,7 +12,6 @@ data, so it is tested without a repository.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import subprocess
@@ -136,27 +135,3 @@ def dvc_exp_show(repo: Path, all_commits: bool = False) -> list[dict[str, Any]]:
     if done.returncode != 0:
         raise CompareError(f"`dvc exp show` failed in {repo} (is it a DVC repository?):\n{done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout or "[]")
-
-
-def run(args: argparse.Namespace) -> int:
-    print(comparison_table(experiment_rows(dvc_exp_show(Path(args.repo), args.all_commits)), args.sort_by))
-    return 0
-
-
-# The `transfer compare` command (transfer.cli builds its parser from these and `add_arguments`).
-COMMAND = "compare"
-COMMAND_HELP = "the experiments side by side: changed params and key metrics"
-COMMAND_DESCRIPTION = (
-    "The workspace, HEAD and its DVC experiments (queued, failed ones too) with the params that "
-    "differ between them and the key metrics, best first. Built from `dvc exp show --json`."
-)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--sort-by",
-        default=DEFAULT_SORT,
-        help=f"a key metric ({', '.join(KEY_METRICS)}) or a param key (default {DEFAULT_SORT})",
-    )
-    parser.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not HEAD's")
-    parser.add_argument("--repo", default=".", help="the repository (default: here)")
