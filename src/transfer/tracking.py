@@ -19,6 +19,7 @@ and metrics rather than on MLflow's 100-odd columns.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import json
@@ -367,23 +368,38 @@ mlflow.models.set_model(ImageClassifierModel())
 
 
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):
-    """pyfunc: a DataFrame with an `image` column (encoded bytes, base64 in JSON requests, or a file path) in;
-    `class`, `probability`, `probabilities` ({class: p}) and `error` out. The weights, class names and
-    preprocessing are the `classifier` artifact (the safe model folder of transfer.models.saved)."""
+    """pyfunc: a DataFrame with an `image` column (encoded bytes, or their base64 text; never a file path) in;
+    `class`, `probability`, `probabilities` ({class: p}) and `error` out, a row for each row. The weights, class
+    names and preprocessing are the `classifier` artifact (the safe model folder of transfer.models.saved); the
+    request limits are the model config (transfer.evaluate.inference.ServingLimits)."""
 
     def load_context(self, context) -> None:
         import torch
 
+        from transfer.evaluate.inference import ServingLimits
         from transfer.models.saved import load_model
 
         self.saved = load_model(context.artifacts[CLASSIFIER_ARTIFACT])
+        self.limits = ServingLimits.from_config(context.model_config)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    # A DataFrame type hint: MLflow then checks the input against the logged signature (image: binary).
+    # A DataFrame type hint: MLflow then checks the input against the logged signature (image: string).
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
         from transfer.evaluate.inference import predict_frame
 
-        return predict_frame(self.saved, model_input, device=self.device)
+        # The scoring server answers any other exception with its stack trace (server paths, code): a reply
+        # carries our message only, and the server's log the traceback.
+        try:
+            return predict_frame(self.saved, model_input, device=self.device, limits=self.limits)
+        except UserError as error:
+            raise MlflowException(str(error), INVALID_PARAMETER_VALUE) from None
+        except Exception:
+            log.exception("the image classifier failed on a request")
+            raise MlflowException(
+                "the model failed on this request (the server's log has the details)", INTERNAL_ERROR
+            ) from None
 
 
 def _pyfunc_signature(example_image: bytes):
@@ -391,8 +407,11 @@ def _pyfunc_signature(example_image: bytes):
     from mlflow.types import DataType
     from mlflow.types.schema import ColSpec, Map, Schema
 
+    # `image` is a string column, not binary: MLflow decodes a binary column's JSON base64 for the whole
+    # request and refuses all of it for one bad row; as text, each row is decoded (and refused) by itself.
+    # In-process callers and parquet may still pass the encoded bytes.
     signature = ModelSignature(
-        inputs=Schema([ColSpec(DataType.binary, "image")]),
+        inputs=Schema([ColSpec(DataType.string, "image")]),
         outputs=Schema(
             [
                 ColSpec(DataType.string, "class"),
@@ -402,7 +421,7 @@ def _pyfunc_signature(example_image: bytes):
             ]
         ),
     )
-    return signature, pd.DataFrame({"image": [example_image]})
+    return signature, pd.DataFrame({"image": [base64.b64encode(example_image).decode("ascii")]})
 
 
 def _requirements() -> list[str]:
@@ -432,7 +451,9 @@ def log_model(
     mlflow.pytorch.load_model. With `registered_model`, the pyfunc model becomes a new version of it.
     """
     import tempfile
+    from dataclasses import asdict
 
+    from transfer.evaluate.inference import ServingLimits
     from transfer.models.saved import DESCRIPTION_NAME, WEIGHTS_NAME
 
     package_dir = Path(__file__).resolve().parent
@@ -456,6 +477,7 @@ def log_model(
             signature=signature,
             input_example=input_example,
             pip_requirements=_requirements(),
+            model_config=asdict(ServingLimits()),
             metadata={
                 "classes": description["classes"],
                 "preprocessing": description["preprocessing"],

@@ -126,13 +126,13 @@ def run(args: argparse.Namespace) -> int:
         raise PredictError(f"--out {args.out}: unknown format {args.out.suffix!r}; use a .csv or .json file name")
     if args.batch_size < 1:
         raise PredictError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    from transfer.evaluate.inference import Prediction, predict_images, resolve_model
+    from transfer.evaluate.inference import Prediction, predict_paths, resolve_model
     from transfer.pipeline.runtime import resolve_device
 
     paths, problems = collect_images(args.paths)
     saved = resolve_model(args.model)
     device = resolve_device(args.device)
-    predictions = predict_images(saved, paths, args.batch_size, device)
+    predictions = predict_paths(saved, paths, args.batch_size, device)
     predictions += [Prediction(source, None, message) for source, message in problems]
     write_predictions(args.out, predictions, saved.classes, args.top_k)
     failed = [p for p in predictions if p.error]
