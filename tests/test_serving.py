@@ -1,6 +1,6 @@
 """The served model as an outer surface: it takes encoded images only (never a path on the server's disk), gives
 every row its own result or error, bounds what a request may cost, and never replies with a traceback. Also the
-other doors a careless or hostile input reaches."""
+other doors a careless or hostile input reaches: prediction CSVs (formula injection)."""
 
 # The fixtures imported from test_predict (one tiny model, one store) are this module's test parameters.
 # ruff: noqa: F811
@@ -8,6 +8,7 @@ other doors a careless or hostile input reaches."""
 from __future__ import annotations
 
 import base64
+import csv
 import dataclasses
 import errno
 import io
@@ -202,3 +203,23 @@ def test_served_model_refuses_paths_per_row_in_every_content_type(mlflow_store, 
     assert len(rows) == 9 and all("the limit is 8 per request (max_rows)" in row["error"] for row in rows)
     status, reply = replies["no image column"]
     assert status == 400 and "missing inputs ['image']" in reply
+
+
+def test_prediction_csv_escapes_cells_a_spreadsheet_would_run(model_dir, images, tmp_path, monkeypatch, capsys):
+    from transfer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    names = ["=1+2.png", "+SUM(1).png", "-3.png", "@A1.png", "plain.png"]
+    for name in names:
+        Path(name).write_bytes((images / "cat" / "0000.png").read_bytes())
+    assert main(["predict", "--model", str(model_dir), "--out", "predictions.csv", "--", *names, "=missing.png"]) == 1
+    with open("predictions.csv", newline="") as handle:
+        cells = {row[0]: row for row in csv.reader(handle)}
+    assert set(cells) == {"path", *(f"'{name}" for name in names[:4]), "plain.png", "'=missing.png"}
+    assert cells["'=1+2.png"][1] in CLASSES and cells["'=missing.png"][-1] == "no such file or folder"
+    # CSV on stdout too; JSON keeps the names as they are (no spreadsheet reads it).
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model_dir), "=1+2.png"]) == 0
+    assert "\n'=1+2.png," in capsys.readouterr().out
+    assert main(["predict", "=1+2.png", "--model", str(model_dir), "--out", "p.json"]) == 0
+    assert json.loads(Path("p.json").read_text())[0]["path"] == "=1+2.png"
