@@ -1,6 +1,7 @@
 """The served model as an outer surface: it takes encoded images only (never a path on the server's disk), gives
 every row its own result or error, bounds what a request may cost, and never replies with a traceback. Also the
-other doors a careless or hostile input reaches: prediction CSVs (formula injection)."""
+other doors a careless or hostile input reaches: prediction CSVs (formula injection), `transfer promote --name`,
+`--model` references that are not models."""
 
 # The fixtures imported from test_predict (one tiny model, one store) are this module's test parameters.
 # ruff: noqa: F811
@@ -25,6 +26,7 @@ from PIL import Image
 from serve_helpers import REPO_ROOT, invoke, json_split, served_model
 from test_predict import CLASSES, images, mlflow_store, model_dir  # noqa: F401 - fixtures shared with test_predict
 
+from transfer import tracking
 from transfer.evaluate.inference import InferenceError, ServingLimits, predict_paths
 from transfer.models.saved import load_model
 
@@ -223,3 +225,30 @@ def test_prediction_csv_escapes_cells_a_spreadsheet_would_run(model_dir, images,
     assert "\n'=1+2.png," in capsys.readouterr().out
     assert main(["predict", "=1+2.png", "--model", str(model_dir), "--out", "p.json"]) == 0
     assert json.loads(Path("p.json").read_text())[0]["path"] == "=1+2.png"
+
+
+def test_promote_with_a_hostile_or_unknown_name_is_a_clear_error(mlflow_store, capsys):
+    from transfer.cli import main
+
+    capsys.readouterr()
+    for name in ("x' OR name LIKE '%", 'x" OR 1=1 --', "nobody"):
+        assert main(["promote", "--experiment", "predict-test", "--name", name]) == 2, name
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and f"--name {name!r}: no such registered model" in err, err
+
+
+def test_model_reference_that_is_not_a_model_fails_before_copying(mlflow_store, tmp_path):
+    tree = tmp_path / "etc"
+    for index in range(30):
+        (tree / f"d{index}").mkdir(parents=True)
+        (tree / f"d{index}" / "file.conf").write_text("x" * 10_000)
+    destination = tmp_path / "download"
+    destination.mkdir()
+    with pytest.raises(tracking.TrackingError, match="not an MLflow model"):
+        tracking.download_classifier(tree.as_uri(), destination)
+    assert list(destination.rglob("*")) == []
+    # A real model: only the MLmodel file and the classifier folder come down (not the raw PyTorch copy).
+    _, (run_id, _) = mlflow_store
+    classifier = tracking.download_classifier(f"runs:/{run_id}", destination)
+    assert sorted(p.name for p in classifier.iterdir()) == ["model.json", "model.safetensors"]
+    assert not list(destination.rglob("python_model*")) and not list(destination.rglob("*.pkl"))

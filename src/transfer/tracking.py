@@ -516,26 +516,54 @@ def download_classifier(reference: str, destination: Path) -> Path:
     """The classifier folder (model.json + model.safetensors) of an MLflow model, downloaded under destination.
 
     `reference`: runs:/<run_id> (its `model`), runs:/<run_id>/<name>, models:/<name>@<alias>, models:/<name>/<v>.
+    Only two things are fetched: the MLmodel file (is it a model at all?), then the classifier folder, so a
+    reference to anything else (`file:///etc`) fails before a whole tree is copied.
     """
     point_at_store()
     uri = reference.rstrip("/")
     if uri.startswith("runs:/") and uri.count("/") == 1:
         uri = f"{uri}/{PYFUNC_MODEL_NAME}"
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination)))
-    except Exception as exc:  # MlflowException, OSError: the reference does not resolve in this store
-        raise TrackingError(
-            f"--model {reference}: cannot load it from the MLflow store {tracking_uri()} "
-            f"({str(exc).splitlines()[0]}). Use runs:/<run_id>, models:/<name>@<alias> or a "
-            "model folder such as data/model"
-        ) from None
-    classifier = local / "artifacts" / CLASSIFIER_ARTIFACT
+
+    def fetch(path: str, what: str) -> Path:
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{path}", dst_path=str(destination)))
+        except Exception as exc:  # MlflowException, OSError: the reference does not resolve in this store
+            raise TrackingError(
+                f"--model {reference}: cannot load {what} from the MLflow store {tracking_uri()} "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}). Use runs:/<run_id>, "
+                "models:/<name>@<alias> or a model folder such as data/model"
+            ) from None
+
+    fetch("MLmodel", "it (it is not an MLflow model: no MLmodel file)")
+    classifier = fetch(f"artifacts/{CLASSIFIER_ARTIFACT}", f"its {CLASSIFIER_ARTIFACT} folder")
     if not classifier.is_dir():
         raise TrackingError(
             f"--model {reference}: that MLflow model has no {CLASSIFIER_ARTIFACT} folder (it was "
             "not logged by this version of transfer's train stage)"
         )
     return classifier
+
+
+def _model_versions(client: MlflowClient, name: str) -> list:
+    """The versions of the registered model `name`; a name MLflow refuses, or no such model, is a TrackingError.
+
+    The name is looked up first by itself (no query text); only then is it quoted into a search filter, with a
+    quote character it does not contain."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        raise TrackingError(
+            f"--name {name!r}: no such registered model in {tracking_uri()} "
+            f"({exc.message.splitlines()[0] if exc.message else exc.error_code}); "
+            "the train stage registers models under tracking.registered_model (params.yaml)"
+        ) from None
+    quote = next((q for q in ("'", '"') if q not in name), None)
+    if quote is None:
+        raise TrackingError(f"--name {name!r}: a registered model name with both quote characters cannot be searched")
+    try:
+        return client.search_model_versions(f"name = {quote}{name}{quote}")
+    except MlflowException as exc:
+        raise TrackingError(f"--name {name!r}: MLflow refused the search ({exc.message.splitlines()[0]})") from None
 
 
 def promote_best(
@@ -549,7 +577,7 @@ def promote_best(
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise TrackingError(f"no MLflow experiment {experiment!r} in {tracking_uri()}")
-    versions = client.search_model_versions(f"name = '{registered_model}'")
+    versions = _model_versions(client, registered_model)
     if not versions:
         raise TrackingError(
             f"no versions of registered model {registered_model!r}: the train stage registers "
@@ -576,7 +604,10 @@ def promote_best(
         )
     # Best value first; among equals, the newest version.
     value, best_version, run_id = max(candidates, key=lambda c: (c[0] if higher_is_better else -c[0], c[1]))
-    client.set_registered_model_alias(registered_model, alias, str(best_version))
+    try:
+        client.set_registered_model_alias(registered_model, alias, str(best_version))
+    except MlflowException as exc:  # an alias MLflow refuses (its characters, a reserved name)
+        raise TrackingError(f"--alias {alias!r}: MLflow refused it ({exc.message.splitlines()[0]})") from None
     return {
         "registered_model": registered_model,
         "alias": alias,
