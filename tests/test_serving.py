@@ -84,7 +84,9 @@ def test_pyfunc_takes_bytes_and_base64_never_a_path(mlflow_store, model_dir, ima
     sys.addaudithook(audit)  # cannot be removed: it only records opens under this test's folders
     paths = list(server_files.values())
     wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))  # `base64` output, with line breaks
-    frame = pd.DataFrame({"image": [*paths, png, text, wrapped, 7, None]})
+    # The base64 of a photo-sized image: longer than any file name (it made main raise "File name too long").
+    photo = base64.b64encode(noise_png(64)).decode()
+    frame = pd.DataFrame({"image": [*paths, png, text, wrapped, 7, None, photo]})
     result = pyfunc.predict(frame)
     opened_while_predicting = list(opened)
     assert opened_while_predicting == []
@@ -102,6 +104,7 @@ def test_pyfunc_takes_bytes_and_base64_never_a_path(mlflow_store, model_dir, ima
             [result["probabilities"][row][name] for name in CLASSES], expected.probabilities, atol=1e-5
         )
     assert "got int" in result["error"][7] and "got NoneType" in result["error"][8]
+    assert result["error"][9] == "" and result["class"][9] in CLASSES
 
 
 def test_serving_limits_live_in_the_model_config_and_refuse_per_row(mlflow_store, images):
@@ -153,7 +156,7 @@ def test_served_model_refuses_paths_per_row_in_every_content_type(mlflow_store, 
     png = Path(server_files["image"]).read_bytes()
     text = base64.b64encode(png).decode()
     paths = list(server_files.values())
-    values = [*paths, text]
+    values = [*paths, base64.b64encode(noise_png(64)).decode(), text]  # a photo-sized base64 too
 
     def parquet(column: list) -> bytes:
         buffer = io.BytesIO()
@@ -196,7 +199,7 @@ def test_served_model_refuses_paths_per_row_in_every_content_type(mlflow_store, 
         assert [row["class"] for row in rows[: len(paths)]] == [""] * len(paths), (name, rows)
         errors = {row["error"] for row in rows[: len(paths)]}
         assert len(errors) == 1, (name, errors)  # one answer whatever the path names: nothing about the disk
-        assert rows[-1]["error"] == "" and rows[-1]["class"] in CLASSES, (name, rows[-1])
+        assert all(row["error"] == "" and row["class"] in CLASSES for row in rows[len(paths) :]), (name, rows)
     bomb, oversize, fine = json.loads(replies["limits"][1])["predictions"]
     assert "the limit is 25,000,000 pixels" in bomb["error"] and bomb["class"] == ""
     assert "the limit is 100,000 bytes per image (max_image_bytes)" in oversize["error"]
