@@ -20,7 +20,7 @@ from conftest import REPO_ROOT, write_image_folder
 from transfer.data.cache import CachedImages, cache_geometry, write_split_cache
 from transfer.data.datasets import ImageDataset
 from transfer.data.transforms import eval_batch_transform
-from transfer.evaluate.inference import model_input, predict_frame, predict_images, resolve_model
+from transfer.evaluate.inference import model_input, predict_frame, predict_paths, resolve_model
 from transfer.models.backbones import Classifier, load_backbone
 from transfer.models.saved import ModelFileError, load_model, save_model
 
@@ -144,7 +144,7 @@ def test_predict_prepares_images_exactly_as_the_evaluation_datasets(model_dir, i
     for index, path in enumerate(paths):
         assert torch.equal(model_input(images / path, saved.data_config), evaluated[index])
         assert torch.equal(model_input((images / path).read_bytes(), saved.data_config), evaluated[index])
-    predictions = predict_images(saved, [images / p for p in paths], batch_size=4, progress=False)
+    predictions = predict_paths(saved, [images / p for p in paths], batch_size=4, progress=False)
     with torch.inference_mode():
         expected = saved.model(evaluated).softmax(1).numpy()
     np.testing.assert_allclose(np.stack([p.probabilities for p in predictions]), expected, atol=1e-5)
@@ -194,7 +194,7 @@ def test_predict_command_files_folders_globs_and_unreadable_files(model_dir, ima
     # The same probabilities as the library, and JSON output.
     saved = load_model(model_dir)
     fox = sorted(str(p) for p in (images / "fox").glob("*.png"))
-    expected = predict_images(saved, fox, progress=False)
+    expected = predict_paths(saved, fox, progress=False)
     for path, prediction in zip(fox, expected):
         assert by_path.loc[path, "class_1"] == CLASSES[int(prediction.probabilities.argmax())]
         assert abs(float(by_path.loc[path, "probability_1"]) - prediction.probabilities.max()) < 1e-5
@@ -208,19 +208,17 @@ def test_predict_command_files_folders_globs_and_unreadable_files(model_dir, ima
     assert all(abs(sum(p["probability"] for p in row["predictions"]) - 1) < 1e-5 for row in rows)
 
 
-def test_pyfunc_dataframe_of_images_bytes_base64_paths_and_a_bad_one(model_dir, images):
+def test_pyfunc_dataframe_of_images_bytes_base64_and_a_bad_one(model_dir, images):
     saved = load_model(model_dir)
     path = images / "dog" / "0001.png"
-    frame = pd.DataFrame(
-        {"image": [path.read_bytes(), str(path), base64.b64encode(path.read_bytes()).decode(), b"garbage"]}
-    )
+    frame = pd.DataFrame({"image": [path.read_bytes(), base64.b64encode(path.read_bytes()).decode(), b"garbage"]})
     result = predict_frame(saved, frame)
     assert list(result.columns) == ["class", "probability", "probabilities", "error"]
-    assert result["class"][0] == result["class"][1] == result["class"][2] in CLASSES
+    assert result["class"][0] == result["class"][1] in CLASSES
     assert set(result["probabilities"][0]) == set(CLASSES)
     assert abs(sum(result["probabilities"][0].values()) - 1) < 1e-5
     assert result["probability"][0] == max(result["probabilities"][0].values())
-    assert result["class"][3] == "" and "not a recognised image format" in result["error"][3]
+    assert result["class"][2] == "" and "not a recognised image format" in result["error"][2]
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +259,7 @@ def test_logged_model_takes_images_registry_alias_and_raw_pytorch(mlflow_store, 
     _, (best_run, other_run) = mlflow_store
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{other_run}/model")
     inputs = pyfunc.metadata.get_input_schema().to_dict()
-    assert inputs == [{"type": "binary", "name": "image", "required": True}]
+    assert inputs == [{"type": "string", "name": "image", "required": True}]  # base64 text (or bytes in-process)
     assert [col["name"] for col in pyfunc.metadata.get_output_schema().to_dict()] == [
         "class",
         "probability",
@@ -270,8 +268,8 @@ def test_logged_model_takes_images_registry_alias_and_raw_pytorch(mlflow_store, 
     ]
     assert pyfunc.metadata.metadata["classes"] == CLASSES
     path = images / "fox" / "0002.png"
-    result = pyfunc.predict(pd.DataFrame({"image": [path.read_bytes(), str(path)]}))
-    expected = predict_images(load_model(model_dir), [path], progress=False)[0].probabilities
+    result = pyfunc.predict(pd.DataFrame({"image": [path.read_bytes(), base64.b64encode(path.read_bytes()).decode()]}))
+    expected = predict_paths(load_model(model_dir), [path], progress=False)[0].probabilities
     assert list(result["class"]) == [CLASSES[int(expected.argmax())]] * 2
     np.testing.assert_allclose([result["probabilities"][0][name] for name in CLASSES], expected, atol=1e-5)
 

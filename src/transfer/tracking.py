@@ -19,6 +19,7 @@ and metrics rather than on MLflow's 100-odd columns.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import json
@@ -367,23 +368,38 @@ mlflow.models.set_model(ImageClassifierModel())
 
 
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):
-    """pyfunc: a DataFrame with an `image` column (encoded bytes, base64 in JSON requests, or a file path) in;
-    `class`, `probability`, `probabilities` ({class: p}) and `error` out. The weights, class names and
-    preprocessing are the `classifier` artifact (the safe model folder of transfer.models.saved)."""
+    """pyfunc: a DataFrame with an `image` column (encoded bytes, or their base64 text; never a file path) in;
+    `class`, `probability`, `probabilities` ({class: p}) and `error` out, a row for each row. The weights, class
+    names and preprocessing are the `classifier` artifact (the safe model folder of transfer.models.saved); the
+    request limits are the model config (transfer.evaluate.inference.ServingLimits)."""
 
     def load_context(self, context) -> None:
         import torch
 
+        from transfer.evaluate.inference import ServingLimits
         from transfer.models.saved import load_model
 
         self.saved = load_model(context.artifacts[CLASSIFIER_ARTIFACT])
+        self.limits = ServingLimits.from_config(context.model_config)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    # A DataFrame type hint: MLflow then checks the input against the logged signature (image: binary).
+    # A DataFrame type hint: MLflow then checks the input against the logged signature (image: string).
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
         from transfer.evaluate.inference import predict_frame
 
-        return predict_frame(self.saved, model_input, device=self.device)
+        # The scoring server answers any other exception with its stack trace (server paths, code): a reply
+        # carries our message only, and the server's log the traceback.
+        try:
+            return predict_frame(self.saved, model_input, device=self.device, limits=self.limits)
+        except UserError as error:
+            raise MlflowException(str(error), INVALID_PARAMETER_VALUE) from None
+        except Exception:
+            log.exception("the image classifier failed on a request")
+            raise MlflowException(
+                "the model failed on this request (the server's log has the details)", INTERNAL_ERROR
+            ) from None
 
 
 def _pyfunc_signature(example_image: bytes):
@@ -391,8 +407,11 @@ def _pyfunc_signature(example_image: bytes):
     from mlflow.types import DataType
     from mlflow.types.schema import ColSpec, Map, Schema
 
+    # `image` is a string column, not binary: MLflow decodes a binary column's JSON base64 for the whole
+    # request and refuses all of it for one bad row; as text, each row is decoded (and refused) by itself.
+    # In-process callers and parquet may still pass the encoded bytes.
     signature = ModelSignature(
-        inputs=Schema([ColSpec(DataType.binary, "image")]),
+        inputs=Schema([ColSpec(DataType.string, "image")]),
         outputs=Schema(
             [
                 ColSpec(DataType.string, "class"),
@@ -402,7 +421,7 @@ def _pyfunc_signature(example_image: bytes):
             ]
         ),
     )
-    return signature, pd.DataFrame({"image": [example_image]})
+    return signature, pd.DataFrame({"image": [base64.b64encode(example_image).decode("ascii")]})
 
 
 def _requirements() -> list[str]:
@@ -432,7 +451,9 @@ def log_model(
     mlflow.pytorch.load_model. With `registered_model`, the pyfunc model becomes a new version of it.
     """
     import tempfile
+    from dataclasses import asdict
 
+    from transfer.evaluate.inference import ServingLimits
     from transfer.models.saved import DESCRIPTION_NAME, WEIGHTS_NAME
 
     package_dir = Path(__file__).resolve().parent
@@ -456,6 +477,7 @@ def log_model(
             signature=signature,
             input_example=input_example,
             pip_requirements=_requirements(),
+            model_config=asdict(ServingLimits()),
             metadata={
                 "classes": description["classes"],
                 "preprocessing": description["preprocessing"],
@@ -494,26 +516,54 @@ def download_classifier(reference: str, destination: Path) -> Path:
     """The classifier folder (model.json + model.safetensors) of an MLflow model, downloaded under destination.
 
     `reference`: runs:/<run_id> (its `model`), runs:/<run_id>/<name>, models:/<name>@<alias>, models:/<name>/<v>.
+    Only two things are fetched: the MLmodel file (is it a model at all?), then the classifier folder, so a
+    reference to anything else (`file:///etc`) fails before a whole tree is copied.
     """
     point_at_store()
     uri = reference.rstrip("/")
     if uri.startswith("runs:/") and uri.count("/") == 1:
         uri = f"{uri}/{PYFUNC_MODEL_NAME}"
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination)))
-    except Exception as exc:  # MlflowException, OSError: the reference does not resolve in this store
-        raise TrackingError(
-            f"--model {reference}: cannot load it from the MLflow store {tracking_uri()} "
-            f"({str(exc).splitlines()[0]}). Use runs:/<run_id>, models:/<name>@<alias> or a "
-            "model folder such as data/model"
-        ) from None
-    classifier = local / "artifacts" / CLASSIFIER_ARTIFACT
+
+    def fetch(path: str, what: str) -> Path:
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{path}", dst_path=str(destination)))
+        except Exception as exc:  # MlflowException, OSError: the reference does not resolve in this store
+            raise TrackingError(
+                f"--model {reference}: cannot load {what} from the MLflow store {tracking_uri()} "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}). Use runs:/<run_id>, "
+                "models:/<name>@<alias> or a model folder such as data/model"
+            ) from None
+
+    fetch("MLmodel", "it (it is not an MLflow model: no MLmodel file)")
+    classifier = fetch(f"artifacts/{CLASSIFIER_ARTIFACT}", f"its {CLASSIFIER_ARTIFACT} folder")
     if not classifier.is_dir():
         raise TrackingError(
             f"--model {reference}: that MLflow model has no {CLASSIFIER_ARTIFACT} folder (it was "
             "not logged by this version of transfer's train stage)"
         )
     return classifier
+
+
+def _model_versions(client: MlflowClient, name: str) -> list:
+    """The versions of the registered model `name`; a name MLflow refuses, or no such model, is a TrackingError.
+
+    The name is looked up first by itself (no query text); only then is it quoted into a search filter, with a
+    quote character it does not contain."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        raise TrackingError(
+            f"--name {name!r}: no such registered model in {tracking_uri()} "
+            f"({exc.message.splitlines()[0] if exc.message else exc.error_code}); "
+            "the train stage registers models under tracking.registered_model (params.yaml)"
+        ) from None
+    quote = next((q for q in ("'", '"') if q not in name), None)
+    if quote is None:
+        raise TrackingError(f"--name {name!r}: a registered model name with both quote characters cannot be searched")
+    try:
+        return client.search_model_versions(f"name = {quote}{name}{quote}")
+    except MlflowException as exc:
+        raise TrackingError(f"--name {name!r}: MLflow refused the search ({exc.message.splitlines()[0]})") from None
 
 
 def promote_best(
@@ -527,7 +577,7 @@ def promote_best(
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise TrackingError(f"no MLflow experiment {experiment!r} in {tracking_uri()}")
-    versions = client.search_model_versions(f"name = '{registered_model}'")
+    versions = _model_versions(client, registered_model)
     if not versions:
         raise TrackingError(
             f"no versions of registered model {registered_model!r}: the train stage registers "
@@ -554,7 +604,10 @@ def promote_best(
         )
     # Best value first; among equals, the newest version.
     value, best_version, run_id = max(candidates, key=lambda c: (c[0] if higher_is_better else -c[0], c[1]))
-    client.set_registered_model_alias(registered_model, alias, str(best_version))
+    try:
+        client.set_registered_model_alias(registered_model, alias, str(best_version))
+    except MlflowException as exc:  # an alias MLflow refuses (its characters, a reserved name)
+        raise TrackingError(f"--alias {alias!r}: MLflow refused it ({exc.message.splitlines()[0]})") from None
     return {
         "registered_model": registered_model,
         "alias": alias,

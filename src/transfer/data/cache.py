@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from transfer.data.config import DataConfig
-from transfer.data.images import load_rgb, load_rgb_bytes
+from transfer.data.images import DEFAULT_MAX_PIXELS, load_rgb, load_rgb_bytes
 from transfer.data.split import SPLITS, read_manifest
 from transfer.pipeline.errors import UserError
 from transfer.pipeline.files import atomic_path, read_json, write_json
@@ -68,16 +68,19 @@ def cache_geometry(config: DataConfig) -> CacheGeometry:
     return CacheGeometry(config.resize_size, config.interpolation)
 
 
-def decode_to_cache_form(source: str | os.PathLike | bytes, geometry: CacheGeometry) -> np.ndarray:
+def decode_to_cache_form(
+    source: str | os.PathLike | bytes, geometry: CacheGeometry, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Decode one image file (or its encoded bytes) into the cached form: uint8 [S, S, 3] (`to_cache_form`).
 
     The single definition of "what the model's input pipeline starts from": the cache stage calls it for
-    every image, and prediction on new files calls it too (then `transforms.eval_batch_transform`).
+    every image, and prediction on new files calls it too (then `transforms.eval_batch_transform`). An image
+    over `max_pixels` is refused from its header (the served model passes a lower limit than the data's).
     """
     side = geometry.side
     if isinstance(source, bytes):
-        return to_cache_form(load_rgb_bytes(source, draft_size=side), geometry)
-    return to_cache_form(load_rgb(source, draft_size=side), geometry)
+        return to_cache_form(load_rgb_bytes(source, draft_size=side, max_pixels=max_pixels), geometry)
+    return to_cache_form(load_rgb(source, draft_size=side, max_pixels=max_pixels), geometry)
 
 
 def to_cache_form(image: Image.Image, geometry: CacheGeometry) -> np.ndarray:

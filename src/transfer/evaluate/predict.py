@@ -99,19 +99,38 @@ def predictions_json(predictions: Sequence, classes: list[str], k: int) -> list[
     ]
 
 
+# A spreadsheet reads a cell starting with one of these as a formula (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A text cell a spreadsheet shows as text: one starting like a formula gets a leading `'` (OWASP's
+    escape), so a file named `=HYPERLINK(...).png` is not run when the CSV is opened."""
+    return "'" + text if isinstance(text, str) and text.startswith(FORMULA_STARTS) else text
+
+
+def predictions_csv_frame(predictions: Sequence, classes: list[str], k: int):
+    """`predictions_frame` with its text cells (paths, class names, errors) made spreadsheet-safe."""
+    frame = predictions_frame(predictions, classes, k)
+    for column in frame.columns:
+        if not column.startswith("probability_"):
+            frame[column] = frame[column].map(spreadsheet_safe)
+    return frame
+
+
 def write_predictions(path: Path | None, predictions: Sequence, classes: list[str], k: int) -> None:
     """CSV or JSON by the file's extension; CSV on stdout without a path."""
     from transfer.pipeline.files import atomic_path, write_text
 
     if path is None:
-        predictions_frame(predictions, classes, k).to_csv(sys.stdout, index=False, float_format="%.6f")
+        predictions_csv_frame(predictions, classes, k).to_csv(sys.stdout, index=False, float_format="%.6f")
         return
     suffix = path.suffix.lower()
     if suffix == ".json":
         write_text(path, json.dumps(predictions_json(predictions, classes, k), indent=2) + "\n")
     elif suffix == ".csv":
         with atomic_path(path) as tmp:
-            predictions_frame(predictions, classes, k).to_csv(tmp, index=False, float_format="%.6f")
+            predictions_csv_frame(predictions, classes, k).to_csv(tmp, index=False, float_format="%.6f")
     else:
         raise PredictError(f"--out {path}: unknown format {suffix!r}; use a .csv or .json file name")
 
@@ -126,13 +145,13 @@ def run(args: argparse.Namespace) -> int:
         raise PredictError(f"--out {args.out}: unknown format {args.out.suffix!r}; use a .csv or .json file name")
     if args.batch_size < 1:
         raise PredictError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    from transfer.evaluate.inference import Prediction, predict_images, resolve_model
+    from transfer.evaluate.inference import Prediction, predict_paths, resolve_model
     from transfer.pipeline.runtime import resolve_device
 
     paths, problems = collect_images(args.paths)
     saved = resolve_model(args.model)
     device = resolve_device(args.device)
-    predictions = predict_images(saved, paths, args.batch_size, device)
+    predictions = predict_paths(saved, paths, args.batch_size, device)
     predictions += [Prediction(source, None, message) for source, message in problems]
     write_predictions(args.out, predictions, saved.classes, args.top_k)
     failed = [p for p in predictions if p.error]

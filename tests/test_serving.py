@@ -1,0 +1,257 @@
+"""The served model as an outer surface: it takes encoded images only (never a path on the server's disk), gives
+every row its own result or error, bounds what a request may cost, and never replies with a traceback. Also the
+other doors a careless or hostile input reaches: prediction CSVs (formula injection), `transfer promote --name`,
+`--model` references that are not models."""
+
+# The fixtures imported from test_predict (one tiny model, one store) are this module's test parameters.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import base64
+import csv
+import dataclasses
+import errno
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from serve_helpers import REPO_ROOT, invoke, json_split, served_model
+from test_predict import CLASSES, images, mlflow_store, model_dir  # noqa: F401 - fixtures shared with test_predict
+
+from transfer import tracking
+from transfer.evaluate.inference import InferenceError, ServingLimits, predict_paths
+from transfer.models.saved import load_model
+
+NOT_AN_IMAGE = "not an image: a text value must be the base64 of an encoded image"
+
+
+def bomb_png() -> bytes:
+    """8000 x 8000 black pixels: 64 MP from a PNG of about 60 KB (a decompression bomb)."""
+    buffer = io.BytesIO()
+    Image.new("L", (8000, 8000)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def noise_png(side: int) -> bytes:
+    """A PNG that does not compress: about 3 * side^2 bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server_files(tmp_path_factory, images):
+    """Paths a hostile caller might name on the server's disk: an image, a FIFO (opening it blocks until a writer
+    comes: a server that opened it would hang), a folder and a path that does not exist."""
+    folder = tmp_path_factory.mktemp("private")
+    fifo = folder / "fifo"
+    os.mkfifo(fifo)
+    return {
+        "image": str(images / "cat" / "0001.png"),
+        "fifo": str(fifo),
+        "folder": str(folder),
+        "missing": str(folder / "missing.png"),
+    }
+
+
+def assert_nobody_opened(fifo: str) -> None:
+    """A FIFO held open for reading accepts a non-blocking writer; nobody reading it: ENXIO."""
+    with pytest.raises(OSError) as raised:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert raised.value.errno == errno.ENXIO
+
+
+def test_pyfunc_takes_bytes_and_base64_never_a_path(mlflow_store, model_dir, images, server_files):
+    _, (run_id, _) = mlflow_store
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    png = Path(server_files["image"]).read_bytes()
+    text = base64.b64encode(png).decode()
+    opened: list[str] = []
+    watched = str(Path(server_files["fifo"]).parent), str(images)
+
+    def audit(event: str, args: tuple) -> None:  # every open() of the process, os.open included
+        if event == "open" and isinstance(args[0], str) and args[0].startswith(watched):
+            opened.append(args[0])
+
+    sys.addaudithook(audit)  # cannot be removed: it only records opens under this test's folders
+    paths = list(server_files.values())
+    wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))  # `base64` output, with line breaks
+    # The base64 of a photo-sized image: longer than any file name (it made main raise "File name too long").
+    photo = base64.b64encode(noise_png(64)).decode()
+    frame = pd.DataFrame({"image": [*paths, png, text, wrapped, 7, None, photo]})
+    result = pyfunc.predict(frame)
+    opened_while_predicting = list(opened)
+    assert opened_while_predicting == []
+    assert_nobody_opened(server_files["fifo"])
+
+    # Every path gets the same error, whatever is there: the reply says nothing about the server's disk.
+    assert list(result["class"][: len(paths)]) == [""] * len(paths)
+    (error,) = set(result["error"][: len(paths)])
+    assert error.startswith(NOT_AN_IMAGE) and "never reads files" in error
+    # Bytes, base64 text and base64 wrapped over lines are the same image; other types are row errors.
+    expected = predict_paths(load_model(model_dir), [server_files["image"]], progress=False)[0]
+    for row in (4, 5, 6):
+        assert result["error"][row] == "" and result["class"][row] == CLASSES[int(expected.probabilities.argmax())]
+        np.testing.assert_allclose(
+            [result["probabilities"][row][name] for name in CLASSES], expected.probabilities, atol=1e-5
+        )
+    assert "got int" in result["error"][7] and "got NoneType" in result["error"][8]
+    assert result["error"][9] == "" and result["class"][9] in CLASSES
+
+
+def test_serving_limits_live_in_the_model_config_and_refuse_per_row(mlflow_store, images):
+    _, (run_id, _) = mlflow_store
+    uri = f"runs:/{run_id}/model"
+    assert mlflow.pyfunc.load_model(uri).model_config == dataclasses.asdict(ServingLimits())
+    png = (images / "dog" / "0000.png").read_bytes()
+    big = noise_png(200)  # about 120 KB
+    limits = {"max_rows": 4, "max_image_bytes": 100_000, "max_pixels": 1_000_000}
+    pyfunc = mlflow.pyfunc.load_model(uri, model_config=limits)
+    result = pyfunc.predict(pd.DataFrame({"image": [png, bomb_png(), big, base64.b64encode(big).decode()]}))
+    assert result["error"][0] == "" and result["class"][0] in CLASSES
+    assert "8000x8000 (64,000,000 pixels); the limit is 1,000,000 pixels" in result["error"][1]
+    assert (
+        f"the image is {len(big):,} bytes; the limit is 100,000 bytes per image (max_image_bytes)" in result["error"][2]
+    )
+    assert "the limit is 100,000 bytes per image (max_image_bytes)" in result["error"][3]
+    assert list(result["class"][1:]) == ["", "", ""]
+
+    too_many = pyfunc.predict(pd.DataFrame({"image": [png] * 5}))
+    assert list(too_many["class"]) == [""] * 5
+    assert set(too_many["error"]) == {
+        "the request has 5 rows; the limit is 4 per request (max_rows): send the images in smaller requests"
+    }
+    # The defaults refuse the bomb too (64 MP over 25 MP), from its header.
+    default = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [bomb_png()]}))
+    assert "the limit is 25,000,000 pixels" in default["error"][0]
+
+
+def test_serving_limits_config_is_checked():
+    assert ServingLimits.from_config(None) == ServingLimits()
+    assert ServingLimits.from_config({"max_rows": 3}).max_rows == 3
+    for bad in ({"max_row": 3}, {"max_rows": 0}, {"max_rows": True}, {"max_pixels": "10"}, {"max_rows": 2.0}):
+        with pytest.raises(InferenceError, match="model config"):
+            ServingLimits.from_config(bad)
+
+
+def test_readme_states_the_serving_limits_defaults():
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    for field in dataclasses.fields(ServingLimits):
+        assert f"`{field.name}` | {field.default:,}" in readme, field.name
+
+
+@pytest.mark.slow
+def test_served_model_refuses_paths_per_row_in_every_content_type(mlflow_store, images, server_files, tmp_path):
+    """`mlflow models serve` on loopback: JSON (dataframe_split, dataframe_records, inputs, instances), CSV and
+    parquet, each with the server's own paths and a base64 image; limits per row; no traceback in any reply."""
+    store, (run_id, _) = mlflow_store
+    png = Path(server_files["image"]).read_bytes()
+    text = base64.b64encode(png).decode()
+    paths = list(server_files.values())
+    values = [*paths, base64.b64encode(noise_png(64)).decode(), text]  # a photo-sized base64 too
+
+    def parquet(column: list) -> bytes:
+        buffer = io.BytesIO()
+        pd.DataFrame({"image": column}).to_parquet(buffer)
+        return buffer.getvalue()
+
+    requests = {
+        "dataframe_split": (json_split(values), "application/json"),
+        "dataframe_records": (json.dumps({"dataframe_records": [{"image": v} for v in values]}), "application/json"),
+        "inputs": (json.dumps({"inputs": {"image": values}}), "application/json"),
+        "instances": (json.dumps({"instances": [{"image": v} for v in values]}), "application/json"),
+        "csv": (pd.DataFrame({"image": values}).to_csv(index=False), "text/csv"),
+        "parquet text": (parquet(values), "application/vnd.apache.parquet"),
+        "parquet bytes": (parquet([p.encode() for p in paths] + [png]), "application/vnd.apache.parquet"),
+    }
+    limits = {"max_rows": 8, "max_image_bytes": 100_000}
+    replies = {}
+    with served_model(
+        f"runs:/{run_id}/model", {"SERVING_MODEL_CONFIG": json.dumps(limits)}, log=tmp_path / "server.log"
+    ) as (url, _):
+        for name, (body, content_type) in requests.items():
+            replies[name] = invoke(url, body, content_type)
+        big = base64.b64encode(noise_png(200)).decode()  # about 120 KB
+        replies["limits"] = invoke(
+            url, json_split([base64.b64encode(bomb_png()).decode(), big, text]), "application/json"
+        )
+        replies["rows"] = invoke(url, pd.DataFrame({"image": [text] * 9}).to_csv(index=False), "text/csv")
+        replies["no image column"] = invoke(
+            url, json.dumps({"dataframe_split": {"columns": ["x"], "data": [[1]]}}), "application/json"
+        )
+        assert_nobody_opened(server_files["fifo"])
+
+    for name, (_, reply) in replies.items():
+        assert "Traceback" not in reply and "site-packages" not in reply, (name, reply)
+        assert str(store) not in reply and str(Path(server_files["fifo"]).parent) not in reply, (name, reply)
+    for name in requests:
+        status, reply = replies[name]
+        assert status == 200, (name, reply)
+        rows = json.loads(reply)["predictions"]
+        assert [row["class"] for row in rows[: len(paths)]] == [""] * len(paths), (name, rows)
+        errors = {row["error"] for row in rows[: len(paths)]}
+        assert len(errors) == 1, (name, errors)  # one answer whatever the path names: nothing about the disk
+        assert all(row["error"] == "" and row["class"] in CLASSES for row in rows[len(paths) :]), (name, rows)
+    bomb, oversize, fine = json.loads(replies["limits"][1])["predictions"]
+    assert "the limit is 25,000,000 pixels" in bomb["error"] and bomb["class"] == ""
+    assert "the limit is 100,000 bytes per image (max_image_bytes)" in oversize["error"]
+    assert fine["error"] == "" and fine["class"] in CLASSES
+    rows = json.loads(replies["rows"][1])["predictions"]
+    assert len(rows) == 9 and all("the limit is 8 per request (max_rows)" in row["error"] for row in rows)
+    status, reply = replies["no image column"]
+    assert status == 400 and "missing inputs ['image']" in reply
+
+
+def test_prediction_csv_escapes_cells_a_spreadsheet_would_run(model_dir, images, tmp_path, monkeypatch, capsys):
+    from transfer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    names = ["=1+2.png", "+SUM(1).png", "-3.png", "@A1.png", "plain.png"]
+    for name in names:
+        Path(name).write_bytes((images / "cat" / "0000.png").read_bytes())
+    assert main(["predict", "--model", str(model_dir), "--out", "predictions.csv", "--", *names, "=missing.png"]) == 1
+    with open("predictions.csv", newline="") as handle:
+        cells = {row[0]: row for row in csv.reader(handle)}
+    assert set(cells) == {"path", *(f"'{name}" for name in names[:4]), "plain.png", "'=missing.png"}
+    assert cells["'=1+2.png"][1] in CLASSES and cells["'=missing.png"][-1] == "no such file or folder"
+    # CSV on stdout too; JSON keeps the names as they are (no spreadsheet reads it).
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model_dir), "=1+2.png"]) == 0
+    assert "\n'=1+2.png," in capsys.readouterr().out
+    assert main(["predict", "=1+2.png", "--model", str(model_dir), "--out", "p.json"]) == 0
+    assert json.loads(Path("p.json").read_text())[0]["path"] == "=1+2.png"
+
+
+def test_promote_with_a_hostile_or_unknown_name_is_a_clear_error(mlflow_store, capsys):
+    from transfer.cli import main
+
+    capsys.readouterr()
+    for name in ("x' OR name LIKE '%", 'x" OR 1=1 --', "nobody"):
+        assert main(["promote", "--experiment", "predict-test", "--name", name]) == 2, name
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and f"--name {name!r}: no such registered model" in err, err
+
+
+def test_model_reference_that_is_not_a_model_fails_before_copying(mlflow_store, tmp_path):
+    tree = tmp_path / "etc"
+    for index in range(30):
+        (tree / f"d{index}").mkdir(parents=True)
+        (tree / f"d{index}" / "file.conf").write_text("x" * 10_000)
+    destination = tmp_path / "download"
+    destination.mkdir()
+    with pytest.raises(tracking.TrackingError, match="not an MLflow model"):
+        tracking.download_classifier(tree.as_uri(), destination)
+    assert list(destination.rglob("*")) == []
+    # A real model: only the MLmodel file and the classifier folder come down (not the raw PyTorch copy).
+    _, (run_id, _) = mlflow_store
+    classifier = tracking.download_classifier(f"runs:/{run_id}", destination)
+    assert sorted(p.name for p in classifier.iterdir()) == ["model.json", "model.safetensors"]
+    assert not list(destination.rglob("python_model*")) and not list(destination.rglob("*.pkl"))
