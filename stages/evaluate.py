@@ -2,9 +2,9 @@
 
 Writes DVC metrics (reports/metrics.json, with the verdict, model health, top-k accuracy and calibration: ECE,
 NLL and Brier before and after the model's temperature), the confusion and reliability plot data
-(reports/confusion.csv, reports/reliability.csv) and the run's diagnostics folder (reports/diagnostics: PNGs,
-per-class CSV, self-contained report.html), and logs them into the MLflow run of the model it evaluates
-(the run tagged with the model's digest).
+(reports/confusion.csv, reports/reliability/{before,after}.csv) and the run's diagnostics folder
+(reports/diagnostics: PNGs, per-class CSV, self-contained report.html), and logs them into the MLflow run of
+the model it evaluates (the run tagged with the model's digest).
 """
 
 from pathlib import Path
@@ -16,7 +16,7 @@ from PIL import Image
 from transfer import tracking
 from transfer.data.datasets import load_split_dataset
 from transfer.data.transforms import eval_batch_transform
-from transfer.evaluate.calibration import CALIBRATION_METRICS, calibration_report, reliability_table
+from transfer.evaluate.calibration import CALIBRATION_METRICS, calibration_report, reliability_frame
 from transfer.evaluate.diagnostics import write_run_diagnostics
 from transfer.evaluate.metrics import classification_metrics, confusion_pairs, predict_logits_and_features
 from transfer.evaluate.plots import image_batch
@@ -121,7 +121,8 @@ def main() -> None:
         },
     )
     write_csv(REPORTS_DIR / "confusion.csv", confusion_pairs(test.paths, y_true, y_pred, classes))
-    write_csv(REPORTS_DIR / "reliability.csv", reliability_table(calibration))
+    for when in ("before", "after"):
+        write_csv(REPORTS_DIR / "reliability" / f"{when}.csv", reliability_frame(calibration[f"diagram_{when}"]))
     print(
         f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
         f"ECE {calibration['before']['ece']:.4f} -> {calibration['after']['ece']:.4f} (temperature "
@@ -144,7 +145,9 @@ def main() -> None:
         # fit.*, topk.*: sortable in the MLflow UI (the train stage logs weight_change/<group>)
         tracking.log_metrics({key: diagnostics[key] for key in ("fit", "health", "topk")})
         tracking.log_metrics({"calibration": calibration_metrics_of(calibration)}, prefix="test")
-        tracking.log_artifacts([REPORTS_DIR / "reliability.csv"])
+        tracking.log_artifacts(
+            [REPORTS_DIR / "reliability" / f"{when}.csv" for when in ("before", "after")], artifact_path="reliability"
+        )
         # A tag, not a param: an evaluate-only change (-S evaluate.tta=flip) reopens the train stage's run,
         # whose params are immutable and were logged before this value was chosen.
         tracking.log_tags({"fit_verdict": diagnostics["fit"]["verdict"], "test_tta": params.evaluate.tta})

@@ -138,25 +138,10 @@ def calibration_report(logits, labels, temperature: float, bins: int = BINS) -> 
     }
 
 
-def reliability_table(report: dict):
-    """The reliability diagram as a DataFrame for the DVC plot: one row per bin holding an image before or after
-    (bin centre, the perfect-calibration line, accuracy and confidence before and after; empty bins blank)."""
+def reliability_frame(diagram: list[dict]):
+    """A reliability diagram's non-empty bins as a DataFrame (the DVC plot's data: a plot cannot skip blanks):
+    confidence (mean, the x), accuracy (the y), count, lower and upper bounds."""
     import pandas as pd
 
-    rows = []
-    for before, after in zip(report["diagram_before"], report["diagram_after"]):
-        if not before["count"] and not after["count"]:
-            continue
-        rows.append(
-            {
-                "bin_centre": round((before["lower"] + before["upper"]) / 2, 6),
-                "perfect": round((before["lower"] + before["upper"]) / 2, 6),
-                "accuracy_before": before["accuracy"],
-                "accuracy_after": after["accuracy"],
-                "confidence_before": before["confidence"],
-                "confidence_after": after["confidence"],
-                "count_before": before["count"],
-                "count_after": after["count"],
-            }
-        )
-    return pd.DataFrame(rows)
+    rows = [row for row in diagram if row["count"]]
+    return pd.DataFrame(rows, columns=["confidence", "accuracy", "count", "lower", "upper"])
