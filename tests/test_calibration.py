@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from test_diagnostics import image_files, predictions  # noqa: F401 (fixtures)
 
 from transfer.evaluate.calibration import (
     brier,
@@ -86,3 +87,32 @@ def test_classifier_divides_its_logits_by_the_temperature():
     model.temperature = 2.5
     assert torch.allclose(model(x), raw / 2.5)
     assert (model(x).argmax(1) == raw.argmax(1)).all()
+
+
+def test_the_report_shows_the_reliability_diagram_and_the_metrics(tmp_path, image_files, predictions):  # noqa: F811
+    from PIL import Image
+    from test_diagnostics import CLASSES, TinyModel, history_frame
+
+    from transfer.evaluate import diagnostics as diag
+
+    y_true, probs = predictions
+    y_true, probs = y_true[: len(image_files)], probs[: len(image_files)]
+    report = calibration_report(np.log(probs), y_true, 1.7)
+    _, files = diag.write_run_diagnostics(
+        tmp_path,
+        class_names=CLASSES,
+        y_true=y_true,
+        probs=softmax(np.log(probs), 1.7),
+        history=history_frame(fine_tune=False),
+        image_paths=[str(p) for p in image_files],
+        load_image=lambda p: Image.open(p).convert("RGB"),
+        features=torch.randn(len(y_true), 16),
+        model=TinyModel(),
+        batch=torch.randn(2, 3, 32, 32),
+        calibration=report,
+    )
+    assert tmp_path / diag.RELIABILITY_PNG in files
+    assert Image.open(tmp_path / diag.RELIABILITY_PNG).format == "PNG"
+    page = (tmp_path / diag.REPORT_HTML).read_text()
+    assert "<h2>Calibration</h2>" in page and "Temperature 1.7" in page
+    assert f"{report['after']['ece']:.4g}" in page and f"{report['before']['nll']:.4g}" in page
