@@ -30,9 +30,9 @@ def test_temperature_fitted_reported_logged_and_accuracy_unchanged(project):  # 
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     calibration = metrics["calibration"]
     assert calibration["temperature"] == temperature and temperature != 1.0
-    # Fitted on val, the temperature lowers the test NLL (what it minimises) on this set.
-    assert calibration["nll_after"] < calibration["nll_before"]
-    assert {"ece_before", "ece_after", "brier_before", "brier_after"} <= set(calibration)
+    # Fitted on val, T need not lower the test NLL (at 32 px here: 0.7609 -> 0.7615); tests/test_calibration.py
+    # checks that it does on over-confident logits. Here: every metric is there, before and after.
+    assert {f"{name}_{when}" for name in ("ece", "nll", "brier") for when in ("before", "after")} <= set(calibration)
     test_images = len(pd.read_csv(repo / "reports/confusion.csv"))
     for when in ("before", "after"):
         assert pd.read_csv(repo / f"reports/reliability/{when}.csv")["count"].sum() == test_images

@@ -185,8 +185,9 @@ def write_run_diagnostics(
         )
         files.append(out / RELIABILITY_PNG)
         sections["Calibration"] = [
-            f"Temperature {calibration['temperature']:.4g}, fitted on val (evaluate.calibration): the logits are "
-            "divided by it, which changes the probabilities but never the predicted class. ECE: 15 bins.",
+            f"Temperature {calibration['temperature']:.4g}, fitted on val (evaluate.calibration: temperature; "
+            "1 with none): the logits are divided by it, which changes the probabilities but never the predicted "
+            "class. ECE: 15 bins of the top-1 probability.",
             pd.DataFrame(
                 [
                     {"probabilities": name, **calibration[key]}
