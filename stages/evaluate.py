@@ -1,9 +1,10 @@
 """Stage evaluate: test accuracy, macro-F1, per-class recall, the confusion matrix and the diagnostics.
 
-Writes DVC metrics (reports/metrics.json, with the verdict, model health and top-k accuracy), the
-confusion plot data (reports/confusion.csv) and the run's diagnostics folder (reports/diagnostics: PNGs,
-per-class CSV, self-contained report.html), and logs them into the MLflow run of the model it evaluates
-(the run tagged with the model's digest).
+Writes DVC metrics (reports/metrics.json, with the verdict, model health, top-k accuracy and calibration: ECE,
+NLL and Brier before and after the model's temperature), the confusion and reliability plot data
+(reports/confusion.csv, reports/reliability/{before,after}.csv) and the run's diagnostics folder
+(reports/diagnostics: PNGs, per-class CSV, self-contained report.html), and logs them into the MLflow run of
+the model it evaluates (the run tagged with the model's digest).
 """
 
 from pathlib import Path
@@ -15,6 +16,7 @@ from PIL import Image
 from transfer import tracking
 from transfer.data.datasets import load_split_dataset
 from transfer.data.transforms import eval_batch_transform
+from transfer.evaluate.calibration import CALIBRATION_METRICS, calibration_report, reliability_frame
 from transfer.evaluate.diagnostics import write_run_diagnostics
 from transfer.evaluate.metrics import classification_metrics, confusion_pairs, predict_logits_and_features
 from transfer.evaluate.plots import image_batch
@@ -35,8 +37,16 @@ def layer_movement() -> dict[str, float]:
     }
 
 
+def calibration_metrics_of(calibration: dict) -> dict[str, float]:
+    """metrics.json's `calibration`: the temperature and ECE, NLL, Brier on test before (T = 1) and after it."""
+    return {
+        "temperature": calibration["temperature"],
+        **{f"{name}_{when}": calibration[when][name] for name in CALIBRATION_METRICS for when in ("before", "after")},
+    }
+
+
 def diagnose(
-    saved: SavedModel, params, test, images, logits: torch.Tensor, model_features, summary: dict
+    saved: SavedModel, params, test, images, logits: torch.Tensor, model_features, summary: dict, calibration: dict
 ) -> tuple[dict, list[Path]]:
     """Pictures, per-class table, verdict (with what to try next) and report.html; returns (metrics, files).
 
@@ -73,6 +83,7 @@ def diagnose(
         model_features=model_features,
         selection=selection,
         train_counts=read_json(SPLIT_DIR / "summary.json")["per_class"]["train"],
+        calibration=calibration,
     )
 
 
@@ -87,25 +98,36 @@ def main() -> None:
     if saved.freeze_layers == "all" and params.evaluate.tta == "none":
         # The backbone is the untouched pretrained one: its test features are already cached.
         with torch.inference_mode():
-            logits = model.head(test.features)
+            head_logits = model.head(test.features)
     else:
-        logits, features = predict_logits_and_features(
+        head_logits, features = predict_logits_and_features(
             model, dataset, params.finetune.batch_size * 2, resolve_device(params.device), tta=params.evaluate.tta
         )
         if saved.freeze_layers != "all":
             model_features = features
+    logits = model.calibrate(head_logits)  # what `transfer predict`, the pyfunc model and ONNX return
     y_true, y_pred = test.labels.numpy(), logits.argmax(1).numpy()
+    calibration = calibration_report(head_logits.numpy(), y_true, model.temperature)
 
     metrics = classification_metrics(y_true, y_pred, classes)
-    diagnostics, diagnostic_files = diagnose(saved, params, test, dataset, logits, model_features, metrics)
+    diagnostics, diagnostic_files = diagnose(saved, params, test, dataset, logits, model_features, metrics, calibration)
     # weight_change is already the train stage's metric (reports/layer_movement.json): not repeated here
     write_json(
-        REPORTS_DIR / "metrics.json", {**metrics, **{key: diagnostics[key] for key in ("fit", "health", "topk")}}
+        REPORTS_DIR / "metrics.json",
+        {
+            **metrics,
+            **{key: diagnostics[key] for key in ("fit", "health", "topk")},
+            "calibration": calibration_metrics_of(calibration),
+        },
     )
     write_csv(REPORTS_DIR / "confusion.csv", confusion_pairs(test.paths, y_true, y_pred, classes))
+    for when in ("before", "after"):
+        write_csv(REPORTS_DIR / "reliability" / f"{when}.csv", reliability_frame(calibration[f"diagram_{when}"]))
     print(
         f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-        f"{diagnostics['fit']['verdict']}; report -> {DIAGNOSTICS_DIR / 'report.html'}"
+        f"ECE {calibration['before']['ece']:.4f} -> {calibration['after']['ece']:.4f} (temperature "
+        f"{calibration['temperature']:.3g}), {diagnostics['fit']['verdict']}; "
+        f"report -> {DIAGNOSTICS_DIR / 'report.html'}"
     )
 
     with tracking.model_run(params.tracking.experiment, model_digest(MODEL_DIR)):
@@ -122,6 +144,10 @@ def main() -> None:
         )
         # fit.*, topk.*: sortable in the MLflow UI (the train stage logs weight_change/<group>)
         tracking.log_metrics({key: diagnostics[key] for key in ("fit", "health", "topk")})
+        tracking.log_metrics({"calibration": calibration_metrics_of(calibration)}, prefix="test")
+        tracking.log_artifacts(
+            [REPORTS_DIR / "reliability" / f"{when}.csv" for when in ("before", "after")], artifact_path="reliability"
+        )
         # A tag, not a param: an evaluate-only change (-S evaluate.tta=flip) reopens the train stage's run,
         # whose params are immutable and were logged before this value was chosen.
         tracking.log_tags({"fit_verdict": diagnostics["fit"]["verdict"], "test_tta": params.evaluate.tta})

@@ -4,14 +4,15 @@ A scikit-learn head (head.kind other than linear) is saved in data/model/head.sk
 the sklearn flavour (predicting from features); fine-tuning starts from the linear or logreg head, and from
 a linear probe for the other kinds.
 
-Params: freeze_layers, head, finetune, seed, backbone, tracking.registered_model. Opens the pipeline run
-in MLflow (params, tags, per-epoch metrics, the model, registered under tracking.registered_model) and
+Params: freeze_layers, head, finetune, seed, backbone, evaluate.calibration, tracking.registered_model. Opens
+the pipeline run in MLflow (params, tags, per-epoch metrics, the model, registered under tracking.registered_model) and
 tags it with the model's digest, by which the evaluate stage finds the run. The model is
 data/model/model.safetensors + model.json (transfer.models.saved).
 Fine-tuning checkpoints every epoch in data/checkpoints (persisted by DVC): a killed run continues on the
 next `dvc repro`, in the same MLflow run. `finetune.nproc` > 1 re-launches this script under torchrun
 (data-parallel); rank 0 logs and writes the outputs. Besides the model it writes the per-group relative
-weight change (reports/layer_movement.json, MLflow `weight_change/<group>`).
+weight change (reports/layer_movement.json, MLflow `weight_change/<group>`). With evaluate.calibration:
+temperature, the model's logits are divided by a temperature fitted on val (transfer.evaluate.calibration).
 """
 
 import contextlib
@@ -21,11 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from transfer import tracking
 from transfer.data.datasets import load_split_dataset
 from transfer.data.split import read_classes
 from transfer.data.transforms import eval_batch_transform, train_transforms
+from transfer.evaluate.calibration import fit_temperature
+from transfer.evaluate.metrics import predict_logits
 from transfer.features import load_feature_cache
 from transfer.models.backbones import Classifier, LoadedBackbone, load_backbones
 from transfer.models.groups import freeze_first_groups, relative_weight_change
@@ -113,6 +117,27 @@ def layer_movement(initial_state: dict, model: Classifier) -> dict[str, float | 
     """||w - w0|| / ||w0|| per layer group (null where undefined: JSON has no NaN)."""
     change = relative_weight_change(initial_state, model)
     return {group: (None if math.isnan(value) else value) for group, value in change.items()}
+
+
+def calibrate(model: Classifier, params: Params, feature_head: FittedFeatureHead | None, val_data) -> None:
+    """evaluate.calibration: temperature: the one temperature that minimises the NLL of val, stored in the model.
+
+    Fitted on logits of images the model did not learn from: a scikit-learn head's train-only fit (the saved
+    head is refitted on train + val, so its own val logits would be over-confident), the linear probe or the
+    fine-tuned model (val only chose their epoch).
+    """
+    if params.evaluate.calibration == "none":
+        return
+    val = load_feature_cache(FEATURES_DIR / "val.pt")
+    if feature_head is not None:
+        logits = feature_head.val_logits
+    elif params.freeze_layers == "all":
+        with torch.inference_mode():
+            logits = model.head(val.features)
+    else:
+        logits = predict_logits(model, val_data, params.finetune.batch_size * 2, resolve_device(params.device))
+    model.temperature = fit_temperature(logits, val.labels)
+    print(f"train: calibration temperature {model.temperature:.4f} fitted on {len(val.labels)} val images")
 
 
 def train(params: Params, context: DistContext) -> None:
@@ -210,6 +235,7 @@ def train(params: Params, context: DistContext) -> None:
         if not context.is_main:
             return  # rank 0 writes every output
 
+        calibrate(model, params, feature_head, val_data)
         model.cpu().eval()
         save_model(
             MODEL_DIR,

@@ -25,6 +25,7 @@ from transfer.evaluate.plots import (
     plot_layer_movement,
     plot_learning_curves,
     plot_mistakes,
+    plot_reliability,
 )
 from transfer.evaluate.report import write_html_report
 from transfer.models.groups import in_group_order
@@ -40,6 +41,7 @@ LAYER_MOVEMENT_PNG = "layer_movement.png"
 LAYER_MOVEMENT_CSV = "layer_movement.csv"
 FEATURES_PNG = "features.png"
 ACTIVATIONS_PNG = "activations.png"
+RELIABILITY_PNG = "reliability.png"
 REPORT_HTML = "report.html"
 FROZEN_NOTE = "Feature extraction only: no layer of the backbone was trained."
 
@@ -67,6 +69,7 @@ def write_run_diagnostics(
     model_features=None,
     selection: Mapping | None = None,
     train_counts: Mapping[str, int] | None = None,
+    calibration: Mapping | None = None,
 ) -> tuple[dict, list[Path]]:
     """Write every diagnostic of one run under `out_dir`; return (metrics, files).
 
@@ -85,7 +88,8 @@ def write_run_diagnostics(
     stage's reports/train.json) and `train_counts` (training images per
     class) the verdict (`fit.verdict`) names every problem found and the
     report says what to try next (see `model_problems`); the numbers go
-    to `metrics["health"]`.
+    to `metrics["health"]`. `calibration` (transfer.evaluate.calibration.calibration_report) adds the
+    reliability diagram and the ECE, NLL and Brier score before and after temperature scaling.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,5 +176,25 @@ def write_run_diagnostics(
         "Layer movement": movement_items,
         "Features": [out / FEATURES_PNG, out / ACTIVATIONS_PNG],
     }
+    if calibration is not None:
+        plot_reliability(
+            calibration["diagram_before"],
+            calibration["diagram_after"],
+            calibration["temperature"],
+            out / RELIABILITY_PNG,
+        )
+        files.append(out / RELIABILITY_PNG)
+        sections["Calibration"] = [
+            f"Temperature {calibration['temperature']:.4g}, fitted on val (evaluate.calibration: temperature; "
+            "1 with none): the logits are divided by it, which changes the probabilities but never the predicted "
+            "class. ECE: 15 bins of the top-1 probability.",
+            pd.DataFrame(
+                [
+                    {"probabilities": name, **calibration[key]}
+                    for name, key in (("T = 1", "before"), ("fitted T", "after"))
+                ]
+            ),
+            out / RELIABILITY_PNG,
+        ]
     files.append(write_html_report(out / REPORT_HTML, title, sections))
     return metrics, files

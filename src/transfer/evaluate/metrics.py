@@ -37,6 +37,8 @@ def predict_logits_and_features(
 
     tta="flip" scores each image and its horizontal mirror and returns the log of their mean softmax
     (fastai's and timm's flip test-time augmentation): valid logits, whose softmax is the averaged probability.
+
+    A Classifier's logits are its head's, before its temperature (`model.calibrate(logits)` applies it).
     """
     if tta not in ("none", "flip"):
         raise ValueError(f"evaluate.tta: unknown test-time augmentation {tta!r}; choose 'none' or 'flip'")
@@ -49,7 +51,10 @@ def predict_logits_and_features(
         features = model.backbone(images) if hasattr(model, "backbone") else None
         logits = (model(images) if features is None else model.head(features)).float()
         if tta == "flip":
-            mirrored = model(images.flip(-1)).float()
+            # A Classifier's head, not its forward: the temperature applies after the views are averaged
+            # (Classifier.calibrate), which keeps the averaged prediction's class.
+            mirrored = model(images.flip(-1)) if features is None else model.head(model.backbone(images.flip(-1)))
+            mirrored = mirrored.float()
             logits = ((logits.softmax(1) + mirrored.softmax(1)) / 2).log()
         batches.append(logits.cpu())
         if features is not None:

@@ -408,3 +408,29 @@ def plot_mistakes(
     figure.suptitle("Most confident mistakes")
     save_figure(figure, path)
     return figure
+
+
+def plot_reliability(diagram_before: Sequence[Mapping], diagram_after: Sequence[Mapping], temperature: float, path):
+    """Reliability diagram: accuracy per confidence bin before (T = 1) and after temperature scaling, the
+    diagonal of perfect calibration, and the share of images per bin underneath (the rows of
+    transfer.evaluate.calibration.reliability_diagram)."""
+    figure = _new_figure(5.5, 5.5)
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    top.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    total = max(1, sum(row["count"] for row in diagram_before))
+    for rows, label, colour, shift in (
+        (diagram_before, "before (T = 1)", "tab:red", -0.25),
+        (diagram_after, f"after (T = {temperature:.3g})", "tab:blue", 0.25),
+    ):
+        full = [row for row in rows if row["count"]]
+        top.plot(
+            [row["confidence"] for row in full], [row["accuracy"] for row in full], "o-", color=colour, label=label
+        )
+        width = (rows[0]["upper"] - rows[0]["lower"]) / 2
+        centres = [(row["lower"] + row["upper"]) / 2 + shift * width for row in rows]
+        bottom.bar(centres, [row["count"] / total for row in rows], width=width, color=colour, alpha=0.7)
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title="Reliability diagram (test)")
+    top.legend(fontsize=8, loc="upper left")
+    bottom.set(xlabel="confidence (top-1 probability)", ylabel="share of images")
+    save_figure(figure, path)
+    return figure

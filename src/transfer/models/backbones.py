@@ -566,16 +566,27 @@ def load_backbones(
 
 
 class Classifier(nn.Module):
-    """A backbone with a linear head. Frozen groups stay in eval mode whenever the model trains."""
+    """A backbone with a linear head. Frozen groups stay in eval mode whenever the model trains.
+
+    `temperature` (1.0 until the train stage fits one on val: transfer.evaluate.calibration) divides the head's
+    logits. It is a plain float, not a tensor of the state_dict: model.json stores it (transfer.models.saved),
+    and whatever runs the model (`transfer predict`, the pyfunc model, the ONNX graph) applies it.
+    """
 
     def __init__(self, backbone: nn.Module, num_classes: int):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.num_features, num_classes)
         self.frozen_groups = 0
+        self.temperature = 1.0
+
+    def calibrate(self, logits: torch.Tensor) -> torch.Tensor:
+        """The head's logits (or their log mean softmax under TTA) divided by the temperature: same order,
+        so the same predicted class. A scikit-learn head's logits are log-probabilities: softmax(log p / T)."""
+        return logits / self.temperature
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+        return self.calibrate(self.head(self.backbone(images)))
 
     def train(self, mode: bool = True) -> "Classifier":
         super().train(mode)

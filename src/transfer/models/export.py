@@ -2,9 +2,10 @@
 
 The ONNX graph takes the preprocessed batch `image` (float32 [batch, 3, S, S]: RGB, resized, centre-cropped,
 scaled to [0, 1] and normalised, as `transfer.evaluate.predict.model_input` makes it) with a dynamic batch
-size, and returns `logits` and `probabilities` (softmax). Its metadata_props carry what a consumer needs
+size, and returns `logits` (divided by the model's calibration temperature, as every prediction path does)
+and `probabilities` (softmax). Its metadata_props carry what a consumer needs
 without this package: `classes` (JSON list, in output order), `preprocessing` (JSON: image_size,
-resize_size, interpolation, mean, std), `backbone` and `format`.
+resize_size, interpolation, mean, std), `backbone`, `temperature` and `format`.
 
 After writing, the file is run with onnxruntime on real images (the test split by default) and compared
 with the PyTorch model: the largest absolute difference of the probabilities is reported.
@@ -55,6 +56,8 @@ def onnx_metadata(saved: SavedModel) -> dict[str, str]:
         "input": "image: float32 [batch, 3, S, S], RGB resized (short side resize_size), centre-cropped to "
         "image_size, scaled to [0, 1], normalised with mean and std",
         "outputs": "logits, probabilities (softmax): float32 [batch, classes], in the order of classes",
+        # Already applied by the graph (logits are divided by it): informative, not for the consumer to apply.
+        "temperature": repr(float(saved.model.temperature)),
     }
 
 

@@ -318,6 +318,11 @@ class EvaluateParams(Section):
         description="test-time augmentation: 'flip' averages the softmax of each image and its mirror "
         "(twice the prediction cost; the probe then runs the backbone on the images)",
     )
+    calibration: Literal["none", "temperature"] = Field(
+        "temperature",
+        description="train stage: 'temperature' fits one scalar T on val (L-BFGS on the NLL) that divides the "
+        "logits, stored in the model and applied by every prediction path (accuracy unchanged); 'none' keeps T = 1",
+    )
 
 
 class DiagnosticsParams(Section):
