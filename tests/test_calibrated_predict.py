@@ -1,4 +1,4 @@
-"""A calibrated model gives the same probabilities on every path: the evaluate stage's, `predict_images`
+"""A calibrated model gives the same probabilities on every path: the evaluate stage's, `predict_paths`
 (`transfer predict`), the ONNX export under onnxruntime and the MLflow pyfunc model, to 1e-5. A tiny
 random-init resnet18 (32 px, 3 classes) made over-confident, its temperature fitted, on generated PNGs."""
 
@@ -18,7 +18,7 @@ from transfer.data.cache import CachedImages, cache_geometry, write_split_cache
 from transfer.data.datasets import ImageDataset
 from transfer.data.transforms import eval_batch_transform
 from transfer.evaluate.calibration import fit_temperature
-from transfer.evaluate.inference import model_input, predict_images
+from transfer.evaluate.inference import model_input, predict_paths
 from transfer.evaluate.metrics import predict_logits_and_features
 from transfer.models.backbones import Classifier, load_backbone
 from transfer.models.heads import FEATURE_HEADS
@@ -112,7 +112,7 @@ def test_predict_onnx_and_pyfunc_agree_with_the_evaluate_path_after_calibration(
     assert (expected.argmax(1) == uncalibrated.argmax(1)).all()  # but never changes the class
 
     # `transfer predict`
-    predicted = np.stack([p.probabilities for p in predict_images(saved, paths, batch_size=5, progress=False)])
+    predicted = np.stack([p.probabilities for p in predict_paths(saved, paths, batch_size=5, progress=False)])
     np.testing.assert_allclose(predicted, expected, atol=1e-5)
 
     # ONNX under onnxruntime: the temperature is in the graph.
@@ -167,7 +167,7 @@ def test_a_scikit_learn_head_is_calibrated_on_its_log_probabilities(images, tmp_
     saved = load_model(tmp_path / "model")
     assert saved.head_kind == "knn" and saved.model.temperature == 2.0
     expected, uncalibrated = evaluate_probabilities(saved, evaluation_dataset(saved, paths, tmp_path))
-    predicted = np.stack([p.probabilities for p in predict_images(saved, paths, progress=False)])
+    predicted = np.stack([p.probabilities for p in predict_paths(saved, paths, progress=False)])
     np.testing.assert_allclose(predicted, expected, atol=1e-5)
     # softmax(log p / 2) is proportional to sqrt(p): the head's probabilities, softened.
     softened = np.sqrt(np.clip(uncalibrated, 1e-12, None))
