@@ -31,7 +31,9 @@ from transfer.pipeline.files import load_torch, save_torch
 from transfer.pipeline.heap import release_free_heap
 from transfer.train.distributed import SINGLE, DistContext
 
-# On a CPU a batch past about 32 images is no faster (bench/feature_batch.py): it only holds more activations.
+# The CPU batch stops at 32: from 8 to 32 images extraction got 2.2x faster per CPU-second, from 32 to 128
+# only about 1.2x, for 4x the activations (bench/feature_batch.py: EfficientNet-Lite0, 224 px, a shared
+# 2-core CPU under heavy load; README "Memory at any image size").
 CPU_BATCH_LIMIT = 32
 # Images in the forward pass that measures activation memory: two, so that what a batch of one does not
 # show (an op that allocates per image pair) is in the figure, at a fraction of a second even at 384 px.

@@ -180,7 +180,8 @@ class FeatureParams(Section):
         1500,
         ge=1,
         description="CPU: the batch is the largest whose activations, measured by one small forward pass at the "
-        "image size, fit in this many MB (at most batch_size and 32, past which a CPU is no faster); not used on CUDA",
+        "image size, fit in this many MB (at most batch_size and 32, past which a CPU gains little speed for much "
+        "memory); not used on CUDA",
     )
     layers: list[Union[int, str]] = Field(
         [-1],
