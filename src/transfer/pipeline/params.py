@@ -176,6 +176,13 @@ class FeatureParams(Section):
     """Feature extraction (features stage): which layers are pooled, and runtime knobs that change nothing."""
 
     batch_size: int = Field(128, ge=1, description="batch size of feature extraction (does not change the features)")
+    max_memory_mb: int = Field(
+        1500,
+        ge=1,
+        description="CPU: the batch is the largest whose activations, measured by one small forward pass at the "
+        "image size, fit in this many MB (at most batch_size and 32, past which a CPU gains little speed for much "
+        "memory); not used on CUDA",
+    )
     layers: list[Union[int, str]] = Field(
         [-1],
         min_length=1,
