@@ -26,7 +26,9 @@ from transfer.data.transforms import eval_batch_transform, train_transforms
 from transfer.evaluate.metrics import classification_metrics, predict_logits
 from transfer.features import FeatureCache, load_feature_cache
 from transfer.models.backbones import Classifier, LoadedBackbone, load_backbones
+from transfer.models.groups import relative_weight_change
 from transfer.models.heads import (
+    FEATURE_HEADS,
     FINETUNE_INIT_KINDS,
     LINEAR_PROBE,
     fold_into_linear,
@@ -38,7 +40,7 @@ from transfer.pipeline.layout import CACHE_DIR, FEATURES_DIR, SPLIT_DIR
 from transfer.pipeline.params import Params, backbone_list, backbone_specs
 from transfer.pipeline.runtime import resolve_device
 from transfer.train.finetune import fine_tune
-from transfer.train.probe import fit_feature_head, train_linear_probe
+from transfer.train.probe import FittedFeatureHead, fit_feature_head, train_linear_probe
 from transfer.train.result import EpochCallback
 
 logger = logging.getLogger(__name__)
@@ -138,6 +140,55 @@ def initial_model(
     else:
         imagenet_overlap_head(model.head, inputs.classes, loaded.imagenet_classifier, params.seed)
     return model, [], 0
+
+
+def probe_head(
+    model: Classifier, params: Params, classes: list[str], log, fine_tuning: bool
+) -> tuple[list[dict], int, dict, FittedFeatureHead | None]:
+    """The head.kind head on cached features; a linear one becomes model.head. Returns (history, best epoch,
+    the head's state before fitting, the fitted scikit-learn head when it is the model's head)."""
+    train_features = load_feature_cache(FEATURES_DIR / "train.pt")
+    val_features = load_feature_cache(FEATURES_DIR / "val.pt")
+    kind = params.head.kind
+    if kind != LINEAR_PROBE and (not fine_tuning or kind in FINETUNE_INIT_KINDS):
+        fitted = fit_feature_head(kind, train_features, val_features, params.seed, on_epoch=log)
+        if FEATURE_HEADS[kind].linear:
+            fold_into_linear(fitted.estimator, kind, model.head)  # the torch head gives the same logits
+        best = fitted.history[fitted.best_epoch - 1]
+        print(
+            f"train: head {kind}, {FEATURE_HEADS[kind].hyperparameter}={fitted.chosen} chosen on val (val accuracy "
+            f"{best['val_acc']:.4f}), refitted on train + val in {fitted.fit_seconds:.1f} s"
+            + ("; fine-tuning starts from its weights" if fine_tuning else "")
+        )
+        return fitted.history, fitted.best_epoch, {}, None if fine_tuning else fitted
+    if kind != LINEAR_PROBE:
+        print(
+            f"train: head.kind {kind} cannot start fine-tuning (only {' or '.join(FINETUNE_INIT_KINDS)} can): "
+            f"the head starts from a linear probe (head.kind: linear) instead"
+        )
+    probe = train_linear_probe(train_features, val_features, len(classes), params.head, params.seed, on_epoch=log)
+    model.head.load_state_dict(probe.model.state_dict())
+    best = probe.history[probe.best_epoch - 1]
+    print(
+        f"train: linear probe, best {params.head.monitor} {best[params.head.monitor]:.4f} at epoch {probe.best_epoch} "
+        f"(val accuracy {best['val_acc']:.4f}, macro-F1 {best['val_macro_f1']:.4f})"
+    )
+    return probe.history, probe.best_epoch, {f"head.{k}": v for k, v in probe.initial_state.items()}, None
+
+
+def init_head(model: Classifier, params: Params, classes: list[str], loaded: LoadedBackbone) -> None:
+    """finetune.head_init xavier or imagenet (probe is `probe_head`)."""
+    if params.finetune.head_init == "xavier":
+        xavier_head(model.head, params.seed)
+    else:
+        matches = imagenet_overlap_head(model.head, classes, loaded.imagenet_classifier, params.seed)
+        print(f"train: head rows from the ImageNet classifier for {len(matches)} class(es): {matches}")
+
+
+def layer_movement(initial_state: dict, model: Classifier) -> dict[str, float | None]:
+    """||w - w0|| / ||w0|| per layer group (null where undefined: JSON has no NaN)."""
+    change = relative_weight_change(initial_state, model)
+    return {group: (None if math.isnan(value) else value) for group, value in change.items()}
 
 
 def train_and_score(
