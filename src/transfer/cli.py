@@ -22,8 +22,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "transfer.models.export",
     "transfer.evaluate.compare",
     "transfer.evaluate.pr_report",
-    "transfer.train.tune",
-    "transfer.train.lr_find",
+    "transfer.commands.tune",
+    "transfer.commands.lr_find",
 )
 
 

@@ -1,0 +1,1 @@
+"""The command layer: `transfer` sub-commands, on top of tracking and the library."""
