@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
         params = with_overrides(params, {"freeze_layers": args.freeze_layers})
         recipe = "finetune" if recipe == "auto" else recipe
     if recipe == "auto":
-        recipe = "probe" if params.freeze_layers == "all" else "finetune"
-    if recipe == "finetune" and params.freeze_layers == "all":
+        recipe = "finetune" if params.fine_tuning else "probe"
+    if recipe == "finetune" and not params.fine_tuning:
         raise LRFindError(
             "--recipe finetune needs an integer freeze_layers: pass --freeze-layers k or set it in params.yaml"
         )

@@ -291,10 +291,18 @@ def check_freeze_layers(tune: TuneParams, params: Params, inputs) -> None:
     dim = tune.space.get("freeze_layers")
     if dim is None:
         return
+    from transfer.models.groups import LayerGroupError, check_freeze_layers
+
     loaded = inputs.backbone(params)
     groups = len(loaded.backbone.group_names)
     values = dim.choices if dim.type == "categorical" else [int(dim.low), int(dim.high)]
-    bad = [v for v in values if v != "all" and not 0 <= v <= groups]
+    bad = []
+    for value in values:
+        try:
+            if isinstance(value, int):  # a group count ('all' fits every backbone)
+                check_freeze_layers(loaded.backbone, value)
+        except LayerGroupError:
+            bad.append(value)
     if bad:
         raise TuneError(
             f"tune.space.freeze_layers: {bad} outside 0..{groups}, the layer groups of "
