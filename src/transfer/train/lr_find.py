@@ -159,7 +159,8 @@ def finetune_step(params: Params, inputs) -> Callable[[float], float]:
     device = resolve_device(params.device)
     runtime = runtime_for(device, finetune.amp, finetune.channels_last)
     loaded = inputs.backbone(params)
-    model, _, _ = initial_model(params, inputs, loaded)
+    # The train stage's own starting model (transfer.train.recipe), frozen as fine_tune freezes it.
+    model = initial_model(inputs, loaded, params.head, finetune.head_init, params.seed, fine_tuning=True).model
     freeze_first_groups(model, params.freeze_layers)
     model.to(device)
     if runtime.channels_last:
