@@ -161,3 +161,30 @@ def test_a_scikit_learn_head_only_is_kept_as_the_models_head_and_folded_into_the
     with torch.no_grad():
         torch_predictions = trained.model.head(features).argmax(1).numpy()
     assert (torch_predictions == trained.feature_head.estimator.predict(features.numpy())).all()
+
+
+def test_the_train_package_reaches_tracking_only_through_callbacks():
+    """Imports run downward: transfer.train imports neither MLflow nor transfer.tracking (nor the commands)."""
+    import ast
+    from pathlib import Path
+
+    import transfer.train
+
+    imported = {}
+    for path in Path(transfer.train.__path__[0]).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported[path.name] = imported.get(path.name, set()) | {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = {f"{node.module}.{alias.name}" for alias in node.names}
+                imported[path.name] = imported.get(path.name, set()) | {node.module} | names
+    upward = {
+        name: sorted(
+            m
+            for m in modules
+            if m.split(".")[0] == "mlflow" or m.startswith(("transfer.tracking", "transfer.commands", "transfer.cli"))
+        )
+        for name, modules in imported.items()
+    }
+    assert "recipe.py" in imported and "tune.py" in imported and "lr_find.py" in imported
+    assert {name: modules for name, modules in upward.items() if modules} == {}
