@@ -95,7 +95,7 @@ def main() -> None:
     config = saved.data_config
     dataset = load_split_dataset(CACHE_DIR, SPLIT_DIR, "test", config, batch_transform=eval_batch_transform(config))
     model_features = None  # a probe's features are the cached pretrained ones
-    if saved.freeze_layers == "all" and params.evaluate.tta == "none":
+    if not saved.fine_tuned and params.evaluate.tta == "none":
         # The backbone is the untouched pretrained one: its test features are already cached.
         with torch.inference_mode():
             head_logits = model.head(test.features)
@@ -103,7 +103,7 @@ def main() -> None:
         head_logits, features = predict_logits_and_features(
             model, dataset, params.finetune.batch_size * 2, resolve_device(params.device), tta=params.evaluate.tta
         )
-        if saved.freeze_layers != "all":
+        if saved.fine_tuned:
             model_features = features
     logits = model.calibrate(head_logits)  # what `transfer predict`, the pyfunc model and ONNX return
     y_true, y_pred = test.labels.numpy(), logits.argmax(1).numpy()

@@ -22,8 +22,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "transfer.models.export",
     "transfer.commands.compare",
     "transfer.commands.report",
-    "transfer.train.tune",
-    "transfer.train.lr_find",
+    "transfer.commands.tune",
+    "transfer.commands.lr_find",
 )
 
 

@@ -783,3 +783,45 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# --- The train stage's outcome ------------------------------------------------------------------------
+
+
+def log_trained_model(model_dir: Path, trained, val_data, val_features, registered_model: str | None = None) -> None:
+    """Into the active run: which model the train stage kept (`trained.selection_metrics()`, tag
+    selected_model), each group's weight change, the model, and its digest (MODEL_DIGEST_TAG, by which the
+    evaluate stage finds the run). The model is the pyfunc + torch classifier (`log_model`; the first val
+    image as the example), or a scikit-learn head alone, predicting from features (`val_features`: the
+    example). `trained` is a transfer.train.recipe.TrainedModel, saved in `model_dir`; `val_data` the val
+    images (an ImageDataset)."""
+    from transfer.models.heads import FEATURE_HEADS, TRUSTED_TYPES
+    from transfer.models.saved import model_digest
+
+    log_metrics(trained.selection_metrics())
+    log_tags({"selected_model": trained.selection()["selected"]})
+    movement = trained.movement()
+    log_metrics({f"weight_change/{group}": value for group, value in movement.items() if value is not None})
+    head = trained.feature_head
+    if head is None:
+        example = val_data.transformed([0]).numpy().astype(np.float32)
+        image = (Path.cwd() / val_data.paths[0]).read_bytes()
+        log_model(model_dir, trained.model, image, example, registered_model=registered_model)
+    else:  # the scikit-learn head alone, predicting from features (skops, not pickle)
+        log_feature_head(head.estimator, val_features.features[:2].numpy(), TRUSTED_TYPES)
+        log_metrics({"head_fit_seconds": head.fit_seconds})
+        log_tags({f"head_{FEATURE_HEADS[head.kind].hyperparameter}": str(head.chosen)})
+    log_tags({MODEL_DIGEST_TAG: model_digest(model_dir)})
+
+
+@contextlib.contextmanager
+def stage_training_run(
+    experiment: str, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None, enabled: bool = True
+) -> Iterator[tuple[str | None, EpochLog | None]]:
+    """The train stage's run (`training_run`) and an `EpochLog` into it: yields (run id, log). Not `enabled`
+    (a torchrun rank other than 0: one rank logs), it opens nothing and yields (None, None)."""
+    if not enabled:
+        yield None, None
+        return
+    with training_run(experiment, params, tags, run_id=run_id) as opened, EpochLog() as log:
+        yield opened, log

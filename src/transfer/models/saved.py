@@ -63,6 +63,11 @@ class SavedModel:
     def freeze_layers(self) -> int | str:
         return self.description["training"]["freeze_layers"]
 
+    @property
+    def fine_tuned(self) -> bool:
+        """The backbone was fine-tuned (freeze_layers a group count), not only the head on cached features."""
+        return self.freeze_layers != "all"
+
 
 LINEAR = "linear"
 

@@ -421,15 +421,17 @@ class SearchDimension(Section):
         return list(self.choices) if self.type == "categorical" else [self.low, self.high]
 
 
+def valid_freeze_layers(value: Any) -> bool:
+    """The one rule for a freeze_layers value (params.yaml and tune.space): 'all' or an integer >= 0. Whether
+    k fits the backbone's layer groups is checked against the backbone (transfer.models.groups)."""
+    return value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+
+
 def check_tunable(key: str, dimension: SearchDimension) -> None:
     """`key` may be tuned and every value of `dimension` passes the key's own schema; else ValueError."""
     section, _, field = key.partition(".")
     if key == "freeze_layers":
-        bad = [
-            v
-            for v in dimension.values_to_check()
-            if v != "all" and (isinstance(v, bool) or not isinstance(v, int) or v < 0)
-        ]
+        bad = [v for v in dimension.values_to_check() if not valid_freeze_layers(v)]
         if bad or dimension.type in ("uniform", "loguniform"):
             raise ValueError(f"{key}: values must be 'all' or integers >= 0 (use type int or categorical)")
         return
@@ -554,9 +556,15 @@ class Params(Section):
     tracking: TrackingParams = TrackingParams()
     tune: TuneParams = TuneParams()
 
+    @property
+    def fine_tuning(self) -> bool:
+        """freeze_layers is a layer-group count: fine-tune on images after the head (else 'all': the head on
+        the cached features only)."""
+        return self.freeze_layers != "all"
+
     @model_validator(mode="after")
     def _freeze_layers_non_negative(self) -> "Params":
-        if isinstance(self.freeze_layers, int) and self.freeze_layers < 0:
+        if not valid_freeze_layers(self.freeze_layers):
             raise ValueError(f"freeze_layers must be 'all' or an integer >= 0 (got {self.freeze_layers})")
         return self
 
@@ -565,7 +573,7 @@ class Params(Section):
         if isinstance(self.backbone, list):
             if not self.backbone:
                 raise ValueError("backbone: an empty list; give one backbone or several")
-            if len(self.backbone) > 1 and self.freeze_layers != "all":
+            if len(self.backbone) > 1 and self.fine_tuning:
                 raise ValueError(
                     f"freeze_layers: {self.freeze_layers} fine-tunes one backbone, but backbone lists "
                     f"{len(self.backbone)}; use freeze_layers: all (heads on the concatenated cached "
