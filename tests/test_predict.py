@@ -20,9 +20,10 @@ from conftest import REPO_ROOT, write_image_folder
 from transfer.data.cache import CachedImages, cache_geometry, write_split_cache
 from transfer.data.datasets import ImageDataset
 from transfer.data.transforms import eval_batch_transform
-from transfer.evaluate.inference import model_input, predict_frame, predict_paths, resolve_model
+from transfer.evaluate.inference import model_input, predict_frame, predict_paths
 from transfer.models.backbones import Classifier, load_backbone
 from transfer.models.saved import ModelFileError, load_model, save_model
+from transfer.tracking import resolve_model
 
 CLASSES = ["cat", "dog", "fox"]
 

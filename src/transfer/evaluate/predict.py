@@ -145,8 +145,9 @@ def run(args: argparse.Namespace) -> int:
         raise PredictError(f"--out {args.out}: unknown format {args.out.suffix!r}; use a .csv or .json file name")
     if args.batch_size < 1:
         raise PredictError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    from transfer.evaluate.inference import Prediction, predict_paths, resolve_model
+    from transfer.evaluate.inference import Prediction, predict_paths
     from transfer.pipeline.runtime import resolve_device
+    from transfer.tracking import resolve_model
 
     paths, problems = collect_images(args.paths)
     saved = resolve_model(args.model)

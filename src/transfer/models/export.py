@@ -149,9 +149,9 @@ def default_check_images(limit: int = MAX_CHECK_IMAGES) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transfer.evaluate.inference import resolve_model
     from transfer.evaluate.predict import collect_images
     from transfer.pipeline.files import write_json
+    from transfer.tracking import resolve_model
 
     if args.format != "onnx":
         raise ExportError(f"--format {args.format}: only onnx is supported")
