@@ -17,8 +17,8 @@ from transfer.pipeline.errors import UserError, configure_logging
 
 # The modules that declare a command, in the order `transfer --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
-    "transfer.evaluate.predict",
-    "transfer.models.registry",
+    "transfer.commands.predict",
+    "transfer.commands.promote",
     "transfer.models.export",
     "transfer.commands.compare",
     "transfer.commands.report",

@@ -1,7 +1,7 @@
 """Export a trained classifier to ONNX, checked against PyTorch on real images (`transfer export --format onnx`).
 
 The ONNX graph takes the preprocessed batch `image` (float32 [batch, 3, S, S]: RGB, resized, centre-cropped,
-scaled to [0, 1] and normalised, as `transfer.evaluate.predict.model_input` makes it) with a dynamic batch
+scaled to [0, 1] and normalised, as `transfer.commands.predict.model_input` makes it) with a dynamic batch
 size, and returns `logits` (divided by the model's calibration temperature, as every prediction path does)
 and `probabilities` (softmax). Its metadata_props carry what a consumer needs
 without this package: `classes` (JSON list, in output order), `preprocessing` (JSON: image_size,
@@ -149,7 +149,7 @@ def default_check_images(limit: int = MAX_CHECK_IMAGES) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transfer.evaluate.predict import collect_images
+    from transfer.commands.predict import collect_images
     from transfer.pipeline.files import write_json
     from transfer.tracking import resolve_model
 
