@@ -306,7 +306,8 @@ def test_logged_model_takes_images_registry_alias_and_raw_pytorch(mlflow_store, 
 def test_onnx_export_dynamic_batch_metadata_and_agreement(model_dir, images, tmp_path):
     import onnxruntime
 
-    from transfer.models.export import check_onnx, export_onnx, read_onnx_metadata
+    from transfer.evaluate.export_check import check_onnx
+    from transfer.models.export import export_onnx, read_onnx_metadata
 
     saved = load_model(model_dir)
     path = export_onnx(saved, tmp_path / "model.onnx")

@@ -19,7 +19,7 @@ from transfer.pipeline.errors import UserError, configure_logging
 COMMAND_MODULES: tuple[str, ...] = (
     "transfer.commands.predict",
     "transfer.commands.promote",
-    "transfer.models.export",
+    "transfer.commands.export",
     "transfer.commands.compare",
     "transfer.commands.report",
     "transfer.commands.tune",
