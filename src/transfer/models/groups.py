@@ -259,6 +259,15 @@ def group_names(model: nn.Module) -> list[str]:
     return [name for name, _ in layer_groups(model)]
 
 
+def check_freeze_layers(k: int, group_names: list[str]) -> None:
+    """freeze_layers=k freezes 0..all of these backbone groups; else a LayerGroupError listing them."""
+    if not 0 <= k <= len(group_names):
+        raise LayerGroupError(
+            f"freeze_layers={k} is outside 0..{len(group_names)}; this backbone's layer groups, "
+            f"in order: {_listing(group_names)} (freeze_layers: all trains only the head on cached features)"
+        )
+
+
 def freeze_first_groups(model: nn.Module, k: int) -> None:
     """Freeze the first k backbone groups of a Classifier (no gradients, normalisation in eval); k in 0..their
     number. The model's `train` keeps its first `frozen_groups` groups in eval mode."""
@@ -267,12 +276,7 @@ def freeze_first_groups(model: nn.Module, k: int) -> None:
             "fine-tuning takes one backbone: with several backbones (a list under backbone:) "
             "use freeze_layers: all (heads on the concatenated cached features)"
         )
-    names = list(model.backbone.groups)
-    if not 0 <= k <= len(names):
-        raise LayerGroupError(
-            f"freeze_layers={k} is outside 0..{len(names)}; this backbone's layer groups, "
-            f"in order: {_listing(names)} (freeze_layers: all trains only the head on cached features)"
-        )
+    check_freeze_layers(k, list(model.backbone.groups))
     for index, group in enumerate(model.backbone.groups.values()):
         for parameter in group.parameters():
             parameter.requires_grad_(index >= k)
