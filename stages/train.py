@@ -40,7 +40,7 @@ from transfer.models.heads import (
 )
 from transfer.models.saved import model_digest, save_model
 from transfer.pipeline.errors import run_stage
-from transfer.pipeline.files import read_json, write_csv, write_json
+from transfer.pipeline.files import read_json, staged_outputs, write_csv, write_json
 from transfer.pipeline.layout import (
     CACHE_DIR,
     CHECKPOINT_DIR,
@@ -140,7 +140,8 @@ def train(params: Params, context: DistContext) -> None:
         else contextlib.nullcontext(None)
     )
 
-    with run as run_id, epoch_log as log:
+    # reports/*: moved into place only when the whole block, MLflow included, has succeeded (staged_outputs).
+    with run as run_id, epoch_log as log, staged_outputs(REPORTS_DIR) as staged:
         if saved is None and context.is_main:
             # What the download stage skipped or ignored, and why (see transfer.data_report).
             tracking.log_artifacts([DATA_REPORT_FILE], artifact_path="data")
@@ -225,15 +226,15 @@ def train(params: Params, context: DistContext) -> None:
             feature_head=feature_head.estimator if feature_head else None,
             head_kind=feature_head.kind if feature_head else LINEAR_PROBE,
         )
-        write_csv(REPORTS_DIR / "history.csv", pd.DataFrame(history))
+        write_csv(staged / "history.csv", pd.DataFrame(history))
         selection = model_selection(
             history, best_epoch, params.finetune.monitor if fine_tuning else params.head.monitor
         )
-        write_json(REPORTS_DIR / "train.json", selection)
+        write_json(staged / "train.json", selection)
         tracking.log_metrics({key: value for key, value in selection.items() if key in SELECTION_METRICS})
         tracking.log_tags({"selected_model": selection["selected"]})
         movement = layer_movement(initial_state, model)
-        write_json(REPORTS_DIR / "layer_movement.json", movement)
+        write_json(staged / "layer_movement.json", movement)
         tracking.log_metrics(
             {f"weight_change/{group}": value for group, value in movement.items() if value is not None}
         )
