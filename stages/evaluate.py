@@ -23,7 +23,7 @@ from transfer.evaluate.plots import image_batch
 from transfer.features import load_feature_cache
 from transfer.models.saved import SavedModel, load_model, model_digest
 from transfer.pipeline.errors import run_stage
-from transfer.pipeline.files import read_json, write_csv, write_json
+from transfer.pipeline.files import read_json, staged_outputs, write_csv, write_json
 from transfer.pipeline.layout import CACHE_DIR, DIAGNOSTICS_DIR, FEATURES_DIR, MODEL_DIR, REPORTS_DIR, SPLIT_DIR
 from transfer.pipeline.params import load_params
 from transfer.pipeline.runtime import resolve_device
@@ -111,47 +111,36 @@ def main() -> None:
 
     metrics = classification_metrics(y_true, y_pred, classes)
     diagnostics, diagnostic_files = diagnose(saved, params, test, dataset, logits, model_features, metrics, calibration)
-    # weight_change is already the train stage's metric (reports/layer_movement.json): not repeated here
-    write_json(
-        REPORTS_DIR / "metrics.json",
-        {
-            **metrics,
-            **{key: diagnostics[key] for key in ("fit", "health", "topk")},
-            "calibration": calibration_metrics_of(calibration),
-        },
-    )
-    write_csv(REPORTS_DIR / "confusion.csv", confusion_pairs(test.paths, y_true, y_pred, classes))
-    for when in ("before", "after"):
-        write_csv(REPORTS_DIR / "reliability" / f"{when}.csv", reliability_frame(calibration[f"diagram_{when}"]))
-    print(
-        f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-        f"ECE {calibration['before']['ece']:.4f} -> {calibration['after']['ece']:.4f} (temperature "
-        f"{calibration['temperature']:.3g}), {diagnostics['fit']['verdict']}; "
-        f"report -> {DIAGNOSTICS_DIR / 'report.html'}"
-    )
-
-    with tracking.model_run(params.tracking.experiment, model_digest(MODEL_DIR)):
-        tracking.log_metrics(metrics, prefix="test")
-        tracking.log_key_metrics(test_acc=metrics["accuracy"], test_f1=metrics["macro_f1"])
-        tracking.log_artifacts(
-            [
-                Path("params.yaml"),
-                Path("dvc.lock"),
-                REPORTS_DIR / "metrics.json",
-                REPORTS_DIR / "confusion.csv",
-                REPORTS_DIR / "history.csv",
-            ]
+    # Written into reports/ only once everything below, MLflow included, has succeeded (staged_outputs).
+    with staged_outputs(REPORTS_DIR) as staged:
+        # weight_change is already the train stage's metric (reports/layer_movement.json): not repeated here
+        summary = {key: diagnostics[key] for key in ("fit", "health", "topk")}
+        write_json(staged / "metrics.json", {**metrics, **summary, "calibration": calibration_metrics_of(calibration)})
+        write_csv(staged / "confusion.csv", confusion_pairs(test.paths, y_true, y_pred, classes))
+        reliability = [staged / "reliability" / f"{when}.csv" for when in ("before", "after")]
+        for path, when in zip(reliability, ("before", "after")):
+            write_csv(path, reliability_frame(calibration[f"diagram_{when}"]))
+        print(
+            f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+            f"ECE {calibration['before']['ece']:.4f} -> {calibration['after']['ece']:.4f} (temperature "
+            f"{calibration['temperature']:.3g}), {diagnostics['fit']['verdict']}; "
+            f"report -> {DIAGNOSTICS_DIR / 'report.html'}"
         )
-        # fit.*, topk.*: sortable in the MLflow UI (the train stage logs weight_change/<group>)
-        tracking.log_metrics({key: diagnostics[key] for key in ("fit", "health", "topk")})
-        tracking.log_metrics({"calibration": calibration_metrics_of(calibration)}, prefix="test")
-        tracking.log_artifacts(
-            [REPORTS_DIR / "reliability" / f"{when}.csv" for when in ("before", "after")], artifact_path="reliability"
-        )
-        # A tag, not a param: an evaluate-only change (-S evaluate.tta=flip) reopens the train stage's run,
-        # whose params are immutable and were logged before this value was chosen.
-        tracking.log_tags({"fit_verdict": diagnostics["fit"]["verdict"], "test_tta": params.evaluate.tta})
-        tracking.log_artifacts(diagnostic_files, artifact_path="diagnostics")
+        with tracking.model_run(params.tracking.experiment, model_digest(MODEL_DIR)):
+            tracking.log_metrics(metrics, prefix="test")
+            tracking.log_key_metrics(test_acc=metrics["accuracy"], test_f1=metrics["macro_f1"])
+            tracking.log_artifacts(
+                [Path("params.yaml"), Path("dvc.lock"), staged / "metrics.json", staged / "confusion.csv"]
+                + [REPORTS_DIR / "history.csv"]
+            )
+            # fit.*, topk.*: sortable in the MLflow UI (the train stage logs weight_change/<group>)
+            tracking.log_metrics(summary)
+            tracking.log_metrics({"calibration": calibration_metrics_of(calibration)}, prefix="test")
+            tracking.log_artifacts(reliability, artifact_path="reliability")
+            # A tag, not a param: an evaluate-only change (-S evaluate.tta=flip) reopens the train stage's run,
+            # whose params are immutable and were logged before this value was chosen.
+            tracking.log_tags({"fit_verdict": diagnostics["fit"]["verdict"], "test_tta": params.evaluate.tta})
+            tracking.log_artifacts(diagnostic_files, artifact_path="diagnostics")
 
 
 if __name__ == "__main__":

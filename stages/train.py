@@ -17,7 +17,7 @@ from transfer.data.transforms import eval_batch_transform
 from transfer.models.backbones import load_backbones
 from transfer.pipeline import distributed
 from transfer.pipeline.errors import run_stage
-from transfer.pipeline.files import write_csv, write_json
+from transfer.pipeline.files import staged_outputs, write_csv, write_json
 from transfer.pipeline.layout import CHECKPOINT_DIR, DATA_REPORT_FILE, MODEL_DIR, REPORTS_DIR
 from transfer.pipeline.params import backbone_list, backbone_specs, flatten, load_params
 from transfer.pipeline.runtime import resolve_device
@@ -66,11 +66,12 @@ def main() -> None:
                 temperature = calibrate(trained, inputs.val_features, val_data, params.finetune.batch_size * 2, device)
                 print(f"train: calibration temperature {temperature:.4f}, fitted on val")
             save_trained(MODEL_DIR, trained, backbones, params.features.layers, params.freeze_layers)
-            write_csv(REPORTS_DIR / "history.csv", pd.DataFrame(trained.history))
-            write_json(REPORTS_DIR / "train.json", trained.selection())
-            write_json(REPORTS_DIR / "layer_movement.json", trained.movement())
-            registered = params.tracking.registered_model
-            tracking.log_trained_model(MODEL_DIR, trained, val_data, inputs.val_features, registered)
+            with staged_outputs(REPORTS_DIR) as staged:  # moved into reports/ once MLflow has them too
+                write_csv(staged / "history.csv", pd.DataFrame(trained.history))
+                write_json(staged / "train.json", trained.selection())
+                write_json(staged / "layer_movement.json", trained.movement())
+                registered = params.tracking.registered_model
+                tracking.log_trained_model(MODEL_DIR, trained, val_data, inputs.val_features, registered)
             checkpointer.finish()
         print(f"train: model -> {MODEL_DIR}, MLflow run {run_id}")
     finally:

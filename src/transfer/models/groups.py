@@ -261,20 +261,24 @@ def group_names(model: nn.Module) -> list[str]:
     return [name for name, _ in layer_groups(model)]
 
 
+def check_freeze_range(k: int, group_names: list[str]) -> None:
+    """freeze_layers=k freezes 0..all of these backbone groups; else a LayerGroupError listing them."""
+    if not 0 <= k <= len(group_names):
+        raise LayerGroupError(
+            f"freeze_layers={k} is outside 0..{len(group_names)}; this backbone's layer groups, "
+            f"in order: {_listing(group_names)} (freeze_layers: all trains only the head on cached features)"
+        )
+
+
 def check_freeze_layers(backbone: nn.Module, k: int) -> None:
     """freeze_layers=k fits this backbone: one fine-tunable backbone with at least k layer groups. The one
-    check of k against a backbone (LayerGroupError listing its groups); `freeze_first_groups` runs it."""
+    check of k against a built backbone (LayerGroupError listing its groups); `freeze_first_groups` runs it."""
     if not getattr(backbone, "fine_tunable", True):
         raise LayerGroupError(
             "fine-tuning takes one backbone: with several backbones (a list under backbone:) "
             "use freeze_layers: all (heads on the concatenated cached features)"
         )
-    names = list(backbone.groups)
-    if not 0 <= k <= len(names):
-        raise LayerGroupError(
-            f"freeze_layers={k} is outside 0..{len(names)}; this backbone's layer groups, "
-            f"in order: {_listing(names)} (freeze_layers: all trains only the head on cached features)"
-        )
+    check_freeze_range(k, list(backbone.groups))
 
 
 def freeze_first_groups(model: nn.Module, k: int) -> None:

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 PARAMS_OK_FILE = Path("data/params.ok")  # params: written once params.yaml validates; its bytes never change
+PARAMS_CHECKED_FILE = Path("data/params.checked.json")  # params: the backbone values last resolved
 RAW_DIR = Path("data/raw")  # download: the images, index.csv and data_report.json
 INDEX_NAME = "index.csv"  # each image's path (relative to the repository root), label and subset
 INDEX_COLUMNS = ["path", "label", "subset"]

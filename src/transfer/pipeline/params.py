@@ -9,13 +9,22 @@ DVC runs a stage only when its deps or params changed, so a misspelt new key (`s
 stage and be checked by none: the `params` stage (stages/params.py) depends on the whole params.yaml and
 runs this validation whenever the file changes, before every other stage.
 
+Types are strict (`Section`): a value must already have its field's type, so `batch_size: true`,
+`epochs: "5"`, `lr: "1e-2"` and `freeze_layers: 3.0` are errors instead of 1, 5, 0.01 and 3. The one
+widening kept is YAML's natural reading of a number: an integer where a float is expected (`head_lr_mult: 1`),
+and `1e-4` written without a dot, which YAML 1.2 (and DVC, which reads params.yaml for `dvc exp run -S` and
+`dvc params diff`) reads as a float although PyYAML's YAML 1.1 reads a string (`ParamsLoader`). A key given
+twice in one mapping is an error naming the key and both lines, instead of YAML's silent last-one-wins.
+
 The schema imports nothing heavy and nothing else from this package (deps stay exact): values checked
-against a registry (a backbone name, a torchvision dataset) are checked by the stage that uses them,
-which a change of that value re-runs.
+against a registry (a backbone name and its layer groups, a torchvision dataset) are checked by the stage
+that resolves them: the params stage for backbone names, freeze_layers and features.layers
+(transfer.models.backbone_check), the download stage for datasets.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Union
 
@@ -30,8 +39,9 @@ WEIGHTS_FOLDER = "weights"
 
 
 class Section(BaseModel):
-    # extra="forbid" turns a misspelt key into an error instead of a silently ignored setting.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # extra="forbid" turns a misspelt key into an error instead of a silently ignored setting; strict refuses
+    # a value of another type (a bool, a quoted number, 3.0 for an int) instead of coercing it.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DataPolicyParams(Section):
@@ -617,12 +627,56 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source} is invalid:\n" + "\n".join(lines)) from None
 
 
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A mapping of params.yaml gives the same key twice."""
+
+
+# YAML 1.2's float (PyYAML knows only 1.1's, which needs a dot: `1e-4` would be the string "1e-4").
+_YAML12_FLOAT = re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
+    r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys and reading unquoted `1e-4` as a float (as YAML 1.2 does)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                first = seen[key].start_mark.line + 1
+                raise DuplicateKeyError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"key {key!r} is given twice (lines {first} and {key_node.start_mark.line + 1}); "
+                    f"YAML would silently keep the last one: delete one of them",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+# Replace the YAML 1.1 float resolver: its first characters are all a number or a float can start with.
+ParamsLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+
+
+def read_params_yaml(text: str) -> Any:
+    """params.yaml's text as Python values (ParamsLoader); yaml.YAMLError when it is not valid YAML."""
+    return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run the stage from the repository root, where params.yaml lives")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = read_params_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
