@@ -98,3 +98,14 @@ def test_no_import_cycle():
 @pytest.mark.parametrize("layer", LAYERS)
 def test_every_layer_holds_modules(layer):
     assert any(layer_of(module) == layer for module in modules()), f"no module in layer {layer}"
+
+
+@pytest.mark.parametrize("package", ["data", "models", "evaluate", "train", "tracking"])
+def test_each_package_exports_its_public_api(package):
+    """`from transfer.<package> import name` works for every name the package lists in __all__."""
+    import importlib
+
+    module = importlib.import_module(f"transfer.{package}")
+    assert module.__all__, f"transfer.{package} exports nothing"
+    missing = [name for name in module.__all__ if getattr(module, name, None) is None]
+    assert not missing, f"transfer.{package}.__all__ names what it cannot give: {missing}"
