@@ -1,11 +1,9 @@
 """Stage train: the head.kind head on the cached features, then fine-tuning when `freeze_layers` is an integer.
 
-Trains with transfer.train.recipe.train_model; writes data/model, reports/train.json, history.csv and
-layer_movement.json, and the pipeline's MLflow run (params, per-epoch metrics, the registered model, tagged
-with its digest: the evaluate stage finds the run by it). With evaluate.calibration: temperature, the model's
-logits are divided by a temperature fitted on val. Fine-tuning checkpoints every epoch in data/checkpoints: a
-killed run resumes on the next `dvc repro`, in the same MLflow run. `finetune.nproc` > 1 re-launches this
-script under torchrun; rank 0 logs and writes the outputs.
+Trains with transfer.train.recipe.train_model (then fits the calibration temperature on val); writes
+data/model, reports/train.json, history.csv and layer_movement.json, and the pipeline's MLflow run, tagged with
+the model's digest (the evaluate stage finds the run by it). Fine-tuning checkpoints every epoch: a killed run
+resumes on the next `dvc repro`, in the same MLflow run. `finetune.nproc` > 1 re-launches it under torchrun.
 """
 
 import sys
