@@ -1,0 +1,123 @@
+"""Grad-CAM (transfer.evaluate.explain): on a data set where a bright patch in one corner decides the class,
+a small CNN trained on it looks at that corner; a ViT's map is on its patch grid; overlays stay in their folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from finetune_helpers import tiny_classifier
+from PIL import Image
+
+from transfer.evaluate.explain import (
+    ExplainError,
+    grad_cam,
+    grad_cam_batches,
+    input_pixels,
+    overlay_name,
+    side_by_side,
+    write_overlay,
+)
+from transfer.models.backbones import Classifier, load_backbone
+
+SIZE, PATCH = 32, 8
+CORNERS = [(0, 0), (0, SIZE - PATCH), (SIZE - PATCH, 0), (SIZE - PATCH, SIZE - PATCH)]
+MIN_CORNER_MASS = 0.5  # of the map, in the top-left quarter of the image (a uniform map puts 0.25 there)
+
+
+def corner_data(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy grey images with one bright patch: class 1 when it is in the top-left corner, class 0 when it is
+    in one of the other three. Brightness alone says nothing; only the top-left corner decides."""
+    generator = torch.Generator().manual_seed(seed)
+    images = (torch.randn(count, 3, SIZE, SIZE, generator=generator) * 0.3).clamp(-1, 1)
+    labels = torch.arange(count) % 2
+    for index in range(count):
+        other = 1 + int(torch.randint(0, 3, (1,), generator=generator))
+        top, left = CORNERS[0 if labels[index] == 1 else other]
+        images[index, :, top : top + PATCH, left : left + PATCH] = 2.0
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def corner_model() -> Classifier:
+    """The tests' small 3-group CNN, random init, trained for 6 CPU epochs on 32 px images (its mean corner
+    mass: 0.92)."""
+    torch.manual_seed(0)
+    model = tiny_classifier(num_classes=2)
+    images, labels = corner_data(256, seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    for _ in range(6):
+        for batch in torch.randperm(len(images), generator=torch.Generator().manual_seed(1)).split(32):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def test_the_map_of_a_model_trained_on_a_corner_patch_falls_in_that_corner(corner_model):
+    images, labels = corner_data(64, seed=1)
+    with torch.no_grad():
+        accuracy = (corner_model(images).argmax(1) == labels).float().mean().item()
+    assert accuracy >= 0.95  # it learnt the task: only then is its map about the corner
+
+    decided = images[labels == 1]  # images whose class the top-left patch decides
+    result = grad_cam(corner_model, decided, classes=torch.ones(len(decided), dtype=torch.long))
+    assert result.group == "block2"  # the backbone's last layer group
+    assert result.maps.shape == (len(decided), SIZE, SIZE)
+    assert float(result.maps.min()) >= 0 and float(result.maps.max()) <= 1
+    mass = result.maps.flatten(1).sum(1)
+    corner = result.maps[:, : SIZE // 2, : SIZE // 2].flatten(1).sum(1) / mass
+    assert float(corner.mean()) >= MIN_CORNER_MASS, corner
+    assert float((corner >= MIN_CORNER_MASS).float().mean()) >= 0.9
+
+
+def test_gradients_flow_to_the_map_when_every_parameter_is_frozen(corner_model):
+    """A probe's backbone has no trainable parameter: the map must not depend on requires_grad."""
+    images, _ = corner_data(8, seed=2)
+    trainable = grad_cam(corner_model, images).maps
+    for parameter in corner_model.parameters():
+        parameter.requires_grad_(False)
+    try:
+        frozen = grad_cam(corner_model, images).maps
+    finally:
+        for parameter in corner_model.parameters():
+            parameter.requires_grad_(True)
+    assert torch.allclose(trainable, frozen)
+    assert not corner_model.training
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_timm_cnn_and_vit_maps_have_the_input_shape_and_are_finite(name):
+    """Random-init timm models: a CNN's map is its last group's; a ViT's drops the class token and lays the
+    patch tokens on their 4x4 grid (64 px / 16), at the last block's input (class-token pooling)."""
+    backbone = load_backbone(name, "none", 64).backbone
+    model = Classifier(backbone, 3)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    result = grad_cam_batches(model, list(images), batch_size=1)
+    assert result.maps.shape == (2, 64, 64)
+    assert bool(torch.isfinite(result.maps).all()) and float(result.maps.max()) == pytest.approx(1.0)
+    assert result.probabilities.shape == (2, 3)
+    expected = {"resnet18": backbone.group_names[-1], "vit_tiny_patch16_224": backbone.group_names[-3]}[name]
+    assert result.group == expected
+
+
+def test_overlays_are_written_only_inside_the_folder_named(tmp_path):
+    pixels = input_pixels(torch.zeros(3, 16, 16), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert pixels.shape == (16, 16, 3) and int(pixels[0, 0, 0]) == 128
+    image = side_by_side(pixels, np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16))
+    assert image.size == (2 * 224, 224)
+
+    out = tmp_path / "explained"
+    name = overlay_name(3, "../../etc/pass wd.jpg")
+    assert name == "0003_pass_wd.png"
+    written = write_overlay(out, name, image)
+    assert written.parent == out.resolve()
+    assert Image.open(written).size == image.size
+
+    outside = tmp_path / "outside.png"
+    (out / "0004_link.png").symlink_to(outside)
+    for bad in ("../escape.png", "sub/x.png", "0004_link.png"):
+        with pytest.raises(ExplainError, match="not a file inside it"):
+            write_overlay(out, bad, image)
+    assert not outside.exists() and not (tmp_path / "escape.png").exists()
