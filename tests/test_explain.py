@@ -3,12 +3,22 @@ a small CNN trained on it looks at that corner; a ViT's map is on its patch grid
 
 from __future__ import annotations
 
+import html
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from finetune_helpers import tiny_classifier
 from PIL import Image
 
+from transfer.evaluate.diagnostics import (
+    GRADCAM_CORRECT_PNG,
+    GRADCAM_MISTAKES_PNG,
+    correct_sample,
+    write_run_diagnostics,
+)
 from transfer.evaluate.explain import (
     ExplainError,
     grad_cam,
@@ -121,3 +131,69 @@ def test_overlays_are_written_only_inside_the_folder_named(tmp_path):
         with pytest.raises(ExplainError, match="not a file inside it"):
             write_overlay(out, bad, image)
     assert not outside.exists() and not (tmp_path / "escape.png").exists()
+
+
+def test_correct_sample_takes_correct_predictions_per_class_reproducibly():
+    y_true = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    y_pred = np.array([0, 0, 1, 1, 1, 1, 0, 0])
+    chosen = correct_sample(y_true, y_pred, 2)
+    assert (y_true[chosen] == y_pred[chosen]).all()
+    assert list(y_true[chosen]) == [0, 0, 1, 1]  # class 2 has no correct prediction
+    assert (chosen == correct_sample(y_true, y_pred, 2)).all()
+
+
+def test_the_run_report_shows_grad_cam_of_mistakes_and_correct_predictions(tmp_path, corner_model):
+    """write_run_diagnostics, as the evaluate stage calls it: real image files, the trained corner model."""
+    images, labels = corner_data(24, seed=3)
+    with torch.no_grad():
+        probs = corner_model(images).softmax(1).numpy()
+    y_true = labels.numpy().copy()
+    y_true[:3] = 1 - y_true[:3]  # three confident mistakes
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(str(tmp_path / f"{index}.png"))
+        Image.fromarray(input_pixels(image, (0.5,) * 3, (0.25,) * 3)).save(paths[-1])
+    history = pd.DataFrame(
+        {"epoch": [1, 2], "phase": ["probe"] * 2, "train_acc": [0.9, 1.0], "val_acc": [0.9, 1.0]}
+        | {"train_loss": [0.3, 0.1], "val_loss": [0.3, 0.1]}
+    )
+    out = tmp_path / "diagnostics"
+    _, files = write_run_diagnostics(
+        out,
+        class_names=["elsewhere", "top-left"],
+        y_true=y_true,
+        probs=probs,
+        history=history,
+        image_paths=paths,
+        load_image=lambda path: Image.open(path).convert("RGB"),
+        features=torch.randn(len(y_true), 16),
+        model=corner_model,
+        batch=images[:4],
+        max_mistakes=4,
+        model_input=lambda path: images[int(Path(path).stem)],
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        gradcam_per_class=2,
+    )
+    names = {path.name for path in files}
+    assert {GRADCAM_MISTAKES_PNG, GRADCAM_CORRECT_PNG} <= names
+    for name in (GRADCAM_MISTAKES_PNG, GRADCAM_CORRECT_PNG):
+        assert Image.open(out / name).size[0] > 100
+    page = (out / "report.html").read_text()
+    assert "Where the model looked (Grad-CAM)" in page and html.escape("'block2'") in page
+
+    _, files = write_run_diagnostics(
+        tmp_path / "without",
+        class_names=["elsewhere", "top-left"],
+        y_true=y_true,
+        probs=probs,
+        history=history,
+        image_paths=paths,
+        load_image=lambda path: Image.open(path).convert("RGB"),
+        features=torch.randn(len(y_true), 16),
+        model=corner_model,
+        batch=images[:4],
+        model_input=lambda path: images[int(Path(path).stem)],
+        gradcam_per_class=0,
+    )
+    assert not {GRADCAM_MISTAKES_PNG, GRADCAM_CORRECT_PNG} & {path.name for path in files}

@@ -136,12 +136,10 @@ def grad_cam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor | Non
     )
 
 
-def grad_cam_batches(
-    model: nn.Module, images: Sequence[torch.Tensor], batch_size: int = 16, device: torch.device | str = "cpu"
-) -> CamResult:
-    """`grad_cam` over many model inputs [3, H, W], `batch_size` at a time (a backward pass keeps every
-    activation of the batch: the batch bounds the memory)."""
-    model = model.to(device)
+def grad_cam_batches(model: nn.Module, images: Sequence[torch.Tensor], batch_size: int = 16) -> CamResult:
+    """`grad_cam` over many model inputs [3, H, W], `batch_size` at a time, on the model's device (a backward
+    pass keeps every activation of the batch: the batch bounds the memory)."""
+    device = next(model.parameters()).device
     parts = [
         grad_cam(model, torch.stack(list(images[start : start + batch_size])).to(device))
         for start in range(0, len(images), batch_size)
