@@ -86,6 +86,11 @@ def _backbone_groups(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], int
     return list(backbone.groups.items()), prefix, bool(getattr(backbone, "nhwc", False))
 
 
+def check_explainable(model: nn.Module) -> None:
+    """Raise ExplainError, before any work, for a model Grad-CAM cannot be drawn for (several backbones)."""
+    _backbone_groups(model)
+
+
 def grad_cam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor | None = None) -> CamResult:
     """Grad-CAM maps of a Classifier for a batch of model inputs [B, 3, H, W].
 
@@ -197,3 +202,33 @@ def write_overlay(out_dir: str | os.PathLike, name: str, image: Image.Image) -> 
     with atomic_path(target) as tmp:
         image.save(tmp, format="PNG")
     return target
+
+
+EXPLAIN_BATCH = 16  # images per backward pass in `explain_images`: it keeps every activation of the batch
+
+
+def explain_images(
+    saved, items: Sequence[tuple[int, str]], out_dir: str | os.PathLike, device: torch.device | str = "cpu"
+) -> list[Path]:
+    """`transfer predict --explain DIR`: one PNG per (position, image path), [the model's view | its Grad-CAM
+    overlay] for the predicted class, written into `out_dir` and nowhere else; returns the files written.
+
+    Each image is decoded and prepared as the evaluation does (transfer.evaluate.inference.model_input).
+    """
+    from transfer.evaluate.inference import model_input
+
+    root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise ExplainError(f"--explain {out_dir}: exists and is not a folder; name a folder for the overlays")
+    root.mkdir(parents=True, exist_ok=True)
+    config = saved.data_config
+    model = saved.model.eval().to(device)
+    written = []
+    for start in range(0, len(items), EXPLAIN_BATCH):
+        chunk = items[start : start + EXPLAIN_BATCH]
+        inputs = [model_input(source, config) for _, source in chunk]
+        result = grad_cam(model, torch.stack(inputs).to(device))
+        for (index, source), tensor, cam in zip(chunk, inputs, result.maps):
+            image = side_by_side(input_pixels(tensor, config.mean, config.std), cam)
+            written.append(write_overlay(root, overlay_name(index, source), image))
+    return written
