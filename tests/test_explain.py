@@ -235,3 +235,19 @@ def test_predict_explain_writes_one_overlay_per_classified_image_inside_the_fold
     (tmp_path / "a_file").write_text("not a folder")
     refused = predict(str(inputs / "x" / "0000.png"), "--explain", str(tmp_path / "a_file"))
     assert refused.returncode != 0 and "exists and is not a folder" in refused.stderr
+
+
+def test_a_model_on_several_backbones_is_refused_with_a_reason():
+    """Concatenated backbones (heads on cached features) have one grid each: no single map to draw."""
+    from finetune_helpers import tiny_backbone
+
+    from transfer.evaluate.explain import check_explainable
+    from transfer.models.backbones import ConcatBackbone, DataConfig, LoadedBackbone
+
+    config = DataConfig(16, 16, (0.5,) * 3, (0.25,) * 3, "bilinear")
+    members = [LoadedBackbone(tiny_backbone(seed=seed), config, None) for seed in (0, 1)]
+    model = Classifier(ConcatBackbone(members), 2)
+    with pytest.raises(ExplainError, match="several"):
+        check_explainable(model)
+    with pytest.raises(ExplainError, match="several"):
+        grad_cam(model, torch.zeros(1, 3, 16, 16))
