@@ -251,3 +251,15 @@ def test_a_model_on_several_backbones_is_refused_with_a_reason():
         check_explainable(model)
     with pytest.raises(ExplainError, match="several"):
         grad_cam(model, torch.zeros(1, 3, 16, 16))
+
+
+def test_grad_cam_runs_on_a_model_the_evaluation_has_just_used(corner_model):
+    """The evaluate stage predicts first (in inference mode, converting the model to channels_last), then draws
+    the maps with the same model: the conversion must leave tensors autograd can use."""
+    from transfer.evaluate.metrics import predict_logits_and_features
+
+    images, labels = corner_data(8, seed=4)
+    dataset = torch.utils.data.TensorDataset(images, labels)
+    logits, _ = predict_logits_and_features(corner_model, dataset, 4, torch.device("cpu"))
+    result = grad_cam(corner_model, images)
+    assert torch.equal(result.classes, logits.argmax(1)) and bool(torch.isfinite(result.maps).all())
