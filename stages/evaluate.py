@@ -60,6 +60,9 @@ def diagnose(
     def transform(image: torch.Tensor) -> torch.Tensor:
         return images.batch_transform(image.unsqueeze(0))[0]
 
+    def model_input(path: str) -> torch.Tensor:
+        return images.batch_transform(images.images.read([row_of[path]]))[0]
+
     batch = image_batch(test.paths, load_image, transform, params.diagnostics.batch_size)
     selection = read_json(REPORTS_DIR / "train.json")
     return write_run_diagnostics(
@@ -84,6 +87,10 @@ def diagnose(
         selection=selection,
         train_counts=read_json(SPLIT_DIR / "summary.json")["per_class"]["train"],
         calibration=calibration,
+        model_input=model_input,
+        mean=saved.data_config.mean,
+        std=saved.data_config.std,
+        gradcam_per_class=params.diagnostics.gradcam_per_class,
     )
 
 

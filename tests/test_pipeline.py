@@ -112,6 +112,7 @@ def test_pipeline_experiments_and_queue_end_to_end(project):
     assert {"params.yaml", "dvc.lock", "metrics.json", "diagnostics", "data"} <= names
     diagnostics = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, "diagnostics")}
     assert "report.html" in diagnostics and "confusion_matrix.png" in diagnostics
+    assert {"gradcam_mistakes.png", "gradcam_correct.png"} <= diagnostics  # where the model looked
     model = mlflow.pytorch.load_model(f"runs:/{run_id}/pytorch_model")
     assert model(torch.rand(2, 3, 112, 112)).shape == (2, 10)
     # The pyfunc model takes images and answers with class names; every run registered a version.

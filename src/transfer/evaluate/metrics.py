@@ -42,7 +42,10 @@ def predict_logits_and_features(
     """
     if tta not in ("none", "flip"):
         raise ValueError(f"evaluate.tta: unknown test-time augmentation {tta!r}; choose 'none' or 'flip'")
-    model.eval().to(device, memory_format=torch.channels_last)  # as in extract_features: about 2x on CPU
+    # Converted outside inference mode: parameters converted inside it could never take part in autograd again,
+    # and the evaluate stage's Grad-CAM (transfer.evaluate.explain) runs on this model next.
+    with torch.inference_mode(False):
+        model.eval().to(device, memory_format=torch.channels_last)  # as in extract_features: about 2x on CPU
     loader = DeviceLoader(dataset, device, batch_size=batch_size, resident=False)
     batches, pooled = [], []
     for images, _ in tqdm(loader, desc="predict" if tta == "none" else "predict (flip TTA)", unit="batch"):

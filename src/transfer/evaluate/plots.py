@@ -1,5 +1,5 @@
-"""The pictures of a run: learning curves, confusion matrix, layer movement, feature projection, activations
-and the most confident mistakes.
+"""The pictures of a run: learning curves, confusion matrix, layer movement, feature projection, activations,
+the most confident mistakes and Grad-CAM overlays.
 
 Each `plot_*` draws on a `Figure` with the Agg canvas, never through pyplot, so nothing global is left open,
 writes its PNG atomically and returns the figure. Everything is cheap by design (PCA by default, one small
@@ -28,6 +28,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocato
 from PIL import Image
 from sklearn.decomposition import PCA
 
+from transfer.evaluate.explain import overlay
 from transfer.evaluate.metrics import as_numpy
 from transfer.pipeline.files import atomic_path
 from transfer.pipeline.runtime import single_threaded
@@ -432,5 +433,41 @@ def plot_reliability(diagram_before: Sequence[Mapping], diagram_after: Sequence[
     top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title="Reliability diagram (test)")
     top.legend(fontsize=8, loc="upper left")
     bottom.set(xlabel="confidence (top-1 probability)", ylabel="share of images")
+    save_figure(figure, path)
+    return figure
+
+
+def plot_gradcam(
+    pixels: Sequence[np.ndarray],
+    maps: Sequence,
+    y_true: Sequence[int],
+    y_pred: Sequence[int],
+    confidence: Sequence[float],
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    title: str,
+) -> Figure:
+    """A grid of images (uint8 [H, W, 3], as the model saw them) with the Grad-CAM map of the predicted class
+    over each (transfer.evaluate.explain), titled true/pred/prob; wrong predictions' titles in red."""
+    count = len(pixels)
+    cols = max(1, min(6, count))
+    rows = max(1, math.ceil(count / cols))
+    figure = _new_figure(2.1 * cols, 2.4 * rows + 0.4)
+    axes = figure.subplots(rows, cols, squeeze=False).ravel()
+    for index, ax in enumerate(axes):
+        ax.axis("off")
+        if index >= count:
+            continue
+        ax.imshow(overlay(pixels[index], maps[index]), interpolation="nearest")
+        right = int(y_true[index]) == int(y_pred[index])
+        ax.set_title(
+            f"true: {class_names[int(y_true[index])]}\n"
+            f"pred: {class_names[int(y_pred[index])]} ({float(confidence[index]):.2f})",
+            fontsize=8,
+            color="black" if right else "darkred",
+        )
+    if count == 0:
+        axes[0].text(0.5, 0.5, "no image to show", ha="center", va="center")
+    figure.suptitle(title)
     save_figure(figure, path)
     return figure

@@ -366,6 +366,13 @@ class DiagnosticsParams(Section):
         "pca", description="2-D projection of the test features; tsne is slower (seconds to minutes)"
     )
     mistakes: int = Field(16, ge=0, le=64, description="most confident mistakes drawn in the grid")
+    gradcam_per_class: int = Field(
+        2,
+        ge=0,
+        le=16,
+        description="correct test predictions per class (a seeded sample) drawn with their Grad-CAM map in the "
+        "report, next to the maps of the `mistakes` most confident mistakes; 0 draws no map",
+    )
     batch_size: int = Field(8, ge=1, le=256, description="test images in the activation-histogram batch")
 
     def thresholds(self) -> dict[str, float]:
