@@ -67,6 +67,7 @@ def write_run_diagnostics(
     model_features=None,
     selection: Mapping | None = None,
     train_counts: Mapping[str, int] | None = None,
+    extra_sections: Mapping[str, list] | None = None,
 ) -> tuple[dict, list[Path]]:
     """Write every diagnostic of one run under `out_dir`; return (metrics, files).
 
@@ -85,7 +86,8 @@ def write_run_diagnostics(
     stage's reports/train.json) and `train_counts` (training images per
     class) the verdict (`fit.verdict`) names every problem found and the
     report says what to try next (see `model_problems`); the numbers go
-    to `metrics["health"]`.
+    to `metrics["health"]`. `extra_sections` (heading -> items) are
+    appended to the report as given (the label_issues stage's grid).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,6 +173,7 @@ def write_run_diagnostics(
         "Most confident mistakes": [out / MISTAKES_PNG],
         "Layer movement": movement_items,
         "Features": [out / FEATURES_PNG, out / ACTIVATIONS_PNG],
+        **(extra_sections or {}),
     }
     files.append(write_html_report(out / REPORT_HTML, title, sections))
     return metrics, files
