@@ -551,7 +551,7 @@ class Params(Section):
     )
     head: HeadParams = HeadParams()
     finetune: FinetuneParams = FinetuneParams()
-    seed: int = Field(0, description="seed of model initialisation and training order")
+    seed: int = Field(0, description="seed of model initialisation, training order and the label_issues folds")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     evaluate: EvaluateParams = EvaluateParams()
     diagnostics: DiagnosticsParams = DiagnosticsParams()
