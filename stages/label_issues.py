@@ -12,7 +12,13 @@ from pathlib import Path
 from PIL import Image
 
 from transfer.data.cache import open_split
-from transfer.data.label_issues import LabelRanking, find_training_label_issues, issues_table, no_issues_table
+from transfer.data.label_issues import (
+    LabelRanking,
+    find_training_label_issues,
+    fold_count,
+    issues_table,
+    no_issues_table,
+)
 from transfer.data.split import read_classes
 from transfer.evaluate.plots import plot_mistakes
 from transfer.features import load_feature_cache
@@ -51,21 +57,18 @@ def main() -> None:
     classes = read_classes(SPLIT_DIR)
     train = load_feature_cache(FEATURES_DIR / "train.pt")
     labels = train.labels.numpy()
-    if not settings.enabled:
+    folds = fold_count(labels, settings.folds)
+    if not settings.enabled or folds < 2:
+        reason = "label_issues.enabled: false" if not settings.enabled else "a class has a single training image"
         write_csv(LABEL_ISSUES_CSV, no_issues_table())
         plot_mistakes(
-            [],
-            [],
-            [],
-            [],
-            classes,
-            SUSPECTS_PNG,
-            title="Labels that look wrong",
-            empty="not checked (label_issues.enabled: false)",
+            [], [], [], [], classes, SUSPECTS_PNG, title="Labels that look wrong", empty=f"not checked: {reason}"
         )
-        print("label_issues: label_issues.enabled is false; nothing checked")
+        print(f"label_issues: not checked ({reason})")
         return
-    ranking = find_training_label_issues(train.features.numpy(), labels, classes, settings.folds, params.seed)
+    if folds < settings.folds:
+        print(f"label_issues: {folds} folds, not {settings.folds}: the smallest class has {folds} training images")
+    ranking = find_training_label_issues(train.features.numpy(), labels, folds, params.seed)
     write_csv(LABEL_ISSUES_CSV, issues_table(ranking, train.paths, labels, classes))
     draw_suspects(train.paths, ranking, labels, classes, settings.max_shown)
     print(

@@ -367,7 +367,7 @@ class LabelIssuesParams(Section):
         ge=2,
         le=20,
         description="stratified folds of the out-of-fold logistic regression on the cached features "
-        "(every class needs at least this many training images)",
+        "(fewer when a class has fewer training images)",
     )
     max_shown: int = Field(16, ge=0, le=64, description="most suspect images drawn in the grid (the CSV lists all)")
 
