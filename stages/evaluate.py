@@ -24,7 +24,16 @@ from transfer.features import load_feature_cache
 from transfer.models.saved import SavedModel, load_model, model_digest
 from transfer.pipeline.errors import run_stage
 from transfer.pipeline.files import read_json, staged_outputs, write_csv, write_json
-from transfer.pipeline.layout import CACHE_DIR, DIAGNOSTICS_DIR, FEATURES_DIR, MODEL_DIR, REPORTS_DIR, SPLIT_DIR
+from transfer.pipeline.layout import (
+    CACHE_DIR,
+    DIAGNOSTICS_DIR,
+    FEATURES_DIR,
+    LABEL_ISSUES_CSV,
+    LABEL_ISSUES_DIR,
+    MODEL_DIR,
+    REPORTS_DIR,
+    SPLIT_DIR,
+)
 from transfer.pipeline.params import load_params
 from transfer.pipeline.runtime import resolve_device
 
@@ -45,8 +54,30 @@ def calibration_metrics_of(calibration: dict) -> dict[str, float]:
     }
 
 
+def label_issues_section() -> tuple[int, list, list[Path]]:
+    """The label_issues stage's list and grid: (count, report items, files to log).
+
+    Its outputs are deps of this stage, so they are there and current; shown as they are, never acted on.
+    """
+    issues = pd.read_csv(LABEL_ISSUES_CSV, keep_default_na=False)
+    grids = sorted(LABEL_ISSUES_DIR.glob("*.png"))
+    note = (
+        f"{len(issues)} training labels look wrong to a head that never saw them (out-of-fold confident learning). "
+        f"Nothing was changed: check them in {LABEL_ISSUES_CSV}, most suspect first, and fix the source if so."
+    )
+    return len(issues), [note, *grids, issues.head(10)], [LABEL_ISSUES_CSV, *grids]
+
+
 def diagnose(
-    saved: SavedModel, params, test, images, logits: torch.Tensor, model_features, summary: dict, calibration: dict
+    saved: SavedModel,
+    params,
+    test,
+    images,
+    logits: torch.Tensor,
+    model_features,
+    summary: dict,
+    calibration: dict,
+    label_items: list,
 ) -> tuple[dict, list[Path]]:
     """Pictures, per-class table, verdict (with what to try next) and report.html; returns (metrics, files).
 
@@ -91,6 +122,7 @@ def diagnose(
         mean=saved.data_config.mean,
         std=saved.data_config.std,
         gradcam_per_class=params.diagnostics.gradcam_per_class,
+        extra_sections={"Labels that look wrong": label_items},
     )
 
 
@@ -117,7 +149,10 @@ def main() -> None:
     calibration = calibration_report(head_logits.numpy(), y_true, model.temperature)
 
     metrics = classification_metrics(y_true, y_pred, classes)
-    diagnostics, diagnostic_files = diagnose(saved, params, test, dataset, logits, model_features, metrics, calibration)
+    issue_count, label_items, issue_files = label_issues_section()
+    diagnostics, diagnostic_files = diagnose(
+        saved, params, test, dataset, logits, model_features, metrics, calibration, label_items
+    )
     # Written into reports/ only once everything below, MLflow included, has succeeded (staged_outputs).
     with staged_outputs(REPORTS_DIR) as staged:
         # weight_change is already the train stage's metric (reports/layer_movement.json): not repeated here
@@ -148,6 +183,9 @@ def main() -> None:
             # whose params are immutable and were logged before this value was chosen.
             tracking.log_tags({"fit_verdict": diagnostics["fit"]["verdict"], "test_tta": params.evaluate.tta})
             tracking.log_artifacts(diagnostic_files, artifact_path="diagnostics")
+            # The label_issues stage runs before train, with no run to log to: its results join the model's run here.
+            tracking.log_metrics({"label_issues": {"count": issue_count}})
+            tracking.log_artifacts(issue_files, artifact_path="label_issues")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from project_helpers import DVC, copy_project, git_env, run, stages_run, wait_fo
 from team_helpers import mlflow_server
 
 pytestmark = pytest.mark.slow
-STAGES = ["params", "download", "split", "cache", "features", "train", "evaluate"]
+STAGES = ["params", "download", "split", "cache", "features", "label_issues", "train", "evaluate"]
 STAGE_SERVER = [sys.executable, "-m", "transfer.pipeline.stage_server"]
 
 

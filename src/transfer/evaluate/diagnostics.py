@@ -78,6 +78,7 @@ def write_run_diagnostics(
     mean: Sequence[float] = (0.0, 0.0, 0.0),
     std: Sequence[float] = (1.0, 1.0, 1.0),
     gradcam_per_class: int = 0,
+    extra_sections: Mapping[str, list] | None = None,
 ) -> tuple[dict, list[Path]]:
     """Write every diagnostic of one run under `out_dir`; return (metrics, files).
 
@@ -102,7 +103,8 @@ def write_run_diagnostics(
     With `model_input(path)` (the model's input tensor for a test image,
     normalised with `mean`/`std`) and `gradcam_per_class` > 0, the report
     shows Grad-CAM maps over the drawn mistakes and over that many correct
-    predictions per class (see `write_gradcam`).
+    predictions per class (see `write_gradcam`). `extra_sections` (heading -> items) are
+    appended to the report as given (the label_issues stage's grid).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,6 +207,7 @@ def write_run_diagnostics(
         **({"Where the model looked (Grad-CAM)": gradcam_items} if gradcam_items else {}),
         "Layer movement": movement_items,
         "Features": [out / FEATURES_PNG, out / ACTIVATIONS_PNG],
+        **(extra_sections or {}),
     }
     if calibration is not None:
         plot_reliability(

@@ -381,11 +381,17 @@ def plot_mistakes(
     class_names: Sequence[str],
     path: str | os.PathLike,
     n: int = 16,
+    *,
+    title: str = "Most confident mistakes",
+    captions: tuple[str, str] = ("true", "pred"),
+    empty: str = "no mistakes on the test set",
 ) -> Figure:
     """A grid of up to `n` misclassified images, each titled true/pred/prob.
 
     Pass the images already ordered (see `most_confident_mistakes`); only
-    the first `n` are drawn. With no mistakes the PNG says so.
+    the first `n` are drawn. With no mistakes the PNG says `empty`.
+    `title` and `captions` name the grid and its two labels for other
+    image lists (the label_issues stage: given/suggested label).
     """
     count = min(n, len(images))
     cols = max(1, min(4, count))
@@ -399,14 +405,14 @@ def plot_mistakes(
         # nearest: no resampling filter to pay for, and small images stay crisp
         ax.imshow(np.asarray(_thumbnail(images[index])), interpolation="nearest")
         ax.set_title(
-            f"true: {class_names[int(y_true[index])]}\n"
-            f"pred: {class_names[int(y_pred[index])]} ({float(confidence[index]):.2f})",
+            f"{captions[0]}: {class_names[int(y_true[index])]}\n"
+            f"{captions[1]}: {class_names[int(y_pred[index])]} ({float(confidence[index]):.2f})",
             fontsize=8,
             color="darkred",
         )
     if count == 0:
-        axes[0].text(0.5, 0.5, "no mistakes on the test set", ha="center", va="center")
-    figure.suptitle("Most confident mistakes")
+        axes[0].text(0.5, 0.5, empty, ha="center", va="center")
+    figure.suptitle(title)
     save_figure(figure, path)
     return figure
 

@@ -18,3 +18,5 @@ HEAD_FILE = MODEL_DIR / "head.skops"  # a scikit-learn head (head.kind other tha
 CHECKPOINT_DIR = Path("data/checkpoints")  # train: per-epoch checkpoints, kept across runs to resume
 REPORTS_DIR = Path("reports")  # metrics (JSON) and plots (CSV), small files kept in git
 DIAGNOSTICS_DIR = REPORTS_DIR / "diagnostics"  # evaluate: pictures, per-class CSV, report.html (DVC-cached)
+LABEL_ISSUES_CSV = REPORTS_DIR / "label_issues.csv"  # label_issues: the labels that look wrong (kept in git)
+LABEL_ISSUES_DIR = REPORTS_DIR / "label_issues"  # label_issues: the grid of the most suspect images (DVC-cached)

@@ -385,6 +385,22 @@ class DiagnosticsParams(Section):
         }
 
 
+class LabelIssuesParams(Section):
+    """The label_issues stage: training images whose label looks wrong (reports/label_issues.csv), to check."""
+
+    enabled: bool = Field(
+        True, description="rank the training labels (false: the stage writes an empty list and an empty grid)"
+    )
+    folds: int = Field(
+        5,
+        ge=2,
+        le=20,
+        description="stratified folds of the out-of-fold logistic regression on the cached features "
+        "(fewer when a class has fewer training images)",
+    )
+    max_shown: int = Field(16, ge=0, le=64, description="most suspect images drawn in the grid (the CSV lists all)")
+
+
 # Keys `transfer tune` may search: what shapes training. Not backbone/data (the cached features depend on
 # them), not the seed (tuning it fits val noise), not finetune's runtime knobs (they do not change the model).
 TUNABLE_SECTIONS: dict[str, type[Section]] = {"head": HeadParams, "finetune": FinetuneParams}
@@ -566,10 +582,11 @@ class Params(Section):
     )
     head: HeadParams = HeadParams()
     finetune: FinetuneParams = FinetuneParams()
-    seed: int = Field(0, description="seed of model initialisation and training order")
+    seed: int = Field(0, description="seed of model initialisation, training order and the label_issues folds")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     evaluate: EvaluateParams = EvaluateParams()
     diagnostics: DiagnosticsParams = DiagnosticsParams()
+    label_issues: LabelIssuesParams = LabelIssuesParams()
     tracking: TrackingParams = TrackingParams()
     tune: TuneParams = TuneParams()
 
