@@ -11,14 +11,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from transfer.data import label_issues as issues
 from transfer.data.cache import open_split
-from transfer.data.label_issues import (
-    LabelRanking,
-    find_training_label_issues,
-    fold_count,
-    issues_table,
-    no_issues_table,
-)
 from transfer.data.split import read_classes
 from transfer.evaluate.plots import plot_mistakes
 from transfer.features import load_feature_cache
@@ -31,7 +25,7 @@ from transfer.pipeline.runtime import single_threaded
 SUSPECTS_PNG = LABEL_ISSUES_DIR / "suspects.png"
 
 
-def draw_suspects(paths: list[str], ranking: LabelRanking, labels, classes, shown: int) -> Path:
+def draw_suspects(paths: list[str], ranking: issues.LabelRanking, labels, classes, shown: int) -> Path:
     """The `shown` most suspect images as the image cache holds them, titled given / suggested (its probability)."""
     rows = ranking.issues[:shown]
     pixels = open_split(CACHE_DIR, "train", paths).read(rows.tolist()) if len(rows) else []
@@ -57,10 +51,10 @@ def main() -> None:
     classes = read_classes(SPLIT_DIR)
     train = load_feature_cache(FEATURES_DIR / "train.pt")
     labels = train.labels.numpy()
-    folds = fold_count(labels, settings.folds)
+    folds = issues.fold_count(labels, settings.folds)
     if not settings.enabled or folds < 2:
         reason = "label_issues.enabled: false" if not settings.enabled else "a class has a single training image"
-        write_csv(LABEL_ISSUES_CSV, no_issues_table())
+        write_csv(LABEL_ISSUES_CSV, issues.no_issues_table())
         plot_mistakes(
             [], [], [], [], classes, SUSPECTS_PNG, title="Labels that look wrong", empty=f"not checked: {reason}"
         )
@@ -68,8 +62,8 @@ def main() -> None:
         return
     if folds < settings.folds:
         print(f"label_issues: {folds} folds, not {settings.folds}: the smallest class has {folds} training images")
-    ranking = find_training_label_issues(train.features.numpy(), labels, folds, params.seed)
-    write_csv(LABEL_ISSUES_CSV, issues_table(ranking, train.paths, labels, classes))
+    ranking = issues.find_training_label_issues(train.features.numpy(), labels, folds, params.seed)
+    write_csv(LABEL_ISSUES_CSV, issues.issues_table(ranking, train.paths, labels, classes))
     draw_suspects(train.paths, ranking, labels, classes, settings.max_shown)
     print(
         f"label_issues: {len(ranking.issues)} of {len(labels)} training labels look wrong -> {LABEL_ISSUES_CSV}, "

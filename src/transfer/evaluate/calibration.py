@@ -145,3 +145,11 @@ def reliability_frame(diagram: list[dict]):
 
     rows = [row for row in diagram if row["count"]]
     return pd.DataFrame(rows, columns=["confidence", "accuracy", "count", "lower", "upper"])
+
+
+def calibration_summary(calibration: dict) -> dict[str, float]:
+    """metrics.json's `calibration`: the temperature and ECE, NLL, Brier on test before (T = 1) and after it."""
+    return {
+        "temperature": calibration["temperature"],
+        **{f"{name}_{when}": calibration[when][name] for name in CALIBRATION_METRICS for when in ("before", "after")},
+    }

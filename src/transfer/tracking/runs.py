@@ -200,3 +200,32 @@ def stage_training_run(
         return
     with training_run(experiment, params, tags, run_id=run_id) as opened, EpochLog() as log:
         yield opened, log
+
+
+def log_evaluation(
+    metrics: dict[str, Any],
+    summary: dict[str, Any],
+    calibration: dict[str, float],
+    report_files: list[Path],
+    reliability_files: list[Path],
+    diagnostic_files: list[Path],
+    label_issue_count: int,
+    label_issue_files: list[Path],
+    tags: dict[str, str],
+) -> None:
+    """Into the active run (the model's, reopened by the evaluate stage): the test metrics (test.*, the key
+    metrics, the fit/health/top-k `summary`, test.calibration.*), the reports, the reliability data, the
+    diagnostics folder and the label_issues stage's list (that stage runs before train, with no run to log to).
+
+    `tags` (e.g. test_tta) are tags, not params: an evaluate-only change (-S evaluate.tta=flip) reopens the train
+    stage's run, whose params are immutable and were logged before this value was chosen."""
+    log_metrics(metrics, prefix="test")
+    log_key_metrics(test_acc=metrics["accuracy"], test_f1=metrics["macro_f1"])
+    log_artifacts(report_files)
+    log_metrics(summary)  # fit.*, health.*, topk.*: sortable in the MLflow UI
+    log_metrics({"calibration": calibration}, prefix="test")
+    log_artifacts(reliability_files, artifact_path="reliability")
+    log_tags({"fit_verdict": summary["fit"]["verdict"], **tags})
+    log_artifacts(diagnostic_files, artifact_path="diagnostics")
+    log_metrics({"label_issues": {"count": label_issue_count}})
+    log_artifacts(label_issue_files, artifact_path="label_issues")
