@@ -189,8 +189,10 @@ def register_model(model_uri: str, name: str) -> str:
     # Queue workers may create the registered model at the same moment: serialise like the experiment.
     with _store_lock(None):
         client = MlflowClient()
-        with contextlib.suppress(mlflow.exceptions.MlflowException):
-            if not client.search_registered_models(f"name = '{name}'"):
+        try:  # looked up by the name itself, never quoted into a search filter
+            client.get_registered_model(name)
+        except MlflowException:
+            with contextlib.suppress(MlflowException):  # another worker created it in the meantime
                 client.create_registered_model(name)
     # mlflow.register_model, not client.create_model_version: a tracking server accepts a logged model's
     # `models:/m-...` URI as a version's source only with its model id, which register_model passes.

@@ -16,6 +16,7 @@ from transfer.tracking.runs import (
     EpochLog,
 )
 from transfer.tracking.store import (
+    TrackingError,
     use_experiment,
 )
 
@@ -109,4 +110,9 @@ def _log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> No
 def find_study_runs(experiment: str, study_name: str, root: Path | None = None):
     """The parent and trial runs of a study as a pandas DataFrame (for tests and notebooks)."""
     use_experiment(experiment, root)
-    return mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.`tune.study` = '{study_name}'")
+    quote = next((q for q in ("'", '"') if q not in study_name), None)
+    if quote is None:
+        raise TrackingError(f"tune.study_name {study_name!r}: a name with both quote characters cannot be searched")
+    return mlflow.search_runs(
+        experiment_names=[experiment], filter_string=f"tags.`tune.study` = {quote}{study_name}{quote}"
+    )
