@@ -118,6 +118,11 @@ def grad_cam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor | Non
             logits = model(inputs).float()
             chosen = logits.argmax(1) if classes is None else torch.as_tensor(classes, device=logits.device).long()
             score = logits.gather(1, chosen[:, None]).sum()  # images are independent: one backward for all
+            if not score.requires_grad:  # a scikit-learn head (head.kind other than linear) passes no gradient
+                raise ExplainError(
+                    "the model's head is not differentiable (a scikit-learn head fitted on the cached features), "
+                    "so no gradient reaches the backbone: head.kind linear (or any fine-tuned model) gives maps"
+                )
             names = [name for name, _ in groups if name in captured]
             grads = torch.autograd.grad(score, [captured[name] for name in names], allow_unused=True)
     finally:
