@@ -1,4 +1,9 @@
-"""Shared fixtures: small real image folders written as PNG files."""
+"""Shared fixtures (small real image folders written as PNG files) and the tier markers.
+
+A test's tier is its folder: tests/unit (in-process, `make test-fast`), tests/integration (real
+subprocesses, servers, torchrun, Chromium, signals, pretrained weights), tests/e2e (the real DVC pipeline).
+`slow` keeps meaning "not a unit test", so `-m "not slow"` still selects the fast tier.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +35,21 @@ def index_of(folder: Path, repo_root: Path) -> pd.DataFrame:
 
     rows = [(p.relative_to(repo_root).as_posix(), p.parent.name, "") for p in sorted(folder.rglob("*.png"))]
     return pd.DataFrame(rows, columns=["path", "label", "subset"])
+
+
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with the tier of its folder (and `slow` outside tests/unit)."""
+    for item in items:
+        parts = item.path.relative_to(REPO_ROOT / "tests").parts
+        tier = parts[0] if len(parts) > 1 and parts[0] in TIERS else None
+        if tier is None:
+            raise pytest.UsageError(f"{item.nodeid}: a test belongs in tests/unit, tests/integration or tests/e2e")
+        item.add_marker(tier)
+        if tier != "unit":
+            item.add_marker("slow")
 
 
 @pytest.fixture

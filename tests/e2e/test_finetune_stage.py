@@ -22,7 +22,7 @@ from transfer import tracking
 from transfer.models.saved import model_digest
 
 pytestmark = pytest.mark.slow  # real DVC + MLflow + torchrun subprocesses: about a minute on 2 idle cores
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def project(tmp_path: Path, **overrides) -> Path:

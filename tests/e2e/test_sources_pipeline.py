@@ -13,7 +13,7 @@ import pandas as pd
 import yaml
 from test_sources import good_images
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def stage_copy(tmp_path: Path, data: dict) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 # In a fresh interpreter: 2,000 blocks of 100 KB (below glibc's mmap threshold, so they come from the heap),
 # each followed by a small block that stays alive. Freeing the large ones leaves free chunks between live

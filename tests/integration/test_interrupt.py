@@ -13,7 +13,7 @@ import pytest
 
 from transfer import tracking
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # A stage that opens the pipeline's MLflow run (as the train stage does), then works until interrupted.
 STAGE = """

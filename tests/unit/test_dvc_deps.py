@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from transfer.pipeline.params import Params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 NOT_INPUTS = {"flatten"}  # functions that take the whole params object only to record it

@@ -7,7 +7,7 @@ import yaml
 
 from transfer.pipeline.params import ParamsError, flatten, load_params, parse_params
 
-REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
 
 def repo_params() -> dict:

@@ -7,7 +7,7 @@ import yaml
 from transfer.pipeline.params import Params, flatten, load_params, parse_params
 from transfer.pipeline.params_doc import main, params_yaml, reference_table
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_readme_params_reference_matches_the_schema():

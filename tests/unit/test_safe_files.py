@@ -18,7 +18,7 @@ from transfer.models.backbones import BackboneError, load_backbone
 from transfer.pipeline.files import UnreadableFileError, load_torch, save_torch
 from transfer.train.checkpoint import Checkpointer, restore_rng_state, rng_state
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class Payload:

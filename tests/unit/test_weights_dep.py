@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from transfer.models.backbones import build_network
 from transfer.pipeline.params import ParamsError, parse_params
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 STAGES = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
 
 
