@@ -81,3 +81,8 @@ def wait_for_queue(repo: Path, env: dict, timeout: float = 600) -> str:
         if not re.search(r"\b(Queued|Running)\b", status) or time.monotonic() > deadline:
             return status
         time.sleep(3)
+
+
+def table_lines(text: str) -> list[list[str]]:
+    """The cells of a table printed by `transfer compare` / `dvc exp show` (columns two or more spaces apart)."""
+    return [re.split(r"\s{2,}", line.strip()) for line in text.splitlines()]

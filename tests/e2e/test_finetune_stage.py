@@ -21,7 +21,6 @@ from conftest import write_image_folder
 from transfer import tracking
 from transfer.models.saved import model_digest
 
-pytestmark = pytest.mark.slow  # real DVC + MLflow + torchrun subprocesses: about a minute on 2 idle cores
 REPO = Path(__file__).resolve().parents[2]
 
 

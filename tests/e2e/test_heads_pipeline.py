@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import sys
 
-import pytest
 import yaml
 from project_helpers import run, stages_run, wait_for_queue
 from test_pipeline import mlflow_runs, project  # noqa: F401 (project is a fixture)
 
-pytestmark = pytest.mark.slow
 SKLEARN_KINDS = ["logreg", "svm", "knn", "forest", "bayes"]
 
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import sys
 
-import pytest
 import yaml
 from test_sources_pipeline import run, stage_copy
-
-pytestmark = pytest.mark.slow
 
 
 def test_a_typo_fails_whichever_stage_runs_and_a_valid_edit_reruns_nothing_else(tmp_path):

@@ -17,7 +17,6 @@ from project_helpers import copy_project, git_env, run, stages_run, wait_for_que
 
 from transfer import tracking
 
-pytestmark = pytest.mark.slow
 STAGES = ["params", "download", "split", "cache", "features", "train", "evaluate"]
 # An edit of params.yaml re-runs the params stage (it validates the whole file), then what depends on the keys.
 HEAD_ONLY = ["params", "train", "evaluate"]

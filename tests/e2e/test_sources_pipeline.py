@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from test_sources import good_images
+from conftest import good_images
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,14 +6,8 @@ The table functions are checked on `dvc exp show --json` output as DVC 3 prints 
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-
 import pytest
-from PIL import Image
-from project_helpers import DVC, git_env, run
-from team_helpers import small_dvc_project
+from project_helpers import table_lines
 
 from transfer.evaluate.compare import CompareError, changed_params, comparison_table, experiment_rows
 
@@ -80,10 +74,6 @@ EXP_SHOW = [
 ]
 
 
-def table_lines(text: str) -> list[list[str]]:
-    return [re.split(r"\s{2,}", line.strip()) for line in text.splitlines()]
-
-
 def test_rows_name_every_experiment_with_its_state():
     rows = experiment_rows(EXP_SHOW)
     assert [(row.name, row.state) for row in rows] == [
@@ -113,49 +103,3 @@ def test_sort_by_a_param_and_unknown_sort_key():
     assert [line[0] for line in table_lines(comparison_table(rows, "head.lr"))[2:]][0] == "broken"
     with pytest.raises(CompareError, match="nosuch"):
         comparison_table(rows, "nosuch")
-
-
-@pytest.mark.slow
-def test_compare_and_report_in_a_real_dvc_repository(tmp_path):
-    env = git_env()
-    repo = small_dvc_project(tmp_path / "repo", env)
-    transfer = [sys.executable, "-m", "transfer.cli"]
-
-    # A second commit with other params: what a pull request's branch holds.
-    run(["git", "checkout", "-qb", "feature"], repo, env)
-    run(DVC + ["exp", "run", "-q", "-n", "lr-high", "-S", "head.lr=0.1"], repo, env)  # applied to the workspace
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "head.lr 0.1"], repo, env)
-    run(DVC + ["exp", "run", "-q", "--queue", "-n", "lr-mid", "-S", "head.lr=0.03"], repo, env)
-
-    lines = table_lines(run(transfer + ["compare"], repo, env))
-    assert lines[0] == ["experiment", "state", "head.lr", "test_acc", "test_f1", "val_acc", "verdict"]
-    assert lines[2:] == [
-        ["workspace", "workspace", "0.1", "0.74", "0.73", "0.75", "good"],
-        ["feature", "commit", "0.1", "0.74", "0.73", "0.75", "good"],
-        ["lr-mid", "queued", "0.03", "-", "-", "-", "-"],
-    ]
-    # Every commit: the baseline and its experiment too.
-    names = [line[0] for line in table_lines(run(transfer + ["compare", "--all-commits"], repo, env))[2:]]
-    assert names[0] == "main" and {"lr-high", "feature", "lr-mid"} <= set(names)
-
-    run(transfer + ["report", "--base", "main"], repo, env)
-    report = (repo / "reports/pr/report.md").read_text()
-    assert "| test_acc | 0.8800 | 0.7400 | -0.1400 |" in report
-    assert re.search(r"\| params.yaml \| head.lr +\| 0.01 +\| 0.1 ", report)
-    for image in ("learning_curves.png", "confusion_matrix.png"):
-        assert f"]({image})" in report
-        with Image.open(repo / "reports/pr" / image) as png:
-            assert png.format == "PNG" and png.width > 200
-    # Only reports/pr is new: the report writes nothing else in the repository.
-    status = run(["git", "status", "--porcelain", "--untracked-files=all"], repo, env)
-    assert {line[3:] for line in status.splitlines()} == {
-        "reports/pr/report.md",
-        "reports/pr/learning_curves.png",
-        "reports/pr/confusion_matrix.png",
-    }
-
-    missing = subprocess.run(
-        transfer + ["report", "--base", "nosuch"], cwd=repo, env=env, capture_output=True, text=True
-    )
-    assert missing.returncode == 2 and "'nosuch' is not a commit" in missing.stderr

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import good_images, png
 from test_fetch import digest, make_zip
-from test_sources import good_images, png
 
 from transfer.data.fetch import ArchiveLimits, ArchiveTooLargeError, unpack_archive
 from transfer.data.report import DataError

@@ -70,7 +70,6 @@ def test_lr_find_command_saves_the_plot_and_logs_one_mlflow_run(tmp_path, monkey
     }
 
 
-@pytest.mark.slow  # fine-tuning steps on images: ~10 s on 2 idle cores
 def test_fine_tuning_sweep_runs_the_recipe_on_images(tmp_path, monkeypatch):
     root = image_project(tmp_path / "project", **{"freeze_layers": "all"})
     monkeypatch.chdir(root)

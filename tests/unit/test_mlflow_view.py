@@ -9,26 +9,11 @@ assertion message) for a human look.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
-import pytest
 from mlflow import MlflowClient
-from PIL import Image
-from team_helpers import mlflow_server
+from mlflow_view_helpers import PARAMS, record_runs
 
 from transfer import tracking
-
-PARAMS = {
-    "backbone.name": "efficientnet_lite0",
-    "freeze_layers": "all",
-    "head.lr": 0.01,
-    "finetune.lr": 0.002,
-    "finetune.epochs": 5,
-    "head.epochs": 40,
-}
 
 
 def test_readable_run_names():
@@ -42,22 +27,6 @@ def test_run_name_is_the_dvc_experiment_name_inside_dvc_exp_run(monkeypatch):
     assert tracking.run_name(PARAMS) == "lofty-pram"
     monkeypatch.delenv("DVC_EXP_NAME")
     assert tracking.run_name(PARAMS) == "efficientnet_lite0 probe lr=0.01"
-
-
-def record_runs(experiment: str = "transfer") -> None:
-    """Two runs as the train and evaluate stages record them (a plain repro and a DVC experiment)."""
-    for exp_name, lr, accuracy in ((None, 0.01, 0.8267), ("bushy-tile", 0.03, 0.8433)):
-        os.environ.pop("DVC_EXP_NAME", None)
-        if exp_name:
-            os.environ["DVC_EXP_NAME"] = exp_name
-        try:
-            with tracking.training_run(experiment, {**PARAMS, "head.lr": lr}, {"backbone": "efficientnet_lite0"}):
-                with tracking.EpochLog() as log_epoch:
-                    log_epoch({"epoch": 1, "phase": "probe", "val_acc": accuracy - 0.02})
-                tracking.log_key_metrics(test_acc=accuracy, test_f1=accuracy - 0.01)
-                tracking.log_tags({"fit_verdict": "good"})
-        finally:
-            os.environ.pop("DVC_EXP_NAME", None)
 
 
 def test_local_store_experiment_has_kind_view_and_named_runs(tmp_path, monkeypatch):
@@ -100,55 +69,3 @@ def test_epoch_log_batches_probe_epochs_and_writes_every_other_row_as_it_ends(tm
     assert steps(run_id) == [1, 2, 3, 4, 5, 6]  # the rest on leaving the block
     assert [m.value for m in client.get_metric_history(run_id, "val_acc")][-1] == 0.61
     assert "kept" not in client.get_run(run_id).data.metrics and "phase" not in client.get_run(run_id).data.metrics
-
-
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
-def headless(browser: str, profile: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    command = [
-        browser,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={profile}",
-        "--window-size=1600,1000",
-        "--virtual-time-budget=30000",
-        *args,
-    ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.mark.slow
-def test_runs_view_shows_key_columns_in_headless_chromium(tmp_path, monkeypatch):
-    browser = chromium()
-    if browser is None:
-        pytest.skip("chromium is not installed (CI installs it: .ci/run)")
-    with mlflow_server(tmp_path / "server") as url:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-        record_runs()
-        experiment = MlflowClient(url).get_experiment_by_name("transfer")
-        # On a server the server places artifacts (mlflow-artifacts:), not the client's local folder.
-        assert experiment.artifact_location.startswith("mlflow-artifacts:")
-        view = tracking.runs_view_url(url, experiment.experiment_id)
-
-        shot = tmp_path / "runs_view.png"
-        dom = headless(browser, tmp_path / "profile", f"--screenshot={shot}", "--dump-dom", view).stdout
-
-    with Image.open(shot) as png:
-        assert png.size == (1600, 1000)
-        assert len(png.convert("L").getcolors(maxcolors=1 << 16) or range(999)) > 20  # drawn, not blank
-    text = dom.replace("\u200b", "")
-    # The runs table (not the GenAI overview) with the key columns and both runs, by name.
-    assert "Run Name" in text, f"runs table missing; screenshot: {shot}"
-    for column in ("test_acc", "test_f1", "backbone.name", "finetune.lr", "freeze_layers", "head.lr"):
-        assert f">{column}<" in text, f"column {column} missing; screenshot: {shot}"
-    assert "bushy-tile" in text and "efficientnet_lite0 probe lr=0.01" in text
-    assert ">0.8433<" in text

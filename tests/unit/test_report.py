@@ -1,58 +1,21 @@
-"""The HTML report is self-contained and renders its images in a real browser."""
+"""The HTML report is self-contained: every image inlined as a decodable PNG."""
 
 from __future__ import annotations
 
 import base64
 import io
-import shutil
-import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
+from report_helpers import SWATCHES, TagCollector, write_report
 
 from transfer.evaluate.report import write_html_report
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# pure colours that the page's own CSS never uses: finding them in the
-# screenshot proves that each inlined image was decoded and painted
-SWATCHES = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255)}
-
-
-class TagCollector(HTMLParser):
-    """Collect the attributes of every tag of the page, by tag name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tags: dict[str, list[dict[str, str]]] = {}
-
-    def handle_starttag(self, tag: str, attrs) -> None:
-        self.tags.setdefault(tag, []).append(dict(attrs))
-
-
-def swatch_png(folder: Path, name: str, colour: tuple[int, int, int]) -> Path:
-    """A real PNG: a solid colour block with a white border."""
-    image = Image.new("RGB", (240, 120), "white")
-    image.paste(Image.new("RGB", (220, 100), colour), (10, 10))
-    path = folder / f"{name}_swatch.png"
-    image.save(path, format="PNG")
-    return path
 
 
 @pytest.fixture()
 def report(tmp_path) -> Path:
-    """A report with three images, a table, metrics and text."""
-    images = [swatch_png(tmp_path, name, colour) for name, colour in SWATCHES.items()]
-    table = pd.DataFrame({"class": ["cat", "<dog>"], "precision": [0.91234, 0.5], "support": [10, 12]})
-    sections = {
-        "Metrics": [{"test_accuracy": 0.87654321, "verdict": "good fit", "epochs": 6}],
-        "Pictures": [images[0], "Two more below.", images[1], images[2]],
-        "Per-class quality": [table],
-    }
-    return write_html_report(tmp_path / "out" / "report.html", "Run <42> report", sections)
+    return write_report(tmp_path)
 
 
 def test_report_is_self_contained(report) -> None:
@@ -82,41 +45,3 @@ def test_report_rejects_non_png(tmp_path) -> None:
         write_html_report(tmp_path / "r.html", "x", {"s": [fake]})
     with pytest.raises(TypeError):
         write_html_report(tmp_path / "r.html", "x", {"s": [3.5]})
-
-
-def chromium_run(tmp_path: Path, url: str, *args: str) -> subprocess.CompletedProcess:
-    """Run headless Debian chromium on ``url`` with a fresh profile, offline."""
-    command = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        *args,
-        url,
-    ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=90, check=True)
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (apt-get install chromium)")
-def test_report_renders_in_headless_chromium(tmp_path, report) -> None:
-    screenshot = tmp_path / "shot.png"
-    chromium_run(tmp_path, report.as_uri(), f"--screenshot={screenshot}", "--window-size=1200,2000")
-    with Image.open(screenshot) as image:
-        pixels = np.asarray(image.convert("RGB")).astype(np.int16)
-    assert pixels.var() > 0, "blank screenshot"
-    # every swatch image was painted: a block of its exact colour is on screen
-    for name, colour in SWATCHES.items():
-        matches = np.all(np.abs(pixels - np.array(colour)) <= 4, axis=-1)
-        assert matches.sum() >= 0.8 * 220 * 100, f"{name} image not rendered"
-
-    # the browser's DOM holds exactly the images written, all decoded inline
-    dom = chromium_run(tmp_path, report.as_uri(), "--dump-dom").stdout
-    parser = TagCollector()
-    parser.feed(dom)
-    assert len(parser.tags["img"]) == len(SWATCHES)

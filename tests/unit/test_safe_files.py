@@ -5,37 +5,18 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hostile_helpers import Payload, hostile_file
 
 from transfer.models.backbones import BackboneError, load_backbone
 from transfer.pipeline.files import UnreadableFileError, load_torch, save_torch
 from transfer.train.checkpoint import Checkpointer, restore_rng_state, rng_state
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-class Payload:
-    """Unpickling this runs `touch marker`: what a hostile model.pt or weights.pth would do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def hostile_file(path: Path, marker: Path) -> Path:
-    """A real torch zip file whose pickle calls os.system when loaded without weights_only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": Payload(marker), "backbone": "efficientnet_lite0"}, path)
-    return path
 
 
 def test_hostile_and_foreign_files_are_clear_errors_not_code(tmp_path):
@@ -114,20 +95,3 @@ def test_no_weights_only_false_in_the_package_or_stages():
         if re.search(r"weights_only\s*=\s*False", line)
     ]
     assert found == []
-
-
-def test_evaluate_stage_refuses_a_pickle_model_in_one_line(tmp_path):
-    """`dvc pull` may bring data/model/model.pt: `dvc repro -s evaluate` must not run code from it."""
-    copy = tmp_path / "repo"
-    copy.mkdir()
-    shutil.copytree(REPO_ROOT / "stages", copy / "stages")
-    shutil.copy(REPO_ROOT / "params.yaml", copy / "params.yaml")
-    marker = tmp_path / "pwned"
-    hostile_file(copy / "data/model/model.pt", marker)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "TRANSFER_STAGE_SERVER": "off"}
-    done = subprocess.run(
-        [sys.executable, "stages/evaluate.py"], cwd=copy, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 1 and not marker.exists()
-    assert "Traceback" not in done.stderr
-    assert done.stderr.startswith("evaluate: data/model/model.pt is not a usable model file"), done.stderr

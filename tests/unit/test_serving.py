@@ -3,7 +3,7 @@ every row its own result or error, bounds what a request may cost, and never rep
 other doors a careless or hostile input reaches: prediction CSVs (formula injection), `transfer promote --name`,
 `--model` references that are not models."""
 
-# The fixtures imported from test_predict (one tiny model, one store) are this module's test parameters.
+# The fixtures imported from predict_helpers (one tiny model, one store) are this module's test parameters.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -11,10 +11,7 @@ from __future__ import annotations
 import base64
 import csv
 import dataclasses
-import errno
-import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,51 +19,23 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-from serve_helpers import REPO_ROOT, invoke, json_split, served_model
-from test_predict import CLASSES, images, mlflow_store, model_dir  # noqa: F401 - fixtures shared with test_predict
+from predict_helpers import (  # noqa: F401 - fixtures shared with test_predict
+    CLASSES,
+    assert_nobody_opened,
+    bomb_png,
+    images,
+    mlflow_store,
+    model_dir,
+    noise_png,
+    server_files,
+)
+from serve_helpers import REPO_ROOT
 
 from transfer import tracking
 from transfer.evaluate.inference import InferenceError, ServingLimits, predict_paths
 from transfer.models.saved import load_model
 
 NOT_AN_IMAGE = "not an image: a text value must be the base64 of an encoded image"
-
-
-def bomb_png() -> bytes:
-    """8000 x 8000 black pixels: 64 MP from a PNG of about 60 KB (a decompression bomb)."""
-    buffer = io.BytesIO()
-    Image.new("L", (8000, 8000)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def noise_png(side: int) -> bytes:
-    """A PNG that does not compress: about 3 * side^2 bytes."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def server_files(tmp_path_factory, images):
-    """Paths a hostile caller might name on the server's disk: an image, a FIFO (opening it blocks until a writer
-    comes: a server that opened it would hang), a folder and a path that does not exist."""
-    folder = tmp_path_factory.mktemp("private")
-    fifo = folder / "fifo"
-    os.mkfifo(fifo)
-    return {
-        "image": str(images / "cat" / "0001.png"),
-        "fifo": str(fifo),
-        "folder": str(folder),
-        "missing": str(folder / "missing.png"),
-    }
-
-
-def assert_nobody_opened(fifo: str) -> None:
-    """A FIFO held open for reading accepts a non-blocking writer; nobody reading it: ENXIO."""
-    with pytest.raises(OSError) as raised:
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-    assert raised.value.errno == errno.ENXIO
 
 
 def test_pyfunc_takes_bytes_and_base64_never_a_path(mlflow_store, model_dir, images, server_files):
@@ -146,68 +115,6 @@ def test_readme_states_the_serving_limits_defaults():
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     for field in dataclasses.fields(ServingLimits):
         assert f"`{field.name}` | {field.default:,}" in readme, field.name
-
-
-@pytest.mark.slow
-def test_served_model_refuses_paths_per_row_in_every_content_type(mlflow_store, images, server_files, tmp_path):
-    """`mlflow models serve` on loopback: JSON (dataframe_split, dataframe_records, inputs, instances), CSV and
-    parquet, each with the server's own paths and a base64 image; limits per row; no traceback in any reply."""
-    store, (run_id, _) = mlflow_store
-    png = Path(server_files["image"]).read_bytes()
-    text = base64.b64encode(png).decode()
-    paths = list(server_files.values())
-    values = [*paths, base64.b64encode(noise_png(64)).decode(), text]  # a photo-sized base64 too
-
-    def parquet(column: list) -> bytes:
-        buffer = io.BytesIO()
-        pd.DataFrame({"image": column}).to_parquet(buffer)
-        return buffer.getvalue()
-
-    requests = {
-        "dataframe_split": (json_split(values), "application/json"),
-        "dataframe_records": (json.dumps({"dataframe_records": [{"image": v} for v in values]}), "application/json"),
-        "inputs": (json.dumps({"inputs": {"image": values}}), "application/json"),
-        "instances": (json.dumps({"instances": [{"image": v} for v in values]}), "application/json"),
-        "csv": (pd.DataFrame({"image": values}).to_csv(index=False), "text/csv"),
-        "parquet text": (parquet(values), "application/vnd.apache.parquet"),
-        "parquet bytes": (parquet([p.encode() for p in paths] + [png]), "application/vnd.apache.parquet"),
-    }
-    limits = {"max_rows": 8, "max_image_bytes": 100_000}
-    replies = {}
-    with served_model(
-        f"runs:/{run_id}/model", {"SERVING_MODEL_CONFIG": json.dumps(limits)}, log=tmp_path / "server.log"
-    ) as (url, _):
-        for name, (body, content_type) in requests.items():
-            replies[name] = invoke(url, body, content_type)
-        big = base64.b64encode(noise_png(200)).decode()  # about 120 KB
-        replies["limits"] = invoke(
-            url, json_split([base64.b64encode(bomb_png()).decode(), big, text]), "application/json"
-        )
-        replies["rows"] = invoke(url, pd.DataFrame({"image": [text] * 9}).to_csv(index=False), "text/csv")
-        replies["no image column"] = invoke(
-            url, json.dumps({"dataframe_split": {"columns": ["x"], "data": [[1]]}}), "application/json"
-        )
-        assert_nobody_opened(server_files["fifo"])
-
-    for name, (_, reply) in replies.items():
-        assert "Traceback" not in reply and "site-packages" not in reply, (name, reply)
-        assert str(store) not in reply and str(Path(server_files["fifo"]).parent) not in reply, (name, reply)
-    for name in requests:
-        status, reply = replies[name]
-        assert status == 200, (name, reply)
-        rows = json.loads(reply)["predictions"]
-        assert [row["class"] for row in rows[: len(paths)]] == [""] * len(paths), (name, rows)
-        errors = {row["error"] for row in rows[: len(paths)]}
-        assert len(errors) == 1, (name, errors)  # one answer whatever the path names: nothing about the disk
-        assert all(row["error"] == "" and row["class"] in CLASSES for row in rows[len(paths) :]), (name, rows)
-    bomb, oversize, fine = json.loads(replies["limits"][1])["predictions"]
-    assert "the limit is 25,000,000 pixels" in bomb["error"] and bomb["class"] == ""
-    assert "the limit is 100,000 bytes per image (max_image_bytes)" in oversize["error"]
-    assert fine["error"] == "" and fine["class"] in CLASSES
-    rows = json.loads(replies["rows"][1])["predictions"]
-    assert len(rows) == 9 and all("the limit is 8 per request (max_rows)" in row["error"] for row in rows)
-    status, reply = replies["no image column"]
-    assert status == 400 and "missing inputs ['image']" in reply
 
 
 def test_prediction_csv_escapes_cells_a_spreadsheet_would_run(model_dir, images, tmp_path, monkeypatch, capsys):

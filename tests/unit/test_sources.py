@@ -14,29 +14,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import good_images, png
 from PIL import Image
 from test_fetch import ArchiveServer, digest
 
 from transfer.data.report import DataError, Policy
 from transfer.data.scan import detect_layout
 from transfer.data.sources import SourceError, materialise, read_idx, summary_line
-
-
-def png(path: Path, seed: int, mode: str = "RGB", size: tuple[int, int] = (12, 10)) -> Path:
-    """A small image with distinct bytes per seed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    if mode == "I;16":
-        image = Image.fromarray(rng.integers(0, 65535, size[::-1], dtype=np.uint16))
-    else:
-        image = Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).convert(mode)
-    image.save(path, **({"quality": 90} if path.suffix == ".jpg" else {}))
-    return path
-
-
-def good_images(folder: Path, n: int, seed: int) -> None:
-    for i in range(n):
-        png(folder / f"{i:03d}.png", seed * 1000 + i)
 
 
 def messy_folder(root: Path) -> Path:

@@ -8,41 +8,19 @@ so a study that read it would fail.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 from conftest import REPO_ROOT
-from mlflow import MlflowClient
-from tune_helpers import head_project, image_project
+from tune_helpers import head_project, image_project, own_mlflow_store, trial_runs  # noqa: F401 - an autouse fixture
 
 from transfer import tracking
 from transfer.cli import main as cli_main
 from transfer.pipeline.params import ParamsError, flatten, load_params, parse_params
 from transfer.train.recipe import load_training_inputs
 from transfer.train.tune import exp_run_command, format_override, storage_for, tune, with_overrides
-
-
-@pytest.fixture(autouse=True)
-def own_mlflow_store(monkeypatch):
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which tracking.tracking_uri prefers over a root:
-    without this, the runs of every test after the first would go to the first test's store."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
-def trial_runs(root: Path, study: str):
-    """(parent runs, child runs) of a study in the project's own MLflow store."""
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(root))
-    experiment = client.get_experiment_by_name("transfer")
-    runs = client.search_runs([experiment.experiment_id], f"tags.`tune.study` = '{study}'", max_results=1000)
-    parents = [r for r in runs if r.data.tags["tune.role"] == "study"]
-    return parents, [r for r in runs if r.data.tags["tune.role"] == "trial"], client
-
 
 # --- The search space in params.yaml -----------------------------------------------------------------
 
@@ -189,7 +167,6 @@ def test_a_journal_study_continues_across_runs_and_refuses_other_params(tmp_path
 # --- Fine-tuning studies -----------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # fine-tuning trials: ~15 s on 2 idle cores
 def test_fine_tuning_trials_report_every_epoch_and_lagging_ones_are_pruned(tmp_path):
     # Trial 0 is the baseline (head LR 10 x 0.001); later trials draw head_lr_mult in [10, 100000], almost
     # surely a head LR where SGD diverges: once their val accuracy falls below the baseline's at the same
@@ -253,40 +230,6 @@ def test_freeze_layers_outside_the_backbone_is_refused_before_any_trial(tmp_path
 
 
 # --- Past one machine ----------------------------------------------------------------------------------
-
-
-@pytest.mark.slow  # two worker processes (each imports torch, MLflow, Optuna): ~20 s on 2 idle cores
-def test_two_worker_processes_share_one_study_each_trial_once_in_optuna_and_mlflow(tmp_path):
-    root = head_project(
-        tmp_path / "project", **{"head.epochs": 30, "tune.n_trials": 24, "tune.storage": "data/tune/shared.journal"}
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PYTHONPATH=str(REPO_ROOT / "src"), DVC_ROOT=str(root), OMP_NUM_THREADS="1")
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "transfer.cli", "tune", "--worker", str(index)],
-            cwd=root,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for index in range(2)
-    ]
-    outputs = [worker.communicate(timeout=300)[0] for worker in workers]
-    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-2000:] for o in outputs)
-
-    study = optuna.load_study(study_name="transfer", storage=storage_for("data/tune/shared.journal", root))
-    numbers = [t.number for t in study.trials]
-    assert numbers == list(range(len(numbers))) and 24 <= len(numbers) <= 25  # budget: at most W-1 over
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    parents, children, _ = trial_runs(root, "transfer")
-    assert len(parents) == 1
-    assert sorted(int(r.data.tags["tune.trial"]) for r in children) == numbers  # each trial once: none lost or doubled
-    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
-    assert len({r.data.tags["tune.worker"] for r in children}) == 2  # both workers ran trials
-    for run in children:
-        assert float(run.data.params["head.lr"]) == study.trials[int(run.data.tags["tune.trial"])].params["head.lr"]
 
 
 def test_an_unreachable_study_storage_is_a_clear_error(tmp_path, monkeypatch, capsys):
