@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 from PIL import Image
+from project_helpers import PATIENCE_S
 
 from transfer.evaluate.report import write_html_report
 
@@ -66,4 +67,4 @@ def chromium_run(tmp_path: Path, url: str, *args: str) -> subprocess.CompletedPr
         *args,
         url,
     ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=90, check=True)
+    return subprocess.run(command, capture_output=True, text=True, timeout=PATIENCE_S, check=True)

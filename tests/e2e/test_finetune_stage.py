@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from conftest import write_image_folder
+from project_helpers import PATIENCE_S
 
 from transfer import tracking
 from transfer.models.saved import model_digest
@@ -71,7 +72,7 @@ def environment() -> dict:
 
 
 def run(cmd: list[str], cwd: Path) -> str:
-    done = subprocess.run(cmd, cwd=cwd, env=environment(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=cwd, env=environment(), capture_output=True, text=True, timeout=PATIENCE_S)
     assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout + done.stderr
 
@@ -127,8 +128,8 @@ def test_a_killed_train_stage_resumes_on_the_next_repro_in_the_same_mlflow_run(t
         stderr=subprocess.DEVNULL,
     )
     last = repo / "data/checkpoints/last.pt"
-    deadline = time.time() + 240
-    while not last.exists() and process.poll() is None and time.time() < deadline:
+    deadline = time.monotonic() + PATIENCE_S
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage: a kill -9 mid-training
     process.wait()

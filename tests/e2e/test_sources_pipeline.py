@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 from conftest import good_images
+from project_helpers import PATIENCE_S
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,7 +36,7 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env.pop("DVC_ROOT", None)
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=PATIENCE_S)
 
 
 def test_dvc_repro_split_on_folder_source_with_bad_files(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import torch
+from project_helpers import PATIENCE_S
 
 from transfer.models.backbones import (
     load_backbone,
@@ -29,7 +30,7 @@ def run_module(*args: str, **env: str) -> subprocess.CompletedProcess:
         [sys.executable, "-m", *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=PATIENCE_S,
         env={**os.environ, "PYTHONPATH": "src", **env},
     )
 
@@ -45,7 +46,7 @@ def test_an_offline_timm_download_says_how_to_use_a_local_file(tmp_path):
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=PATIENCE_S,
         env={**os.environ, "PYTHONPATH": "src", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)},
     )
     assert "BackboneError" in result.stderr and "backbone.weights" in result.stderr

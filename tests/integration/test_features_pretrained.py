@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import index_of
+from project_helpers import PATIENCE_S
 
 from transfer.data.cache import CachedImages, cache_geometry, write_split_cache
 from transfer.data.datasets import ImageDataset
@@ -56,7 +57,7 @@ def test_two_gloo_processes_extract_the_features_of_one_process(image_folder: Pa
         str(tmp_path / "cache.npy"),
         str(out),
     ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=PATIENCE_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     gathered = torch.load(out, weights_only=True)
     assert gathered["world_size"] == 2

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from ddp_worker import run
+from project_helpers import PATIENCE_S
 
 HERE = Path(__file__).resolve().parents[1]  # tests/: the torchrun workers live with the helpers
 
@@ -26,7 +27,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         str(HERE / "ddp_worker.py"),
         str(out),
     ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=PATIENCE_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ddp = torch.load(out, weights_only=False)
     assert ddp["world_size"] == 2

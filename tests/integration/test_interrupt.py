@@ -6,10 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from project_helpers import PATIENCE_S
 
 from transfer import tracking
 
@@ -24,7 +24,7 @@ from transfer.pipeline.errors import run_stage
 def main():
     with tracking.training_run("interrupts", {"lr": 0.1}, {}) as run_id:
         print(run_id, flush=True)
-        time.sleep(120)
+        time.sleep(3600)  # until the signal
 
 run_stage("train", main)
 """
@@ -36,7 +36,7 @@ from transfer.pipeline.errors import run_stage
 
 def main():
     print("working", flush=True)
-    time.sleep(120)
+    time.sleep(3600)  # until the signal
 
 run_stage("features", main)
 """
@@ -63,7 +63,7 @@ def test_interrupted_stage_prints_one_line_and_marks_the_run_killed(tmp_path, si
     run_id = process.stdout.readline().strip()  # the run is open once its id is printed
     assert run_id, process.stderr.read()
     process.send_signal(signum)
-    _, err = process.communicate(timeout=120)
+    _, err = process.communicate(timeout=PATIENCE_S)
     assert process.returncode == 128 + signum
     # MLflow logs creating its store when the run opens; after the signal, one line and no traceback.
     lines = [line for line in err.strip().splitlines() if " INFO mlflow.store.db" not in line]
@@ -80,10 +80,9 @@ def test_interrupted_stage_prints_one_line_and_marks_the_run_killed(tmp_path, si
 def test_interrupt_without_a_run_says_so(tmp_path):
     (tmp_path / "stage.py").write_text(PLAIN_STAGE)
     process = start(tmp_path / "stage.py", tmp_path)
-    assert process.stdout.readline().strip() == "working"
-    time.sleep(0.2)
+    assert process.stdout.readline().strip() == "working"  # in main(): run_stage handles the signal
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    _, err = process.communicate(timeout=PATIENCE_S)
     assert process.returncode == 130
     assert err.strip().splitlines() == [
         "features: interrupted by Ctrl-C (SIGINT); no MLflow run was open; `dvc repro` resumes: finished stages "

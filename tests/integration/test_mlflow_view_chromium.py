@@ -11,6 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow_view_helpers import record_runs
 from PIL import Image
+from project_helpers import PATIENCE_S
 from team_helpers import mlflow_server
 
 from transfer import tracking
@@ -20,7 +21,7 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-def headless(browser: str, profile: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def headless(browser: str, profile: Path, *args: str, timeout: float = PATIENCE_S) -> subprocess.CompletedProcess:
     command = [
         browser,
         "--headless",

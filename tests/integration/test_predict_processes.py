@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 from conftest import REPO_ROOT
 from predict_helpers import CLASSES, images, mlflow_store, model_dir  # noqa: F401 - shared fixtures
+from project_helpers import PATIENCE_S
 
 from transfer.evaluate.inference import predict_paths
 from transfer.models.saved import load_model
@@ -24,7 +25,12 @@ from transfer.models.saved import load_model
 def transfer_cli(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
     return subprocess.run(
-        [sys.executable, "-m", "transfer.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "transfer.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE_S,
     )
 
 
@@ -116,21 +122,21 @@ def test_mlflow_models_serve_answers_an_image_over_http(mlflow_store, images):
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.time() + 240  # a generous wait for start-up on a loaded machine, not a timing check
+        deadline = time.monotonic() + PATIENCE_S  # a generous wait for start-up on a loaded machine, not a timing check
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
                     break
             except OSError:
                 assert server.poll() is None, server.stdout.read().decode()[-3000:]
-                assert time.time() < deadline, "the server did not answer /ping"
+                assert time.monotonic() < deadline, "the server did not answer /ping"
                 time.sleep(1)
         png = (images / "dog" / "0002.png").read_bytes()
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(png).decode()]]}})
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations", data=body.encode(), headers={"Content-Type": "application/json"}
         )
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=PATIENCE_S) as response:
             answer = json.loads(response.read())
     finally:
         server.terminate()

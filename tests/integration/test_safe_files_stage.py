@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from hostile_helpers import hostile_file
+from project_helpers import PATIENCE_S
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +24,7 @@ def test_evaluate_stage_refuses_a_pickle_model_in_one_line(tmp_path):
     hostile_file(copy / "data/model/model.pt", marker)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "TRANSFER_STAGE_SERVER": "off"}
     done = subprocess.run(
-        [sys.executable, "stages/evaluate.py"], cwd=copy, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "stages/evaluate.py"], cwd=copy, env=env, capture_output=True, text=True, timeout=PATIENCE_S
     )
     assert done.returncode == 1 and not marker.exists()
     assert "Traceback" not in done.stderr

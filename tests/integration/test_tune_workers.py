@@ -9,6 +9,7 @@ import sys
 
 import optuna
 from conftest import REPO_ROOT
+from project_helpers import PATIENCE_S
 from tune_helpers import head_project, own_mlflow_store, trial_runs  # noqa: F401 - an autouse fixture
 
 from transfer.train.tune import storage_for
@@ -42,7 +43,7 @@ def test_two_worker_processes_share_one_study_each_trial_once_in_optuna_and_mlfl
         )
         for index in range(2)
     ]
-    outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+    outputs = [worker.communicate(timeout=PATIENCE_S)[0] for worker in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-2000:] for o in outputs)
 
     study = optuna.load_study(study_name="transfer", storage=storage_for("data/tune/shared.journal", root))
