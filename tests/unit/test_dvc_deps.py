@@ -4,7 +4,7 @@ Derived from the code, not from a list kept by hand:
 * code: the import closure of the stage script within src/transfer (module-level and function-level imports,
   followed transitively). Empty package `__init__.py` files carry no code and are left out. The launcher in
   the command (transfer.pipeline.stage and its server) is left out too: its contract is that a stage's
-  result does not depend on it (tests/test_stage_server.py).
+  result does not depend on it (tests/integration/test_stage_server.py).
 * params: every `params.<key>[.<key>]` the script reads, following the params object into the package
   functions it is passed to. `flatten(params)` (every value, logged as the MLflow run's record) is not an
   input of the computation and is not counted.
