@@ -15,6 +15,8 @@ import pytest
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The e2e tier's session fixtures: the stage server and the pipeline built once (tests/e2e_pipeline.py).
+pytest_plugins = ["e2e_pipeline"]
 
 
 def write_image_folder(root: Path, classes: dict[str, int], size: int = 28, seed: int = 0) -> Path:
@@ -57,6 +59,7 @@ def good_images(folder: Path, n: int, seed: int) -> None:
 TIERS = ("unit", "integration", "e2e")
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by the markers set here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test with the tier of its folder (and `slow` outside tests/unit)."""
     for item in items:

@@ -1,7 +1,8 @@
 """End to end: the real `dvc repro`, `dvc exp run`, a two-worker queue, and the MLflow runs they leave.
 
 The project is copied into a temporary git repository, so the test exercises exactly what a user gets
-from a fresh clone (the embedded archive included). Slow (minutes): `make test-fast` skips it.
+from a fresh clone (the embedded archive included), and built once for the session (tests/e2e_pipeline.py);
+each test gets its own copy of the built repository. Slow (minutes): `make test-fast` skips it.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import yaml
-from project_helpers import copy_project, git_env, run, stages_run, wait_for_queue
+from project_helpers import run, stages_run, wait_for_queue
 
 from transfer import tracking
 
@@ -22,31 +22,18 @@ STAGES = ["params", "download", "split", "cache", "features", "train", "evaluate
 HEAD_ONLY = ["params", "train", "evaluate"]
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, dict]:
-    """A fresh git repository holding the project's files (tracked and new, never ignored ones)."""
-    repo = copy_project(tmp_path_factory.mktemp("project"))
-    # Stage processes start cold unless a test starts a server here (never the user's one).
-    env = git_env({"TRANSFER_SERVER_DIR": str(repo.parent / "server")}, importable=False)
-    run(["git", "init", "-q", "-b", "main"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "project"], repo, env)
-    return repo, env
-
-
 def mlflow_runs(repo: Path):
     return tracking.find_runs("transfer", root=repo)
 
 
-def test_pipeline_experiments_and_queue_end_to_end(project):
-    repo, env = project
+def test_pipeline_experiments_and_queue_end_to_end(built_pipeline, pipeline):
+    repo, env = pipeline
     dvc = [sys.executable, "-m", "dvc"]
 
     baseline_lr = float(yaml.safe_load((repo / "params.yaml").read_text())["head"]["lr"])
 
-    # 1. A cold `dvc repro` runs every stage and leaves metrics, plots and one MLflow run.
-    output = run(dvc + ["repro"], repo, env)
-    assert stages_run(output) == STAGES
+    # 1. `dvc repro` in a fresh clone runs every stage and leaves metrics, plots and one MLflow run.
+    assert stages_run(built_pipeline.output) == STAGES
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert metrics["accuracy"] > 0.6 and 0 < metrics["macro_f1"] <= 1
     assert len(metrics["recall"]) == 10
@@ -126,45 +113,35 @@ def test_pipeline_experiments_and_queue_end_to_end(project):
     assert "ft-k7" in exp_show and "head-lr" in exp_show
 
 
-def test_repro_twice_gives_identical_metrics(project):
-    repo, env = project
+def test_repro_twice_gives_identical_metrics(built_pipeline, pipeline, tmp_path):
+    """Served and cold stages make the same files: the copy was built through the session's stage server
+    (every stage a fork of a process with the libraries imported); `dvc repro -f` with cold stages makes the
+    same files again, byte for byte."""
+    repo, env = pipeline
+    assert stages_run(built_pipeline.output) == STAGES
+    assert built_pipeline.served == len(STAGES)  # each stage of the build ran in the server
+    # Cold stages: a server folder of this test's own, where no server runs.
+    env = {**env, "TRANSFER_SERVER_DIR": str(tmp_path / "server")}
     dvc = [sys.executable, "-m", "dvc"]
-    run(["git", "checkout", "-q", "--", "."], repo, env)
-    run(dvc + ["checkout", "-q"], repo, env)
     tracked = ["reports/metrics.json", "reports/train.json", "reports/history.csv"]
     first = {name: (repo / name).read_bytes() for name in tracked}
-    output = run(dvc + ["repro", "-f"], repo, env)
-    assert stages_run(output) == STAGES
-    assert {name: (repo / name).read_bytes() for name in tracked} == first
     # Every output byte-stable (torch.save files included), so dvc.lock does not move at all: no output holds
     # a run id (evaluate finds its run by the model's digest).
     lock, model = (repo / "dvc.lock").read_bytes(), (repo / "data/model/model.safetensors").read_bytes()
-
-    # Through the stage server (every stage a fork of a process with the libraries imported), the
-    # same files again, byte for byte.
-    server = [sys.executable, "-m", "transfer.pipeline.stage_server"]
-    # Started as dvc.yaml starts stages (PYTHONPATH=src): the server runs this checkout's launcher code, whose
-    # fingerprint the stages compute (an installed copy of the package elsewhere may differ).
-    run(server + ["start", "--idle", "300"], repo, {**env, "PYTHONPATH": "src"})
-    try:
-        output = run(dvc + ["repro", "-f"], repo, env)
-        status = run(server + ["status"], repo, env)
-    finally:
-        run(server + ["stop"], repo, env)
+    output = run(dvc + ["repro", "-f"], repo, env)
     assert stages_run(output) == STAGES
-    assert f"{len(STAGES)} run(s) served" in status
     assert {name: (repo / name).read_bytes() for name in tracked} == first
     assert (repo / "dvc.lock").read_bytes() == lock and (repo / "data/model/model.safetensors").read_bytes() == model
 
 
-def test_predict_equals_the_evaluate_stage_and_the_champion_exports(project, tmp_path):
+def test_predict_equals_the_evaluate_stage_and_the_champion_exports(pipeline, tmp_path):
     """`transfer predict` on the test split gives the evaluate stage's predictions; promote, predict with the
     champion alias, and export it to ONNX checked on the test images."""
-    repo, env = project
+    repo, env = pipeline
     env = {**env, "PYTHONPATH": str(repo / "src")}
     dvc = [sys.executable, "-m", "dvc"]
     transfer = [sys.executable, "-m", "transfer.cli"]
-    run(dvc + ["repro"], repo, env)  # nothing to do after the tests above; the whole pipeline when run alone
+    run(dvc + ["repro"], repo, env)  # nothing to do: the copy is built
     evaluated = pd.read_csv(repo / "reports/confusion.csv")
     run(transfer + ["predict", *evaluated["path"], "--out", str(tmp_path / "test.csv"), "--top-k", "2"], repo, env)
     predicted = pd.read_csv(tmp_path / "test.csv", keep_default_na=False)

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import yaml
-from project_helpers import DVC, copy_project, git_env, run
+from project_helpers import DVC, run
 from safetensors.torch import save_file
 
 from transfer.models.backbones import build_network
@@ -26,16 +26,14 @@ def write_random_weights(path: Path, seed: int) -> None:
     save_file({key: value.contiguous() for key, value in noisy.items()}, str(path))
 
 
-def test_editing_the_weights_file_re_runs_features(tmp_path):
+def test_editing_the_weights_file_re_runs_features(pipeline):
     """The real DVC: `dvc status` sees the edited file, `dvc repro` re-runs features, new features come out."""
-    repo = copy_project(tmp_path / "repo")  # the project as a fresh clone has it
+    repo, env = pipeline  # the project as a fresh clone has it, built
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["backbone"] = {"name": "resnet10t", "weights": "weights/random.safetensors", "image_size": 32}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_random_weights(repo / "weights/random.safetensors", seed=0)
-    env = git_env({"TRANSFER_SERVER_DIR": str(tmp_path / "server")}, importable=False)
     dvc = DVC
-    run(["git", "init", "-q", "-b", "main"], repo, env)
 
     assert "features" in re.findall(r"Running stage '(\w+)'", run(dvc + ["repro", "features"], repo, env))
     assert "features" not in run(dvc + ["status", "features"], repo, env)  # up to date
