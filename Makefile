@@ -63,9 +63,11 @@ server-mlflow: setup  ## start an MLflow tracking server (foreground; Ctrl-C sto
 server-url:  ## the runs view of the experiment on the server in MLFLOW_TRACKING_URI
 	@$(BIN)/python -m transfer.tracking url
 
-BASE ?= main
+# BASE reaches the command through the environment, never pasted into the recipe's shell text: a value such as
+# BASE='x; touch owned #' is then one argument (a git ref that does not exist), not shell code.
+export BASE ?= main
 report: setup  ## markdown report of the workspace against BASE (reports/pr/report.md; CI posts it on PRs)
-	$(BIN)/transfer report --base $(BASE)
+	$(BIN)/transfer report --base="$$BASE"
 
 compare: setup  ## experiments side by side: changed params and key metrics
 	$(BIN)/transfer compare

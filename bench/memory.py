@@ -2,6 +2,7 @@
 
     python bench/memory.py                    # N = 200 and N = 2000 (minutes; disk: about 1 MB per photo)
     python bench/memory.py --n 50 --side 2000 # a quick look
+    python bench/memory.py --image-size 224   # backbone.image_size=224 (default: params.yaml's)
 
 Generates N camera-sized JPEGs (4000 x 3000 by default, 2 classes) in a temporary folder, copies the
 project into a fresh git repository whose params.yaml points `data: folder` at them (fine-tuning with
@@ -151,10 +152,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[200, 2000], help="numbers of photos")
     parser.add_argument("--side", type=int, default=4000, help="photo width (height is 3/4 of it)")
     parser.add_argument("--variants", type=int, default=3, help="encoded base photos per class")
+    parser.add_argument("--image-size", type=int, default=None, help="backbone.image_size (default: params.yaml's)")
     args = parser.parse_args()
 
     env = bench_environment(TRANSFER_STAGE_SERVER="off")
     overrides = {"freeze_layers": 3, "finetune.epochs": 1}
+    if args.image_size:
+        overrides["backbone.image_size"] = args.image_size
     results: dict = {"photo": f"{args.side}x{args.side * 3 // 4} JPEG", "params": overrides}
     with tempfile.TemporaryDirectory(prefix="transfer-photos-") as tmp:
         started = time.perf_counter()

@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO / "src"))
 from transfer.data.cache import cache_geometry, to_cache_form  # noqa: E402
 from transfer.data.datasets import ImageDataset  # noqa: E402
 from transfer.data.images import load_rgb  # noqa: E402
-from transfer.data.sources import materialise, read_idx  # noqa: E402
+from transfer.data.sources import DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES, materialise, read_idx  # noqa: E402
 from transfer.data.split import stratified_split  # noqa: E402
 from transfer.data.transforms import eval_batch_transform, train_transforms  # noqa: E402
 from transfer.evaluate.health import feature_health  # noqa: E402
@@ -64,19 +64,7 @@ from transfer.train.losses import improves  # noqa: E402
 from transfer.train.probe import train_linear_probe  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = [
-    "T-shirt_top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle_boot",
-]
+FASHION = Path(DEBIAN_FASHION_MNIST)
 CPU = torch.device("cpu")
 
 # Variant name -> FinetuneParams overrides (on the schema's defaults). The first study ran on the recipe before
@@ -188,8 +176,8 @@ def load_fmnist(train_per_class: int, test_per_class: int, seed: int = 0) -> dic
     pool = _per_class(labels, {c: train_per_class for c in range(10)}, seed)
     train, val = _carve(pool, labels, 0.15, seed)
     test = np.sort(_per_class(test_labels, {c: test_per_class for c in range(10)}, seed))
-    data = _from_arrays(images, labels, {"train": train, "val": val}, FASHION_CLASSES)
-    data["test"] = _from_arrays(test_images, test_labels, {"test": test}, FASHION_CLASSES)["test"]
+    data = _from_arrays(images, labels, {"train": train, "val": val}, FASHION_MNIST_CLASSES)
+    data["test"] = _from_arrays(test_images, test_labels, {"test": test}, FASHION_MNIST_CLASSES)["test"]
     return data
 
 
@@ -202,7 +190,7 @@ def load_imbalanced(seed: int = 0) -> dict:
     train, val = _carve(rest, labels, 0.15 / 0.85, seed)
     relabel = {old: new for new, old in enumerate(counts)}
     return _from_arrays(
-        images, labels, {"train": train, "val": val, "test": test}, [FASHION_CLASSES[c] for c in counts], relabel
+        images, labels, {"train": train, "val": val, "test": test}, [FASHION_MNIST_CLASSES[c] for c in counts], relabel
     )
 
 

@@ -16,15 +16,18 @@ import argparse
 import gzip
 import hashlib
 import io
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-# The label order of the official dataset (https://github.com/zalandoresearch/fashion-mnist).
-CLASS_NAMES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"]
+# The class list (in the official label order) and the IDX reader are the data package's.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from transfer.data.sources import DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES, read_idx  # noqa: E402
+
+FASHION_MNIST_DIR = Path(DEBIAN_FASHION_MNIST)
 ARCHIVE_ROOT = "fashion-mnist-mini"
 LICENSE_NOTICE = """\
 Fashion-MNIST subset
@@ -50,15 +53,6 @@ USE OR OTHER DEALINGS IN THE SOFTWARE.
 This subset holds {per_class} images per class drawn with seed {seed} from the official training split,
 made by scripts/make_default_dataset.py.
 """
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an idx-ubyte.gz file (the format of MNIST and Fashion-MNIST) into an array."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def add_bytes(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -92,7 +86,7 @@ def main() -> None:
         add_bytes(
             tar, f"{ARCHIVE_ROOT}/LICENSE.txt", LICENSE_NOTICE.format(per_class=args.per_class, seed=args.seed).encode()
         )
-        for label, class_name in enumerate(CLASS_NAMES):
+        for label, class_name in enumerate(FASHION_MNIST_CLASSES):
             chosen = np.sort(rng.choice(np.flatnonzero(labels == label), args.per_class, replace=False))
             for index in chosen:
                 add_bytes(tar, f"{ARCHIVE_ROOT}/{class_name}/{index:05d}.png", png_bytes(images[index]))

@@ -1,131 +1,79 @@
-"""Stage evaluate: test accuracy, macro-F1, per-class recall, the confusion matrix and the diagnostics.
-
-Writes DVC metrics (reports/metrics.json, with the verdict, model health and top-k accuracy), the
-confusion plot data (reports/confusion.csv) and the run's diagnostics folder (reports/diagnostics: PNGs,
-per-class CSV, self-contained report.html), and logs them into the MLflow run of the model it evaluates
-(the run tagged with the model's digest).
+"""Stage evaluate: test metrics (accuracy, macro-F1, recall per class, verdict, health, top-k, ECE/NLL/Brier before
+and after the temperature) in reports/metrics.json, confusion and reliability plot data and reports/diagnostics,
+logged into the model's MLflow run. reports/* are replaced only once everything, MLflow included, succeeded.
 """
 
 from pathlib import Path
 
-import pandas as pd
-import torch
-from PIL import Image
-
 from transfer import tracking
 from transfer.data.datasets import load_split_dataset
 from transfer.data.transforms import eval_batch_transform
-from transfer.evaluate.diagnostics import write_run_diagnostics
-from transfer.evaluate.metrics import classification_metrics, confusion_pairs, predict_logits_and_features
-from transfer.evaluate.plots import image_batch
+from transfer.evaluate.calibration import calibration_report, calibration_summary, reliability_frame
+from transfer.evaluate.metrics import classification_metrics, confusion_pairs
+from transfer.evaluate.test_report import label_issues_section, test_logits, write_report
 from transfer.features import load_feature_cache
-from transfer.models.saved import SavedModel, load_model, model_digest
+from transfer.models.saved import load_model, model_digest
+from transfer.pipeline import layout
 from transfer.pipeline.errors import run_stage
-from transfer.pipeline.files import read_json, write_csv, write_json
-from transfer.pipeline.layout import CACHE_DIR, DIAGNOSTICS_DIR, FEATURES_DIR, MODEL_DIR, REPORTS_DIR, SPLIT_DIR
+from transfer.pipeline.files import staged_outputs, write_csv, write_json
 from transfer.pipeline.params import load_params
 from transfer.pipeline.runtime import resolve_device
 
 
-def layer_movement() -> dict[str, float]:
-    """Relative weight change per layer group, as the train stage measured it against its own theta0
-    (reports/layer_movement.json; its nulls, groups where it is undefined, are left out)."""
-    return {
-        group: value for group, value in read_json(REPORTS_DIR / "layer_movement.json").items() if value is not None
-    }
-
-
-def diagnose(
-    saved: SavedModel, params, test, images, logits: torch.Tensor, model_features, summary: dict
-) -> tuple[dict, list[Path]]:
-    """Pictures, per-class table, verdict (with what to try next) and report.html; returns (metrics, files).
-
-    The pictures show the test images as the image cache holds them (`images`: the test split's dataset).
-    """
-    row_of = {path: index for index, path in enumerate(images.paths)}
-
-    def load_image(path: str) -> Image.Image:
-        return Image.fromarray(images.images.read([row_of[path]])[0].permute(1, 2, 0).numpy())
-
-    def transform(image: torch.Tensor) -> torch.Tensor:
-        return images.batch_transform(image.unsqueeze(0))[0]
-
-    batch = image_batch(test.paths, load_image, transform, params.diagnostics.batch_size)
-    selection = read_json(REPORTS_DIR / "train.json")
-    return write_run_diagnostics(
-        DIAGNOSTICS_DIR,
-        class_names=saved.classes,
-        y_true=test.labels.numpy(),
-        probs=torch.softmax(logits.float(), dim=1).numpy(),
-        history=pd.read_csv(REPORTS_DIR / "history.csv"),
-        image_paths=test.paths,
-        load_image=load_image,
-        features=test.features,
-        model=saved.model,
-        batch=batch,
-        weight_change=layer_movement(),
-        thresholds=params.diagnostics.thresholds(),
-        best_epoch=selection["best_epoch"],
-        summary={"accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"]},
-        title=f"Run report: {saved.backbone_name}, head {saved.head_kind}, freeze_layers={saved.freeze_layers}",
-        projection=params.diagnostics.projection,
-        max_mistakes=params.diagnostics.mistakes,
-        model_features=model_features,
-        selection=selection,
-        train_counts=read_json(SPLIT_DIR / "summary.json")["per_class"]["train"],
-    )
-
-
 def main() -> None:
     params = load_params()
-    saved = load_model(MODEL_DIR)
-    model, classes = saved.model, saved.classes
-    test = load_feature_cache(FEATURES_DIR / "test.pt")
+    saved = load_model(layout.MODEL_DIR)
+    test = load_feature_cache(layout.FEATURES_DIR / "test.pt")
     config = saved.data_config
-    dataset = load_split_dataset(CACHE_DIR, SPLIT_DIR, "test", config, batch_transform=eval_batch_transform(config))
-    model_features = None  # a probe's features are the cached pretrained ones
-    if saved.freeze_layers == "all" and params.evaluate.tta == "none":
-        # The backbone is the untouched pretrained one: its test features are already cached.
-        with torch.inference_mode():
-            logits = model.head(test.features)
-    else:
-        logits, features = predict_logits_and_features(
-            model, dataset, params.finetune.batch_size * 2, resolve_device(params.device), tta=params.evaluate.tta
-        )
-        if saved.freeze_layers != "all":
-            model_features = features
+    dataset = load_split_dataset(
+        layout.CACHE_DIR, layout.SPLIT_DIR, "test", config, batch_transform=eval_batch_transform(config)
+    )
+    batch_size, device = params.finetune.batch_size * 2, resolve_device(params.device)
+    head_logits, model_features = test_logits(saved, test, dataset, params.evaluate.tta, batch_size, device)
+    logits = saved.model.calibrate(head_logits)  # what `transfer predict`, the pyfunc model and ONNX return
     y_true, y_pred = test.labels.numpy(), logits.argmax(1).numpy()
-
-    metrics = classification_metrics(y_true, y_pred, classes)
-    diagnostics, diagnostic_files = diagnose(saved, params, test, dataset, logits, model_features, metrics)
-    # weight_change is already the train stage's metric (reports/layer_movement.json): not repeated here
-    write_json(
-        REPORTS_DIR / "metrics.json", {**metrics, **{key: diagnostics[key] for key in ("fit", "health", "topk")}}
+    calibration = calibration_report(head_logits.numpy(), y_true, saved.model.temperature)
+    metrics = classification_metrics(y_true, y_pred, saved.classes)
+    issue_count, label_items, issue_files = label_issues_section(layout.LABEL_ISSUES_CSV, layout.LABEL_ISSUES_DIR)
+    diagnostics, diagnostic_files = write_report(
+        layout.DIAGNOSTICS_DIR,
+        layout.REPORTS_DIR,
+        layout.SPLIT_DIR,
+        saved,
+        params.diagnostics,
+        test,
+        dataset,
+        logits,
+        model_features,
+        metrics,
+        calibration,
+        label_items,
     )
-    write_csv(REPORTS_DIR / "confusion.csv", confusion_pairs(test.paths, y_true, y_pred, classes))
-    print(
-        f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-        f"{diagnostics['fit']['verdict']}; report -> {DIAGNOSTICS_DIR / 'report.html'}"
-    )
-
-    with tracking.model_run(params.tracking.experiment, model_digest(MODEL_DIR)):
-        tracking.log_metrics(metrics, prefix="test")
-        tracking.log_key_metrics(test_acc=metrics["accuracy"], test_f1=metrics["macro_f1"])
-        tracking.log_artifacts(
-            [
-                Path("params.yaml"),
-                Path("dvc.lock"),
-                REPORTS_DIR / "metrics.json",
-                REPORTS_DIR / "confusion.csv",
-                REPORTS_DIR / "history.csv",
-            ]
+    summary = {key: diagnostics[key] for key in ("fit", "health", "topk")}  # weight_change: train's metric
+    with staged_outputs(layout.REPORTS_DIR) as staged:
+        write_json(staged / "metrics.json", {**metrics, **summary, "calibration": calibration_summary(calibration)})
+        write_csv(staged / "confusion.csv", confusion_pairs(test.paths, y_true, y_pred, saved.classes))
+        reliability = [staged / "reliability" / f"{when}.csv" for when in ("before", "after")]
+        for path, when in zip(reliability, ("before", "after")):
+            write_csv(path, reliability_frame(calibration[f"diagram_{when}"]))
+        print(
+            f"evaluate: test accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, ECE "
+            f"{calibration['before']['ece']:.4f} -> {calibration['after']['ece']:.4f} (temperature "
+            f"{calibration['temperature']:.3g}), {diagnostics['fit']['verdict']}; report -> {layout.DIAGNOSTICS_DIR}"
         )
-        # fit.*, topk.*: sortable in the MLflow UI (the train stage logs weight_change/<group>)
-        tracking.log_metrics({key: diagnostics[key] for key in ("fit", "health", "topk")})
-        # A tag, not a param: an evaluate-only change (-S evaluate.tta=flip) reopens the train stage's run,
-        # whose params are immutable and were logged before this value was chosen.
-        tracking.log_tags({"fit_verdict": diagnostics["fit"]["verdict"], "test_tta": params.evaluate.tta})
-        tracking.log_artifacts(diagnostic_files, artifact_path="diagnostics")
+        with tracking.model_run(params.tracking.experiment, model_digest(layout.MODEL_DIR)):
+            reports = [Path("params.yaml"), Path("dvc.lock"), staged / "metrics.json", staged / "confusion.csv"]
+            tracking.log_evaluation(
+                metrics,
+                summary,
+                calibration_summary(calibration),
+                reports + [layout.REPORTS_DIR / "history.csv"],
+                reliability,
+                diagnostic_files,
+                issue_count,
+                issue_files,
+                tags={"test_tta": params.evaluate.tta},
+            )
 
 
 if __name__ == "__main__":

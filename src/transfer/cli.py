@@ -17,13 +17,13 @@ from transfer.pipeline.errors import UserError, configure_logging
 
 # The modules that declare a command, in the order `transfer --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
-    "transfer.evaluate.predict",
-    "transfer.models.registry",
-    "transfer.models.export",
+    "transfer.commands.predict",
+    "transfer.commands.promote",
+    "transfer.commands.export",
     "transfer.commands.compare",
     "transfer.commands.report",
-    "transfer.train.tune",
-    "transfer.train.lr_find",
+    "transfer.commands.tune",
+    "transfer.commands.lr_find",
 )
 
 

@@ -7,16 +7,22 @@ The input path: batches of the image cache's uint8 squares go to the device and 
 normalised there (`transforms.eval_batch_transform`); the backbone runs in channels_last, under bf16
 autocast on CUDA (`amp`; the features are saved as float32), optionally compiled (`compile`). Under
 torchrun each rank extracts a contiguous shard of the split and rank 0 gathers them in order.
+
+The batch on CPU comes from a memory budget (`feature_batch_size`): activations grow with the square of
+the image size, so a fixed batch that fits at 112 px does not at 384. On CUDA the configured batch is kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 from transfer.data.datasets import DeviceLoader, ImageDataset
@@ -24,6 +30,14 @@ from transfer.models.backbones import Backbone
 from transfer.pipeline.distributed import SINGLE, DistContext
 from transfer.pipeline.files import load_torch, save_torch
 from transfer.pipeline.heap import release_free_heap
+
+# The CPU batch stops at 32: from 8 to 32 images extraction got 2.2x faster per CPU-second, from 32 to 128
+# only about 1.2x, for 4x the activations (bench/feature_batch.py: EfficientNet-Lite0, 224 px, a shared
+# 2-core CPU under heavy load; README "Memory at any image size").
+CPU_BATCH_LIMIT = 32
+# Images in the forward pass that measures activation memory: two, so that what a batch of one does not
+# show (an op that allocates per image pair) is in the figure, at a fraction of a second even at 384 px.
+_PROBE_BATCH = 2
 
 
 @dataclass
@@ -50,6 +64,71 @@ def _gather_in_order(shard: torch.Tensor, size: int, context: DistContext, devic
     pieces = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(pieces, padded)
     return torch.cat([piece[:count].cpu() for piece, count in zip(pieces, counts)])
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """The most bytes of tensor storage alive at once while the mode is active (what the ops allocate).
+
+    Every op's output storage is counted when it appears and uncounted when Python frees it, so the
+    peak is that of the real forward pass (freed intermediates do not add up), with the real kernels.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(output):
+            if isinstance(tensor, torch.Tensor):
+                self._count(tensor.untyped_storage())
+        self.peak = max(self.peak, self.live)
+        return output
+
+    def _count(self, storage: torch.UntypedStorage) -> None:
+        key = storage._cdata  # the C++ storage: views and in-place outputs share it and are counted once
+        if key not in self._sizes:
+            self._sizes[key] = storage.nbytes()
+            self.live += storage.nbytes()
+            weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.live -= self._sizes.pop(key)
+
+
+@torch.inference_mode()
+def activation_bytes_per_image(model: torch.nn.Module, image_size: int) -> int:
+    """Peak bytes of activations (input included) per image of the model's forward pass at this size, on CPU.
+
+    Measured, not tabulated: one forward of a small batch of zeros, run as `extract_features` runs it
+    (eval, channels_last), with every tensor the ops allocate counted while it is alive. Works for any
+    backbone (on the CPU) and image size; the model is left in eval mode and channels_last.
+    """
+    model = model.eval().to(memory_format=torch.channels_last)
+    with _LiveTensorBytes() as live:
+        images = torch.zeros(_PROBE_BATCH, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
+        model(images)
+    return -(-live.peak // _PROBE_BATCH)
+
+
+def feature_batch_size(batch_size: int, device: torch.device, bytes_per_image: int, max_memory_mb: int) -> int:
+    """The batch of feature extraction: on CUDA `batch_size`; on CPU the largest whose activations fit
+    in `max_memory_mb`, at most `batch_size` and `CPU_BATCH_LIMIT` (at least 1: one image is the floor)."""
+    if device.type == "cuda":
+        return batch_size
+    fits = max_memory_mb * 2**20 // max(bytes_per_image, 1)
+    return max(1, min(batch_size, CPU_BATCH_LIMIT, fits))
+
+
+def choose_feature_batch(
+    model: torch.nn.Module, image_size: int, batch_size: int, device: torch.device, max_memory_mb: int
+) -> int:
+    """`feature_batch_size` with the model's measured activations (measured only where they decide it)."""
+    if device.type == "cuda":
+        return batch_size
+    return feature_batch_size(batch_size, device, activation_bytes_per_image(model, image_size), max_memory_mb)
 
 
 @torch.inference_mode()

@@ -56,7 +56,7 @@ def test_each_head_kind_layers_and_two_backbones_through_the_pipeline(pipeline):
 
     # Two layer groups pooled and concatenated: the features stage re-runs, then a head on them.
     output = run(dvc + ["exp", "run", "-S", "features.layers=[stage6,-1]", "-S", "head.kind=logreg"], repo, env)
-    assert stages_run(output) == ["params", "features", "train", "evaluate"]
+    assert stages_run(output) == ["params", "features", "label_issues", "train", "evaluate"]
     features = torch.load(repo / "data/features/val.pt", weights_only=True)["features"]
     assert features.shape[1] == 192 + 1280
     assert json.loads((repo / "reports/metrics.json").read_text())["accuracy"] > 0.3
@@ -72,7 +72,7 @@ def test_each_head_kind_layers_and_two_backbones_through_the_pipeline(pipeline):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     output = run(dvc + ["exp", "run"], repo, env)
     # The image cache depends on `backbone` (its images are sized for it), so it re-runs too.
-    assert stages_run(output) == ["params", "cache", "features", "train", "evaluate"]
+    assert stages_run(output) == ["params", "cache", "features", "label_issues", "train", "evaluate"]
     features = torch.load(repo / "data/features/val.pt", weights_only=True)["features"]
     assert features.shape[1] == 1280 + 1280
     assert json.loads((repo / "reports/metrics.json").read_text())["accuracy"] > 0.3

@@ -1,4 +1,5 @@
-"""The params stage: a misspelt key edited into params.yaml fails `dvc repro` even when no stage's params changed."""
+"""The params stage: a misspelt key edited into params.yaml fails `dvc repro` even when no stage's params changed,
+and so does a layer group the backbone does not have, before the stages that would build it."""
 
 from __future__ import annotations
 
@@ -29,3 +30,9 @@ def test_a_typo_fails_whichever_stage_runs_and_a_valid_edit_reruns_nothing_else(
     valid = run(dvc + ["repro", "download"], copy)
     assert valid.returncode == 0, valid.stdout + valid.stderr
     assert "Running stage 'params'" in valid.stdout and "Running stage 'download'" not in valid.stdout
+
+    # Only the backbone knows it has 9 groups: checked by the params stage, not by train after cache ran.
+    params.write_text(original.replace("freeze_layers: all", "freeze_layers: 99"))
+    beyond = run(dvc + ["repro", "download"], copy)
+    assert beyond.returncode != 0
+    assert "params: freeze_layers=99 is outside 0..9" in beyond.stdout + beyond.stderr

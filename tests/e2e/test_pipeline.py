@@ -17,7 +17,7 @@ from project_helpers import run, stages_run, wait_for_queue
 
 from transfer import tracking
 
-STAGES = ["params", "download", "split", "cache", "features", "train", "evaluate"]
+STAGES = ["params", "download", "split", "cache", "features", "label_issues", "train", "evaluate"]
 # An edit of params.yaml re-runs the params stage (it validates the whole file), then what depends on the keys.
 HEAD_ONLY = ["params", "train", "evaluate"]
 
@@ -39,6 +39,12 @@ def test_pipeline_experiments_and_queue_end_to_end(built_pipeline, pipeline):
     assert len(metrics["recall"]) == 10
     assert (repo / "reports/confusion.csv").read_text().startswith("path,actual,predicted")
     assert "<img" in (repo / "reports/diagnostics/report.html").read_text()
+    # The labels that look wrong: a list and a grid, in the report; nothing relabelled or dropped.
+    issues = pd.read_csv(repo / "reports/label_issues.csv", keep_default_na=False)
+    assert list(issues.columns) == ["path", "given_label", "suggested_label", "score"] and len(issues) > 0
+    assert (issues["given_label"] != issues["suggested_label"]).all() and issues["score"].is_monotonic_increasing
+    assert (repo / "reports/label_issues/suspects.png").is_file()
+    assert "<h2>Labels that look wrong</h2>" in (repo / "reports/diagnostics/report.html").read_text()
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "baseline results"], repo, env)
     shown = run(dvc + ["metrics", "show", "--json"], repo, env)
@@ -87,6 +93,7 @@ def test_pipeline_experiments_and_queue_end_to_end(built_pipeline, pipeline):
     # which model won (the start, epoch 0, or a fine-tuning epoch) and the verdict's health numbers
     assert fine_tuned["tags.selected_model"] in ("start", "finetune") and fine_tuned["metrics.kept_start"] in (0, 1)
     assert runs["metrics.health.predicted_classes"].notna().all()
+    assert (runs["metrics.label_issues.count"] == len(issues)).all()  # no run changed the features
     assert experiments.set_index("tags.dvc_exp_name").loc["head-lr", "tags.test_tta"] == "flip"
 
     # The model, params.yaml and dvc.lock are artifacts of each run; the model loads and predicts.
@@ -98,6 +105,9 @@ def test_pipeline_experiments_and_queue_end_to_end(built_pipeline, pipeline):
     assert {"params.yaml", "dvc.lock", "metrics.json", "diagnostics", "data"} <= names
     diagnostics = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, "diagnostics")}
     assert "report.html" in diagnostics and "confusion_matrix.png" in diagnostics
+    assert {"gradcam_mistakes.png", "gradcam_correct.png"} <= diagnostics  # where the model looked
+    logged = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, "label_issues")}
+    assert logged == {"label_issues.csv", "suspects.png"}
     model = mlflow.pytorch.load_model(f"runs:/{run_id}/pytorch_model")
     assert model(torch.rand(2, 3, 112, 112)).shape == (2, 10)
     # The pyfunc model takes images and answers with class names; every run registered a version.
@@ -113,6 +123,25 @@ def test_pipeline_experiments_and_queue_end_to_end(built_pipeline, pipeline):
     assert "ft-k7" in exp_show and "head-lr" in exp_show
 
 
+def test_label_issues_finds_labels_flipped_in_the_embedded_data(pipeline):
+    """5% of the embedded data's training labels moved to another class: the top 5% of the ranking holds most.
+
+    On the real features of the session's build (EfficientNet-Lite0, ImageNet weights, 112 px). The figure in
+    the README comes from bench/label_issues.py (three plantings); this is one of them.
+    """
+    from transfer.data.label_issues import find_training_label_issues, flip_labels, precision_recall_at
+    from transfer.features import load_feature_cache
+
+    repo, env = pipeline
+    run([sys.executable, "-m", "dvc", "repro", "features"], repo, env)  # nothing to do: the copy is built
+    train = load_feature_cache(repo / "data/features/train.pt")
+    noisy, planted = flip_labels(train.labels.numpy(), 0.05, 10, seed=0)
+    ranking = find_training_label_issues(train.features.numpy(), noisy, folds=5, seed=0)
+    precision, recall = precision_recall_at(ranking, planted, k=len(planted))
+    # 0.85 measured; the data set's own ambiguous shirts and pullovers take some of the top 5%
+    assert len(planted) == 52 and precision >= 0.75 and recall >= 0.75, (precision, recall)
+
+
 def test_repro_twice_gives_identical_metrics(built_pipeline, pipeline, tmp_path):
     """Served and cold stages make the same files: the copy was built through the session's stage server
     (every stage a fork of a process with the libraries imported); `dvc repro -f` with cold stages makes the
@@ -123,7 +152,7 @@ def test_repro_twice_gives_identical_metrics(built_pipeline, pipeline, tmp_path)
     # Cold stages: a server folder of this test's own, where no server runs.
     env = {**env, "TRANSFER_SERVER_DIR": str(tmp_path / "server")}
     dvc = [sys.executable, "-m", "dvc"]
-    tracked = ["reports/metrics.json", "reports/train.json", "reports/history.csv"]
+    tracked = ["reports/metrics.json", "reports/train.json", "reports/history.csv", "reports/label_issues.csv"]
     first = {name: (repo / name).read_bytes() for name in tracked}
     # Every output byte-stable (torch.save files included), so dvc.lock does not move at all: no output holds
     # a run id (evaluate finds its run by the model's digest).

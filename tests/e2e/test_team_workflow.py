@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from project_helpers import DVC, copy_project, git_env, run, stages_run, wait_for_queue
 from team_helpers import mlflow_server
 
-STAGES = ["params", "download", "split", "cache", "features", "train", "evaluate"]
+STAGES = ["params", "download", "split", "cache", "features", "label_issues", "train", "evaluate"]
 STAGE_SERVER = [sys.executable, "-m", "transfer.pipeline.stage_server"]
 
 

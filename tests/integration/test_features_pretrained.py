@@ -14,7 +14,7 @@ from project_helpers import PATIENCE_S
 from transfer.data.cache import CachedImages, cache_geometry, write_split_cache
 from transfer.data.datasets import ImageDataset
 from transfer.data.transforms import eval_batch_transform
-from transfer.features import extract_features
+from transfer.features import activation_bytes_per_image, choose_feature_batch, extract_features
 from transfer.models.backbones import load_backbone
 
 HERE = Path(__file__).resolve().parents[1]  # tests/: the torchrun workers live with the helpers
@@ -64,3 +64,13 @@ def test_two_gloo_processes_extract_the_features_of_one_process(image_folder: Pa
     assert gathered["rows_read"] == [list(range(0, 6)), list(range(6, 11))]  # each rank read its shard only
     one = extract_features(lite0.backbone, dataset, batch_size=4, device=torch.device("cpu"))
     torch.testing.assert_close(gathered["features"], one, rtol=1e-4, atol=1e-5)
+
+
+def test_activation_memory_is_measured_from_the_forward_pass_and_decides_the_batch(lite0):
+    small = activation_bytes_per_image(lite0.backbone, 64)
+    large = activation_bytes_per_image(lite0.backbone, 128)
+    assert small > 3 * 64 * 64 * 4  # more than the float input it includes
+    assert 3.5 < large / small < 4.5  # activations grow with the image's area
+    budget_mb = 3 * large // 2**20 + 1  # room for three images at 128 px, not four
+    assert choose_feature_batch(lite0.backbone, 128, 128, torch.device("cpu"), budget_mb) == 3
+    assert choose_feature_batch(lite0.backbone, 128, 128, torch.device("cuda"), budget_mb) == 128

@@ -15,8 +15,9 @@ import pytest
 import torch
 from predict_helpers import CLASSES, images, mlflow_store, model_dir  # noqa: F401 - shared fixtures
 
-from transfer.evaluate.inference import predict_paths, resolve_model
+from transfer.evaluate.inference import predict_paths
 from transfer.models.saved import load_model
+from transfer.tracking import resolve_model
 
 
 def test_logged_model_takes_images_registry_alias_and_raw_pytorch(mlflow_store, model_dir, images, capsys):
@@ -73,7 +74,8 @@ def test_logged_model_takes_images_registry_alias_and_raw_pytorch(mlflow_store, 
 def test_onnx_export_dynamic_batch_metadata_and_agreement(model_dir, images, tmp_path):
     import onnxruntime
 
-    from transfer.models.export import check_onnx, export_onnx, read_onnx_metadata
+    from transfer.evaluate.export_check import check_onnx
+    from transfer.models.export import export_onnx, read_onnx_metadata
 
     saved = load_model(model_dir)
     path = export_onnx(saved, tmp_path / "model.onnx")

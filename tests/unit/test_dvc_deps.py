@@ -198,5 +198,6 @@ def test_the_analysis_sees_what_the_train_stage_reads():
     read = params_read(ROOT / "stages/train.py")
     assert {"device", "seed", "freeze_layers", "backbone", "tracking.experiment"} <= read
     assert {"head", "finetune"} <= read  # read whole by training_fingerprint (train/checkpoint.py)
-    assert not any(key.startswith(("data", "split", "evaluate")) for key in read)
+    assert "evaluate.calibration" in read  # the temperature is fitted on val and stored in the model
+    assert not any(key.startswith(("data", "split", "evaluate")) for key in read - {"evaluate.calibration"})
     assert SRC / "transfer/data/images.py" in import_closure(ROOT / "stages/features.py")

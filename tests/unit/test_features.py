@@ -5,7 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfer.features import FeatureCache, contiguous_shard, load_feature_cache, save_feature_cache
+from transfer.features import (
+    CPU_BATCH_LIMIT,
+    FeatureCache,
+    contiguous_shard,
+    feature_batch_size,
+    load_feature_cache,
+    save_feature_cache,
+)
 from transfer.pipeline.distributed import DistContext
 
 
@@ -27,3 +34,18 @@ def test_feature_cache_round_trip(tmp_path: Path):
 def test_missing_cache_names_the_stage_to_run(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="dvc repro features"):
         load_feature_cache(tmp_path / "nope.pt")
+
+
+def test_the_cpu_feature_batch_fits_the_memory_budget_and_cuda_keeps_the_configured_batch():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    per_image = 10 * 2**20  # 10 MB of activations per image (EfficientNet-Lite0 at 224 px measures about 11)
+    for budget in (1, 15, 100, 250, 1500, 100_000):
+        for configured in (1, 7, 32, 128):
+            batch = feature_batch_size(configured, cpu, per_image, budget)
+            assert 1 <= batch <= min(configured, CPU_BATCH_LIMIT)
+            assert batch == 1 or batch * per_image <= budget * 2**20  # one image is the floor, else it fits
+            assert (batch + 1) * per_image > budget * 2**20 or batch in (configured, CPU_BATCH_LIMIT)  # the largest
+            assert feature_batch_size(configured, cuda, per_image, budget) == configured
+    assert feature_batch_size(128, cpu, per_image, 100) == 10
+    assert feature_batch_size(128, cpu, per_image, 1500) == CPU_BATCH_LIMIT
+    assert feature_batch_size(128, cuda, per_image, 1) == 128

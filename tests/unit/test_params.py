@@ -46,3 +46,57 @@ def test_missing_file_and_bad_yaml(tmp_path):
     (tmp_path / "params.yaml").write_text("head: [unclosed")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(tmp_path / "params.yaml")
+
+
+# Each of these was coerced before the schema was strict: true ran as batch size 1, "5" as 5 epochs.
+@pytest.mark.parametrize(
+    "key, text, message",
+    [
+        ("features.batch_size", "true", r"features\.batch_size: Input should be a valid integer.*given True"),
+        ("finetune.epochs", '"5"', r"finetune\.epochs: Input should be a valid integer.*given '5'"),
+        ("head.lr", '"1e-2"', r"head\.lr: Input should be a valid number.*given '1e-2'"),
+        ("freeze_layers", '"3"', r"freeze_layers\.int: Input should be a valid integer \(given '3'\)"),
+        ("freeze_layers", "3.0", r"freeze_layers\.int: .*given 3\.0"),
+        ("finetune.nesterov", "1", r"finetune\.nesterov: Input should be a valid boolean.*given 1"),
+        ("features.layers", "[true]", r"features\.layers\.0.*given True"),
+        ("tracking.experiment", "12", r"tracking\.experiment: Input should be a valid string.*given 12"),
+    ],
+)
+def test_values_of_another_type_are_refused_not_coerced(tmp_path, key, text, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(with_value(key, text))
+    with pytest.raises(ParamsError, match=message):
+        load_params(path)
+
+
+def with_value(key: str, text: str) -> str:
+    """The repository's params.yaml with `key` (dotted, at most two levels) set to the YAML `text`."""
+    lines = REPO_PARAMS.read_text().splitlines()
+    section, _, name = key.rpartition(".")
+    indent, inside = ("  ", False) if section else ("", True)
+    for index, line in enumerate(lines):
+        if section and line.startswith(f"{section}:"):
+            inside = True
+        elif inside and line.startswith(f"{indent}{name}:"):
+            lines[index] = f"{indent}{name}: {text}"
+            return "\n".join(lines) + "\n"
+    raise AssertionError(f"{key} not in params.yaml")
+
+
+def test_yaml_natural_numbers_are_kept(tmp_path):
+    # An integer where a float is expected, and 1e-4 without a dot (YAML 1.2 and DVC read a float).
+    path = tmp_path / "params.yaml"
+    path.write_text(with_value("finetune.head_lr_mult", "2").replace("  lr: 0.01", "  lr: 1e-4"))
+    params = load_params(path)
+    assert params.head.lr == 1e-4 and params.finetune.head_lr_mult == 2.0
+
+
+def test_a_duplicate_key_is_an_error_naming_it_and_its_lines(tmp_path):
+    lines = REPO_PARAMS.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("  epochs: 40")) + 1  # head.epochs
+    lines.insert(first, "  epochs: 4")
+    text = "\n".join(lines) + "\n"
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError, match=rf"key 'epochs' is given twice \(lines {first} and {first + 1}\)"):
+        load_params(path)

@@ -118,7 +118,7 @@ def _check_size(path: str | os.PathLike, size: tuple[int, int], max_pixels: int,
             path,
             f"image is {width}x{height} ({width * height:,} pixels); the limit is "
             f"{max_pixels:,} pixels and {max_side:,} per side. Resize the image or "
-            "remove it from the data set (it may be a decompression bomb).",
+            "leave it out (it may be a decompression bomb).",
         )
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from transfer.evaluate.explain import ExplainError, grad_cam_batches, input_pixels
 from transfer.evaluate.health import feature_health, fit_diagnosis, model_problems, selected_epoch_row, verdict_of
 from transfer.evaluate.metrics import as_numpy, confusion, most_confident_mistakes, per_class_table, top_k_accuracies
 from transfer.evaluate.plots import (
@@ -22,9 +23,11 @@ from transfer.evaluate.plots import (
     plot_activation_histograms,
     plot_confusion_matrix,
     plot_feature_projection,
+    plot_gradcam,
     plot_layer_movement,
     plot_learning_curves,
     plot_mistakes,
+    plot_reliability,
 )
 from transfer.evaluate.report import write_html_report
 from transfer.models.groups import in_group_order
@@ -40,6 +43,9 @@ LAYER_MOVEMENT_PNG = "layer_movement.png"
 LAYER_MOVEMENT_CSV = "layer_movement.csv"
 FEATURES_PNG = "features.png"
 ACTIVATIONS_PNG = "activations.png"
+RELIABILITY_PNG = "reliability.png"
+GRADCAM_MISTAKES_PNG = "gradcam_mistakes.png"
+GRADCAM_CORRECT_PNG = "gradcam_correct.png"
 REPORT_HTML = "report.html"
 FROZEN_NOTE = "Feature extraction only: no layer of the backbone was trained."
 
@@ -67,6 +73,12 @@ def write_run_diagnostics(
     model_features=None,
     selection: Mapping | None = None,
     train_counts: Mapping[str, int] | None = None,
+    calibration: Mapping | None = None,
+    model_input=None,
+    mean: Sequence[float] = (0.0, 0.0, 0.0),
+    std: Sequence[float] = (1.0, 1.0, 1.0),
+    gradcam_per_class: int = 0,
+    extra_sections: Mapping[str, list] | None = None,
 ) -> tuple[dict, list[Path]]:
     """Write every diagnostic of one run under `out_dir`; return (metrics, files).
 
@@ -85,7 +97,14 @@ def write_run_diagnostics(
     stage's reports/train.json) and `train_counts` (training images per
     class) the verdict (`fit.verdict`) names every problem found and the
     report says what to try next (see `model_problems`); the numbers go
-    to `metrics["health"]`.
+    to `metrics["health"]`. `calibration` (transfer.evaluate.calibration.calibration_report) adds the
+    reliability diagram and the ECE, NLL and Brier score before and after temperature scaling.
+
+    With `model_input(path)` (the model's input tensor for a test image,
+    normalised with `mean`/`std`) and `gradcam_per_class` > 0, the report
+    shows Grad-CAM maps over the drawn mistakes and over that many correct
+    predictions per class (see `write_gradcam`). `extra_sections` (heading -> items) are
+    appended to the report as given (the label_issues stage's grid).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,6 +145,21 @@ def write_run_diagnostics(
         n=max_mistakes,
     )
 
+    gradcam_items, gradcam_files = (
+        write_gradcam(
+            out,
+            model,
+            lambda index: model_input(image_paths[index]),
+            (mean, std),
+            wrong,
+            y_true,
+            probs,
+            class_names,
+            gradcam_per_class,
+        )
+        if model_input is not None and gradcam_per_class > 0
+        else ([], [])
+    )
     plot_feature_projection(own_features, y_true, class_names, out / FEATURES_PNG, method=projection)
     plot_activation_histograms(model, batch, out / ACTIVATIONS_PNG)
 
@@ -134,6 +168,7 @@ def write_run_diagnostics(
         out / name
         for name in (LEARNING_CURVES_PNG, CONFUSION_PNG, PER_CLASS_CSV, MISTAKES_PNG, FEATURES_PNG, ACTIVATIONS_PNG)
     ]
+    files += gradcam_files
     grads = grad_norm_frame(history).dropna(how="all")
     if weight_change is not None:
         weight_change = in_group_order(weight_change, model)
@@ -169,8 +204,92 @@ def write_run_diagnostics(
         "Learning curves": [verdict, out / LEARNING_CURVES_PNG],
         "Confusion and per-class quality": [out / CONFUSION_PNG, table],
         "Most confident mistakes": [out / MISTAKES_PNG],
+        **({"Where the model looked (Grad-CAM)": gradcam_items} if gradcam_items else {}),
         "Layer movement": movement_items,
         "Features": [out / FEATURES_PNG, out / ACTIVATIONS_PNG],
+        **(extra_sections or {}),
     }
+    if calibration is not None:
+        plot_reliability(
+            calibration["diagram_before"],
+            calibration["diagram_after"],
+            calibration["temperature"],
+            out / RELIABILITY_PNG,
+        )
+        files.append(out / RELIABILITY_PNG)
+        sections["Calibration"] = [
+            f"Temperature {calibration['temperature']:.4g}, fitted on val (evaluate.calibration: temperature; "
+            "1 with none): the logits are divided by it, which changes the probabilities but never the predicted "
+            "class. ECE: 15 bins of the top-1 probability.",
+            pd.DataFrame(
+                [
+                    {"probabilities": name, **calibration[key]}
+                    for name, key in (("T = 1", "before"), ("fitted T", "after"))
+                ]
+            ),
+            out / RELIABILITY_PNG,
+        ]
     files.append(write_html_report(out / REPORT_HTML, title, sections))
     return metrics, files
+
+
+def correct_sample(y_true: np.ndarray, y_pred: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
+    """Indices of up to `per_class` correct predictions of each class, a seeded sample, class by class."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(y_true):
+        right = np.flatnonzero((y_true == label) & (y_pred == label))
+        chosen.extend(np.sort(rng.choice(right, size=min(per_class, len(right)), replace=False)))
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def write_gradcam(
+    out: Path,
+    model: torch.nn.Module,
+    model_input,
+    normalisation: tuple[Sequence[float], Sequence[float]],
+    wrong: np.ndarray,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    per_class: int,
+) -> tuple[list, list[Path]]:
+    """Grad-CAM grids of the mistakes `wrong` and of `per_class` correct predictions per class; returns the
+    report section's items and the PNGs written (none, and a note saying why, for a model it cannot explain).
+    `model_input(index)` is the model's input for the index-th test image, normalised with `normalisation`
+    (mean, std).
+
+    Each map is the predicted class's: on a mistake, where the model found the class it wrongly chose."""
+    y_pred = probs.argmax(axis=1)
+    items: list = []
+    files: list[Path] = []
+    for name, indices, title in (
+        (GRADCAM_MISTAKES_PNG, wrong, "Grad-CAM: most confident mistakes"),
+        (GRADCAM_CORRECT_PNG, correct_sample(y_true, y_pred, per_class), "Grad-CAM: correct predictions per class"),
+    ):
+        if len(indices) == 0:
+            continue
+        inputs = [model_input(int(i)) for i in indices]
+        try:
+            result = grad_cam_batches(model, inputs)
+        except ExplainError as error:
+            return [f"No Grad-CAM maps: {error}."], []
+        plot_gradcam(
+            [input_pixels(tensor, *normalisation) for tensor in inputs],
+            result.maps,
+            y_true[indices],
+            y_pred[indices],
+            probs[indices, y_pred[indices]],
+            class_names,
+            out / name,
+            title,
+        )
+        if not items:
+            items.append(
+                f"The map of the predicted class over the image as the model saw it (resized and cropped), "
+                f"taken at the layer group {result.group!r}; red is where activations raised that class's "
+                "score most. On a mistake it shows what the model took for the class it chose."
+            )
+        items.append(out / name)
+        files.append(out / name)
+    return items, files

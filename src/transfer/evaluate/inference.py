@@ -11,7 +11,8 @@ callers on their own machine. `predict_images` and `predict_frame` (the served p
 bytes or base64 text only and never touch the disk, so a request cannot make a server open its own files;
 `ServingLimits` bounds what one request may cost (rows, encoded bytes, decoded pixels), row by row.
 
-    from transfer.evaluate.inference import predict_paths, resolve_model
+    from transfer.evaluate.inference import predict_paths
+    from transfer.tracking import resolve_model
 
     saved = resolve_model("data/model")            # or "runs:/<run_id>", "models:/<name>@champion"
     for p in predict_paths(saved, ["photo.jpg"]):
@@ -39,10 +40,8 @@ from transfer.data.cache import cache_geometry, decode_to_cache_form
 from transfer.data.config import DataConfig
 from transfer.data.images import DEFAULT_MAX_PIXELS, ImageError
 from transfer.data.transforms import eval_batch_transform
-from transfer.models.saved import SavedModel, load_model
+from transfer.models.saved import SavedModel
 from transfer.pipeline.errors import UserError
-
-MLFLOW_SCHEMES = ("runs:/", "models:/")
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +72,6 @@ def model_input(
     pixels = decode_to_cache_form(source, cache_geometry(data_config), max_pixels=max_pixels)
     batch = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
     return _eval_batch_transform(data_config)(batch)[0]
-
-
-def resolve_model(reference: str | Path = "data/model") -> SavedModel:
-    """Load a model folder, or the classifier of an MLflow model (`runs:/<id>`, `models:/<name>@<alias>`)."""
-    reference = str(reference)
-    if reference.startswith(MLFLOW_SCHEMES) or "://" in reference:
-        import tempfile
-
-        from transfer import tracking  # MLflow only when asked for
-
-        with tempfile.TemporaryDirectory(prefix="transfer-model-") as tmp:
-            return load_model(tracking.download_classifier(reference, Path(tmp)))
-    return load_model(reference)
 
 
 def _decode_all(

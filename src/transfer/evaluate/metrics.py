@@ -37,10 +37,15 @@ def predict_logits_and_features(
 
     tta="flip" scores each image and its horizontal mirror and returns the log of their mean softmax
     (fastai's and timm's flip test-time augmentation): valid logits, whose softmax is the averaged probability.
+
+    A Classifier's logits are its head's, before its temperature (`model.calibrate(logits)` applies it).
     """
     if tta not in ("none", "flip"):
         raise ValueError(f"evaluate.tta: unknown test-time augmentation {tta!r}; choose 'none' or 'flip'")
-    model.eval().to(device, memory_format=torch.channels_last)  # as in extract_features: about 2x on CPU
+    # Converted outside inference mode: parameters converted inside it could never take part in autograd again,
+    # and the evaluate stage's Grad-CAM (transfer.evaluate.explain) runs on this model next.
+    with torch.inference_mode(False):
+        model.eval().to(device, memory_format=torch.channels_last)  # as in extract_features: about 2x on CPU
     loader = DeviceLoader(dataset, device, batch_size=batch_size, resident=False)
     batches, pooled = [], []
     for images, _ in tqdm(loader, desc="predict" if tta == "none" else "predict (flip TTA)", unit="batch"):
@@ -49,7 +54,10 @@ def predict_logits_and_features(
         features = model.backbone(images) if hasattr(model, "backbone") else None
         logits = (model(images) if features is None else model.head(features)).float()
         if tta == "flip":
-            mirrored = model(images.flip(-1)).float()
+            # A Classifier's head, not its forward: the temperature applies after the views are averaged
+            # (Classifier.calibrate), which keeps the averaged prediction's class.
+            mirrored = model(images.flip(-1)) if features is None else model.head(model.backbone(images.flip(-1)))
+            mirrored = mirrored.float()
             logits = ((logits.softmax(1) + mirrored.softmax(1)) / 2).log()
         batches.append(logits.cpu())
         if features is not None:

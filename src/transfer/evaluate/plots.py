@@ -1,5 +1,5 @@
-"""The pictures of a run: learning curves, confusion matrix, layer movement, feature projection, activations
-and the most confident mistakes.
+"""The pictures of a run: learning curves, confusion matrix, layer movement, feature projection, activations,
+the most confident mistakes and Grad-CAM overlays.
 
 Each `plot_*` draws on a `Figure` with the Agg canvas, never through pyplot, so nothing global is left open,
 writes its PNG atomically and returns the figure. Everything is cheap by design (PCA by default, one small
@@ -28,6 +28,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocato
 from PIL import Image
 from sklearn.decomposition import PCA
 
+from transfer.evaluate.explain import overlay
 from transfer.evaluate.metrics import as_numpy
 from transfer.pipeline.files import atomic_path
 from transfer.pipeline.runtime import single_threaded
@@ -380,11 +381,17 @@ def plot_mistakes(
     class_names: Sequence[str],
     path: str | os.PathLike,
     n: int = 16,
+    *,
+    title: str = "Most confident mistakes",
+    captions: tuple[str, str] = ("true", "pred"),
+    empty: str = "no mistakes on the test set",
 ) -> Figure:
     """A grid of up to `n` misclassified images, each titled true/pred/prob.
 
     Pass the images already ordered (see `most_confident_mistakes`); only
-    the first `n` are drawn. With no mistakes the PNG says so.
+    the first `n` are drawn. With no mistakes the PNG says `empty`.
+    `title` and `captions` name the grid and its two labels for other
+    image lists (the label_issues stage: given/suggested label).
     """
     count = min(n, len(images))
     cols = max(1, min(4, count))
@@ -398,13 +405,75 @@ def plot_mistakes(
         # nearest: no resampling filter to pay for, and small images stay crisp
         ax.imshow(np.asarray(_thumbnail(images[index])), interpolation="nearest")
         ax.set_title(
-            f"true: {class_names[int(y_true[index])]}\n"
-            f"pred: {class_names[int(y_pred[index])]} ({float(confidence[index]):.2f})",
+            f"{captions[0]}: {class_names[int(y_true[index])]}\n"
+            f"{captions[1]}: {class_names[int(y_pred[index])]} ({float(confidence[index]):.2f})",
             fontsize=8,
             color="darkred",
         )
     if count == 0:
-        axes[0].text(0.5, 0.5, "no mistakes on the test set", ha="center", va="center")
-    figure.suptitle("Most confident mistakes")
+        axes[0].text(0.5, 0.5, empty, ha="center", va="center")
+    figure.suptitle(title)
+    save_figure(figure, path)
+    return figure
+
+
+def plot_reliability(diagram_before: Sequence[Mapping], diagram_after: Sequence[Mapping], temperature: float, path):
+    """Reliability diagram: accuracy per confidence bin before (T = 1) and after temperature scaling, the
+    diagonal of perfect calibration, and the share of images per bin underneath (the rows of
+    transfer.evaluate.calibration.reliability_diagram)."""
+    figure = _new_figure(5.5, 5.5)
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    top.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    total = max(1, sum(row["count"] for row in diagram_before))
+    for rows, label, colour, shift in (
+        (diagram_before, "before (T = 1)", "tab:red", -0.25),
+        (diagram_after, f"after (T = {temperature:.3g})", "tab:blue", 0.25),
+    ):
+        full = [row for row in rows if row["count"]]
+        top.plot(
+            [row["confidence"] for row in full], [row["accuracy"] for row in full], "o-", color=colour, label=label
+        )
+        width = (rows[0]["upper"] - rows[0]["lower"]) / 2
+        centres = [(row["lower"] + row["upper"]) / 2 + shift * width for row in rows]
+        bottom.bar(centres, [row["count"] / total for row in rows], width=width, color=colour, alpha=0.7)
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title="Reliability diagram (test)")
+    top.legend(fontsize=8, loc="upper left")
+    bottom.set(xlabel="confidence (top-1 probability)", ylabel="share of images")
+    save_figure(figure, path)
+    return figure
+
+
+def plot_gradcam(
+    pixels: Sequence[np.ndarray],
+    maps: Sequence,
+    y_true: Sequence[int],
+    y_pred: Sequence[int],
+    confidence: Sequence[float],
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    title: str,
+) -> Figure:
+    """A grid of images (uint8 [H, W, 3], as the model saw them) with the Grad-CAM map of the predicted class
+    over each (transfer.evaluate.explain), titled true/pred/prob; wrong predictions' titles in red."""
+    count = len(pixels)
+    cols = max(1, min(6, count))
+    rows = max(1, math.ceil(count / cols))
+    figure = _new_figure(2.1 * cols, 2.4 * rows + 0.4)
+    axes = figure.subplots(rows, cols, squeeze=False).ravel()
+    for index, ax in enumerate(axes):
+        ax.axis("off")
+        if index >= count:
+            continue
+        ax.imshow(overlay(pixels[index], maps[index]), interpolation="nearest")
+        right = int(y_true[index]) == int(y_pred[index])
+        ax.set_title(
+            f"true: {class_names[int(y_true[index])]}\n"
+            f"pred: {class_names[int(y_pred[index])]} ({float(confidence[index]):.2f})",
+            fontsize=8,
+            color="black" if right else "darkred",
+        )
+    if count == 0:
+        axes[0].text(0.5, 0.5, "no image to show", ha="center", va="center")
+    figure.suptitle(title)
     save_figure(figure, path)
     return figure

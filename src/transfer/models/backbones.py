@@ -456,6 +456,40 @@ def build_network(
     return network, resolved, classifier
 
 
+def _named_groups(network: nn.Module, resolved: ResolvedName, name: str) -> list[tuple[str, list[str]]]:
+    """The derived layer groups of a network without its classifier, under the alias's names when it has them."""
+    groups = derive_layer_groups(network)
+    if resolved.alias and resolved.alias.group_names:
+        if len(groups) != len(resolved.alias.group_names):
+            raise BackboneError(f"{name}: {len(groups)} derived layer groups, expected {resolved.alias.group_names}")
+        groups = [(label, params) for label, (_, params) in zip(resolved.alias.group_names, groups)]
+    return groups
+
+
+def layer_group_names(name: str, image_size: int | None = None) -> list[str]:
+    """The layer group names of backbone `name` in order (what freeze_layers and features.layers count), as
+    `load_backbone` derives them, without downloading weights or allocating the network.
+
+    The network is built on torch's meta device (shapes without storage: a fraction of a second even for a
+    large ViT); a model whose construction needs real values falls back to an ordinary random-init build.
+    An unknown name is a BackboneError suggesting close matches.
+    """
+    resolved = resolve_name(name)
+
+    def build() -> nn.Module:
+        if resolved.library == "timm":
+            return _create_timm(resolved.model, False, image_size)
+        return _create_torchvision(resolved, False)
+
+    try:
+        with torch.device("meta"):
+            network = build()
+    except (NotImplementedError, RuntimeError):  # e.g. `.item()` of a meta tensor while building
+        network = build()
+    _remove_classifier(network, resolved.library, _classifier_name(network, resolved.library))
+    return [label for label, _ in _named_groups(network, resolved, name)]
+
+
 def load_backbone(
     name: str, weights: str = PRETRAINED, image_size: int | None = None, layers: Sequence[int | str] | None = None
 ) -> LoadedBackbone:
@@ -467,12 +501,7 @@ def load_backbone(
         classifier = copy.deepcopy(module) if isinstance(module, nn.Linear) else None
     config = _data_config(network, resolved).with_image_size(image_size)
     width = _remove_classifier(network, resolved.library, classifier_name)
-    groups = derive_layer_groups(network)
-    if resolved.alias and resolved.alias.group_names:
-        if len(groups) != len(resolved.alias.group_names):
-            raise BackboneError(f"{name}: {len(groups)} derived layer groups, expected {resolved.alias.group_names}")
-        groups = [(label, params) for label, (_, params) in zip(resolved.alias.group_names, groups)]
-    owned = owned_groups(network, groups)
+    owned = owned_groups(network, _named_groups(network, resolved, name))
     group_names = [label for label, _ in owned]
     chosen = resolve_layers(layers, group_names)
     nhwc = getattr(network, "output_fmt", "NCHW") == "NHWC"
@@ -566,16 +595,27 @@ def load_backbones(
 
 
 class Classifier(nn.Module):
-    """A backbone with a linear head. Frozen groups stay in eval mode whenever the model trains."""
+    """A backbone with a linear head. Frozen groups stay in eval mode whenever the model trains.
+
+    `temperature` (1.0 until the train stage fits one on val: transfer.evaluate.calibration) divides the head's
+    logits. It is a plain float, not a tensor of the state_dict: model.json stores it (transfer.models.saved),
+    and whatever runs the model (`transfer predict`, the pyfunc model, the ONNX graph) applies it.
+    """
 
     def __init__(self, backbone: nn.Module, num_classes: int):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.num_features, num_classes)
         self.frozen_groups = 0
+        self.temperature = 1.0
+
+    def calibrate(self, logits: torch.Tensor) -> torch.Tensor:
+        """The head's logits (or their log mean softmax under TTA) divided by the temperature: same order,
+        so the same predicted class. A scikit-learn head's logits are log-probabilities: softmax(log p / T)."""
+        return logits / self.temperature
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+        return self.calibrate(self.head(self.backbone(images)))
 
     def train(self, mode: bool = True) -> "Classifier":
         super().train(mode)

@@ -261,20 +261,30 @@ def group_names(model: nn.Module) -> list[str]:
     return [name for name, _ in layer_groups(model)]
 
 
-def freeze_first_groups(model: nn.Module, k: int) -> None:
-    """Freeze the first k backbone groups of a Classifier (no gradients, normalisation in eval); k in 0..their
-    number. The model's `train` keeps its first `frozen_groups` groups in eval mode."""
-    if not getattr(model.backbone, "fine_tunable", True):
+def check_freeze_range(k: int, group_names: list[str]) -> None:
+    """freeze_layers=k freezes 0..all of these backbone groups; else a LayerGroupError listing them."""
+    if not 0 <= k <= len(group_names):
+        raise LayerGroupError(
+            f"freeze_layers={k} is outside 0..{len(group_names)}; this backbone's layer groups, "
+            f"in order: {_listing(group_names)} (freeze_layers: all trains only the head on cached features)"
+        )
+
+
+def check_freeze_layers(backbone: nn.Module, k: int) -> None:
+    """freeze_layers=k fits this backbone: one fine-tunable backbone with at least k layer groups. The one
+    check of k against a built backbone (LayerGroupError listing its groups); `freeze_first_groups` runs it."""
+    if not getattr(backbone, "fine_tunable", True):
         raise LayerGroupError(
             "fine-tuning takes one backbone: with several backbones (a list under backbone:) "
             "use freeze_layers: all (heads on the concatenated cached features)"
         )
-    names = list(model.backbone.groups)
-    if not 0 <= k <= len(names):
-        raise LayerGroupError(
-            f"freeze_layers={k} is outside 0..{len(names)}; this backbone's layer groups, "
-            f"in order: {_listing(names)} (freeze_layers: all trains only the head on cached features)"
-        )
+    check_freeze_range(k, list(backbone.groups))
+
+
+def freeze_first_groups(model: nn.Module, k: int) -> None:
+    """Freeze the first k backbone groups of a Classifier (no gradients, normalisation in eval); k in 0..their
+    number. The model's `train` keeps its first `frozen_groups` groups in eval mode."""
+    check_freeze_layers(model.backbone, k)
     for index, group in enumerate(model.backbone.groups.values()):
         for parameter in group.parameters():
             parameter.requires_grad_(index >= k)

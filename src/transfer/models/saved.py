@@ -5,8 +5,8 @@ A model folder (the train stage's `data/model/`, or the `classifier` artifact of
     model.safetensors   the state_dict of backbone + head (safetensors: tensors only, no code)
     model.json          what is needed to rebuild and use it: the backbone name and where its weights came
                         from, the head's kind and shape, the class names in label order, the preprocessing
-                        (input size, resize, interpolation, mean, std), what was frozen, and the sha256 of
-                        the weights file
+                        (input size, resize, interpolation, mean, std), what was frozen, the temperature
+                        dividing the logits (transfer.evaluate.calibration) and the sha256 of the weights file
 
 Everything that uses a trained model (the evaluate stage, `transfer predict`, the MLflow pyfunc model,
 `transfer export`) loads it through `load_model`, so the class list and the preprocessing travel with the
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,11 @@ class SavedModel:
     @property
     def freeze_layers(self) -> int | str:
         return self.description["training"]["freeze_layers"]
+
+    @property
+    def fine_tuned(self) -> bool:
+        """The backbone was fine-tuned (freeze_layers a group count), not only the head on cached features."""
+        return self.freeze_layers != "all"
 
 
 LINEAR = "linear"
@@ -158,6 +164,8 @@ def save_model(
         # then transfer.data.transforms.eval_batch_transform).
         "preprocessing": {**asdict(data_config), "mean": list(data_config.mean), "std": list(data_config.std)},
         "training": {"freeze_layers": freeze_layers},
+        # Divides the logits (Classifier.temperature): fitted on val by the train stage, 1.0 = uncalibrated.
+        "temperature": float(model.temperature),
     }
     if feature_head is not None:
         from transfer.models.heads import save_feature_head
@@ -208,6 +216,14 @@ def _data_config(description: dict[str, Any], path: Path) -> DataConfig:
     if len(config.mean) != 3 or len(config.std) != 3 or config.image_size < 1 or config.resize_size < config.image_size:
         raise ModelFileError(f'{path}: invalid "preprocessing" {prep}')
     return config
+
+
+def _temperature(description: dict[str, Any], path: Path) -> float:
+    """The stored temperature; 1.0 for a model saved before calibration existed (its logits were never scaled)."""
+    value = description.get("temperature", 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ModelFileError(f'{path}: "temperature" must be a positive number, got {value!r}')
+    return float(value)
 
 
 def load_model(directory: str | Path) -> SavedModel:
@@ -273,6 +289,7 @@ def load_model(directory: str | Path) -> SavedModel:
         if not head_path.is_file() or sha256_of(head_path) != head.get("sha256"):
             raise ModelFileError(f"{head_path} is missing or does not match {json_path} (sha256 differs)")
         model.head = FittedHead(load_feature_head(head_path), head["kind"])
+    model.temperature = _temperature(description, json_path)
     freeze = description.get("training", {}).get("freeze_layers")
     if isinstance(freeze, int):
         model.frozen_groups = freeze

@@ -45,6 +45,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def staged_outputs(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden folder inside `folder` to write outputs into; on success move them all into `folder`.
+
+    For outputs DVC does not cache (reports/*.json, *.csv: `persist: true` keeps DVC from deleting them
+    before a run): a stage that fails anywhere in the block, even in its last MLflow call, leaves the
+    previous run's files as they were instead of a mix of new and old, and never an empty folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staged.", dir=folder))
+    try:
+        yield staging
+        for path in sorted(p for p in staging.rglob("*") if p.is_file()):  # subfolders merge into folder's
+            target = folder / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

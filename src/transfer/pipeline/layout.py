@@ -3,6 +3,7 @@
 from pathlib import Path
 
 PARAMS_OK_FILE = Path("data/params.ok")  # params: written once params.yaml validates; its bytes never change
+PARAMS_CHECKED_FILE = Path("data/params.checked.json")  # params: the backbone values last resolved
 RAW_DIR = Path("data/raw")  # download: the images, index.csv and data_report.json
 INDEX_NAME = "index.csv"  # each image's path (relative to the repository root), label and subset
 INDEX_COLUMNS = ["path", "label", "subset"]
@@ -17,3 +18,5 @@ HEAD_FILE = MODEL_DIR / "head.skops"  # a scikit-learn head (head.kind other tha
 CHECKPOINT_DIR = Path("data/checkpoints")  # train: per-epoch checkpoints, kept across runs to resume
 REPORTS_DIR = Path("reports")  # metrics (JSON) and plots (CSV), small files kept in git
 DIAGNOSTICS_DIR = REPORTS_DIR / "diagnostics"  # evaluate: pictures, per-class CSV, report.html (DVC-cached)
+LABEL_ISSUES_CSV = REPORTS_DIR / "label_issues.csv"  # label_issues: the labels that look wrong (kept in git)
+LABEL_ISSUES_DIR = REPORTS_DIR / "label_issues"  # label_issues: the grid of the most suspect images (DVC-cached)

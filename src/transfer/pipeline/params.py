@@ -9,13 +9,22 @@ DVC runs a stage only when its deps or params changed, so a misspelt new key (`s
 stage and be checked by none: the `params` stage (stages/params.py) depends on the whole params.yaml and
 runs this validation whenever the file changes, before every other stage.
 
+Types are strict (`Section`): a value must already have its field's type, so `batch_size: true`,
+`epochs: "5"`, `lr: "1e-2"` and `freeze_layers: 3.0` are errors instead of 1, 5, 0.01 and 3. The one
+widening kept is YAML's natural reading of a number: an integer where a float is expected (`head_lr_mult: 1`),
+and `1e-4` written without a dot, which YAML 1.2 (and DVC, which reads params.yaml for `dvc exp run -S` and
+`dvc params diff`) reads as a float although PyYAML's YAML 1.1 reads a string (`ParamsLoader`). A key given
+twice in one mapping is an error naming the key and both lines, instead of YAML's silent last-one-wins.
+
 The schema imports nothing heavy and nothing else from this package (deps stay exact): values checked
-against a registry (a backbone name, a torchvision dataset) are checked by the stage that uses them,
-which a change of that value re-runs.
+against a registry (a backbone name and its layer groups, a torchvision dataset) are checked by the stage
+that resolves them: the params stage for backbone names, freeze_layers and features.layers
+(transfer.models.backbone_check), the download stage for datasets.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Union
 
@@ -30,8 +39,9 @@ WEIGHTS_FOLDER = "weights"
 
 
 class Section(BaseModel):
-    # extra="forbid" turns a misspelt key into an error instead of a silently ignored setting.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # extra="forbid" turns a misspelt key into an error instead of a silently ignored setting; strict refuses
+    # a value of another type (a bool, a quoted number, 3.0 for an int) instead of coercing it.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DataPolicyParams(Section):
@@ -176,6 +186,13 @@ class FeatureParams(Section):
     """Feature extraction (features stage): which layers are pooled, and runtime knobs that change nothing."""
 
     batch_size: int = Field(128, ge=1, description="batch size of feature extraction (does not change the features)")
+    max_memory_mb: int = Field(
+        1500,
+        ge=1,
+        description="CPU: the batch is the largest whose activations, measured by one small forward pass at the "
+        "image size, fit in this many MB (at most batch_size and 32, past which a CPU gains little speed for much "
+        "memory); not used on CUDA",
+    )
     layers: list[Union[int, str]] = Field(
         [-1],
         min_length=1,
@@ -318,6 +335,11 @@ class EvaluateParams(Section):
         description="test-time augmentation: 'flip' averages the softmax of each image and its mirror "
         "(twice the prediction cost; the probe then runs the backbone on the images)",
     )
+    calibration: Literal["none", "temperature"] = Field(
+        "temperature",
+        description="train stage: 'temperature' fits one scalar T on val (L-BFGS on the NLL) that divides the "
+        "logits, stored in the model and applied by every prediction path (accuracy unchanged); 'none' keeps T = 1",
+    )
 
 
 class DiagnosticsParams(Section):
@@ -344,6 +366,13 @@ class DiagnosticsParams(Section):
         "pca", description="2-D projection of the test features; tsne is slower (seconds to minutes)"
     )
     mistakes: int = Field(16, ge=0, le=64, description="most confident mistakes drawn in the grid")
+    gradcam_per_class: int = Field(
+        2,
+        ge=0,
+        le=16,
+        description="correct test predictions per class (a seeded sample) drawn with their Grad-CAM map in the "
+        "report, next to the maps of the `mistakes` most confident mistakes; 0 draws no map",
+    )
     batch_size: int = Field(8, ge=1, le=256, description="test images in the activation-histogram batch")
 
     def thresholds(self) -> dict[str, float]:
@@ -354,6 +383,22 @@ class DiagnosticsParams(Section):
             "collapse_ratio": self.collapse_ratio,
             "few_classes_share": self.few_classes_share,
         }
+
+
+class LabelIssuesParams(Section):
+    """The label_issues stage: training images whose label looks wrong (reports/label_issues.csv), to check."""
+
+    enabled: bool = Field(
+        True, description="rank the training labels (false: the stage writes an empty list and an empty grid)"
+    )
+    folds: int = Field(
+        5,
+        ge=2,
+        le=20,
+        description="stratified folds of the out-of-fold logistic regression on the cached features "
+        "(fewer when a class has fewer training images)",
+    )
+    max_shown: int = Field(16, ge=0, le=64, description="most suspect images drawn in the grid (the CSV lists all)")
 
 
 # Keys `transfer tune` may search: what shapes training. Not backbone/data (the cached features depend on
@@ -409,15 +454,17 @@ class SearchDimension(Section):
         return list(self.choices) if self.type == "categorical" else [self.low, self.high]
 
 
+def valid_freeze_layers(value: Any) -> bool:
+    """The one rule for a freeze_layers value (params.yaml and tune.space): 'all' or an integer >= 0. Whether
+    k fits the backbone's layer groups is checked against the backbone (transfer.models.groups)."""
+    return value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+
+
 def check_tunable(key: str, dimension: SearchDimension) -> None:
     """`key` may be tuned and every value of `dimension` passes the key's own schema; else ValueError."""
     section, _, field = key.partition(".")
     if key == "freeze_layers":
-        bad = [
-            v
-            for v in dimension.values_to_check()
-            if v != "all" and (isinstance(v, bool) or not isinstance(v, int) or v < 0)
-        ]
+        bad = [v for v in dimension.values_to_check() if not valid_freeze_layers(v)]
         if bad or dimension.type in ("uniform", "loguniform"):
             raise ValueError(f"{key}: values must be 'all' or integers >= 0 (use type int or categorical)")
         return
@@ -535,16 +582,23 @@ class Params(Section):
     )
     head: HeadParams = HeadParams()
     finetune: FinetuneParams = FinetuneParams()
-    seed: int = Field(0, description="seed of model initialisation and training order")
+    seed: int = Field(0, description="seed of model initialisation, training order and the label_issues folds")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     evaluate: EvaluateParams = EvaluateParams()
     diagnostics: DiagnosticsParams = DiagnosticsParams()
+    label_issues: LabelIssuesParams = LabelIssuesParams()
     tracking: TrackingParams = TrackingParams()
     tune: TuneParams = TuneParams()
 
+    @property
+    def fine_tuning(self) -> bool:
+        """freeze_layers is a layer-group count: fine-tune on images after the head (else 'all': the head on
+        the cached features only)."""
+        return self.freeze_layers != "all"
+
     @model_validator(mode="after")
     def _freeze_layers_non_negative(self) -> "Params":
-        if isinstance(self.freeze_layers, int) and self.freeze_layers < 0:
+        if not valid_freeze_layers(self.freeze_layers):
             raise ValueError(f"freeze_layers must be 'all' or an integer >= 0 (got {self.freeze_layers})")
         return self
 
@@ -553,7 +607,7 @@ class Params(Section):
         if isinstance(self.backbone, list):
             if not self.backbone:
                 raise ValueError("backbone: an empty list; give one backbone or several")
-            if len(self.backbone) > 1 and self.freeze_layers != "all":
+            if len(self.backbone) > 1 and self.fine_tuning:
                 raise ValueError(
                     f"freeze_layers: {self.freeze_layers} fine-tunes one backbone, but backbone lists "
                     f"{len(self.backbone)}; use freeze_layers: all (heads on the concatenated cached "
@@ -597,12 +651,56 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source} is invalid:\n" + "\n".join(lines)) from None
 
 
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A mapping of params.yaml gives the same key twice."""
+
+
+# YAML 1.2's float (PyYAML knows only 1.1's, which needs a dot: `1e-4` would be the string "1e-4").
+_YAML12_FLOAT = re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
+    r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys and reading unquoted `1e-4` as a float (as YAML 1.2 does)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                first = seen[key].start_mark.line + 1
+                raise DuplicateKeyError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"key {key!r} is given twice (lines {first} and {key_node.start_mark.line + 1}); "
+                    f"YAML would silently keep the last one: delete one of them",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+# Replace the YAML 1.1 float resolver: its first characters are all a number or a float can start with.
+ParamsLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+
+
+def read_params_yaml(text: str) -> Any:
+    """params.yaml's text as Python values (ParamsLoader); yaml.YAMLError when it is not valid YAML."""
+    return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found: run the stage from the repository root, where params.yaml lives")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = read_params_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

@@ -15,8 +15,6 @@ loss, augmentation and frozen groups.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import itertools
 import math
 from dataclasses import dataclass
@@ -31,8 +29,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from transfer.pipeline.errors import UserError
-from transfer.pipeline.params import Params, backbone_list
-from transfer.pipeline.runtime import seed_everything, single_threaded
+from transfer.pipeline.params import Params
+from transfer.pipeline.runtime import seed_everything
 
 LR_FIND_DIR = Path("data/lr_find")  # data/lr_find/<recipe>.png and .json
 SMOOTHING = 0.98  # the moving average's beta (fastai's)
@@ -161,7 +159,8 @@ def finetune_step(params: Params, inputs) -> Callable[[float], float]:
     device = resolve_device(params.device)
     runtime = runtime_for(device, finetune.amp, finetune.channels_last)
     loaded = inputs.backbone(params)
-    model, _, _ = initial_model(params, inputs, loaded)
+    # The train stage's own starting model (transfer.train.recipe), frozen as fine_tune freezes it.
+    model = initial_model(inputs, loaded, params.head, finetune.head_init, params.seed, fine_tuning=True).model
     freeze_first_groups(model, params.freeze_layers)
     model.to(device)
     if runtime.channels_last:
@@ -241,114 +240,3 @@ def plot_sweep(result: LRSweep, path: Path, title: str, current_lr: float | None
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-
-
-# The `transfer lr-find` command (transfer.cli builds its parser from these and `add_arguments`).
-COMMAND = "lr-find"
-COMMAND_HELP = "sweep the learning rate exponentially and suggest one"
-COMMAND_DESCRIPTION = (
-    "A short run of the recipe with an exponentially growing LR; suggests the LR of the "
-    "steepest loss descent and saves the loss-vs-LR plot under data/lr_find/."
-)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    parser.add_argument(
-        "--recipe",
-        choices=("auto", "probe", "finetune"),
-        default="auto",
-        help="probe: head.lr on the cached features; finetune: finetune.lr; auto (default): "
-        "probe for freeze_layers: all, else finetune",
-    )
-    parser.add_argument("--freeze-layers", type=int, help="finetune: groups frozen (default: params.yaml's)")
-    parser.add_argument("--steps", type=int, default=200, help="steps of the sweep (default 200)")
-    parser.add_argument("--min-lr", type=float, default=1e-6, help="first LR (default 1e-6)")
-    parser.add_argument("--max-lr", type=float, default=10.0, help="last LR (default 10)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from transfer import tracking
-    from transfer.pipeline.files import write_json
-    from transfer.pipeline.params import load_params
-    from transfer.train.recipe import load_training_inputs
-    from transfer.train.tune import exp_run_command, train_params, with_overrides
-
-    params = load_params(args.params)
-    recipe = args.recipe
-    if args.freeze_layers is not None:
-        params = with_overrides(params, {"freeze_layers": args.freeze_layers})
-        recipe = "finetune" if recipe == "auto" else recipe
-    if recipe == "auto":
-        recipe = "probe" if params.freeze_layers == "all" else "finetune"
-    if recipe == "finetune" and params.freeze_layers == "all":
-        raise LRFindError(
-            "--recipe finetune needs an integer freeze_layers: pass --freeze-layers k or set it in params.yaml"
-        )
-    lrs = exponential_lrs(args.min_lr, args.max_lr, args.steps)
-    try:
-        inputs = load_training_inputs()
-    except FileNotFoundError as exc:
-        raise LRFindError(f"{exc}; the LR finder starts from the cached features: run `dvc repro features`") from None
-    if recipe == "probe":
-        key, current = "head.lr", params.head.lr
-        step = probe_step(
-            inputs.train_features, len(inputs.classes), params.head.batch_size, params.head.weight_decay, params.seed
-        )
-    else:
-        key, current = "finetune.lr", params.finetune.lr
-        step = finetune_step(params, inputs)
-    # The probe's small matmuls run faster on one thread (see train_linear_probe).
-    with single_threaded() if recipe == "probe" else contextlib.nullcontext():
-        result = sweep(step, lrs)
-    out = LR_FIND_DIR / recipe
-    summary = {
-        "recipe": recipe,
-        "key": key,
-        "current": current,
-        "suggested_lr": result.suggested_lr,
-        "min_loss_lr": result.min_loss_lr,
-        "min_loss_lr_over_10": result.min_over_10,
-        "steps": len(result.lrs),
-        "diverged": result.diverged,
-        "lrs": result.lrs,
-        "losses": result.losses,
-    }
-    write_json(out.with_suffix(".json"), summary)
-    plot_sweep(result, out.with_suffix(".png"), f"LR finder: {key} ({recipe}, {len(result.lrs)} steps)", current)
-    metrics = {
-        k: v
-        for k, v in (("lr_find.suggested_lr", result.suggested_lr), ("lr_find.min_loss_lr", result.min_loss_lr))
-        if v is not None
-    }
-    run_id = tracking.log_lr_find(
-        params.tracking.experiment,
-        recipe,
-        {
-            **train_params(params),
-            "lr_find.steps": args.steps,
-            "lr_find.min_lr": args.min_lr,
-            "lr_find.max_lr": args.max_lr,
-        },
-        list(zip(result.lrs, result.smoothed)),
-        metrics,
-        [out.with_suffix(".png"), out.with_suffix(".json")],
-        tracking.run_tags("+".join(b.name for b in backbone_list(params.backbone)), inputs.data_hash),
-    )
-    if result.suggested_lr is None:
-        print(
-            f"lr-find: no suggestion after {len(result.lrs)} steps (too few before the loss diverged): "
-            f"lower --min-lr or raise --steps; plot: {out.with_suffix('.png')}"
-        )
-        return 1
-    print(
-        f"lr-find: {key} suggested {result.suggested_lr:.3g} (steepest descent; minimum/10: "
-        f"{result.min_over_10:.3g}; params.yaml: {current:.3g}); {len(result.lrs)} steps"
-        f"{', stopped at divergence' if result.diverged else ''}"
-    )
-    print(f"lr-find: plot {out.with_suffix('.png')}, MLflow run {run_id}")
-    overrides = {key: float(f"{result.suggested_lr:.2g}")}
-    if recipe == "finetune":
-        overrides["freeze_layers"] = params.freeze_layers
-    print(f"lr-find: try it with\n  {exp_run_command(overrides)}")
-    return 0

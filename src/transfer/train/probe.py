@@ -109,6 +109,8 @@ class FittedFeatureHead:
     history: list[dict] = field(default_factory=list)  # one row per value tried ("epoch" = its position)
     best_epoch: int = 0
     fit_seconds: float = 0.0
+    # The chosen train-only fit's logits on val (held out, unlike the refit's): what calibration is fitted on.
+    val_logits: np.ndarray | None = None
 
 
 # The search over a head's grid stops once val accuracy has failed to beat the best value this many times in a
@@ -177,6 +179,7 @@ def fit_feature_head(
                 break
     x_all = np.concatenate([x_train, val.features.numpy()])
     y_all = np.concatenate([y_train, val.labels.numpy()])
+    result.val_logits = head_logits(best_estimator, val.features.numpy(), kind)
     result.estimator = _refitted(spec, best_estimator, best_value, seed, x_all, y_all)
     result.chosen, result.fit_seconds = best_value, time.perf_counter() - started
     return result

@@ -7,7 +7,9 @@ logged in that MLflow run) or `models:/<name>@<alias>` (the registry, e.g. the `
 `transfer promote` moves). Decoding and preprocessing are the evaluation's (transfer.evaluate.inference).
 The output has one row per input: path, the top-k classes with their probabilities, and an error for any
 input that could not be classified (unreadable, not an image, nothing matching a pattern); such inputs are
-listed, never dropped, and make the exit status 1.
+listed, never dropped, and make the exit status 1. `--explain DIR` also writes, for each classified image,
+DIR/<position>_<name>.png: the image as the model saw it next to the Grad-CAM map of its predicted class
+(transfer.evaluate.explain); nothing is written outside DIR.
 
 Heavy imports (torch, pandas) happen inside the command, so `transfer --help` answers at once.
 """
@@ -145,15 +147,26 @@ def run(args: argparse.Namespace) -> int:
         raise PredictError(f"--out {args.out}: unknown format {args.out.suffix!r}; use a .csv or .json file name")
     if args.batch_size < 1:
         raise PredictError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    from transfer.evaluate.inference import Prediction, predict_paths, resolve_model
+    from transfer.evaluate.inference import Prediction, predict_paths
     from transfer.pipeline.runtime import resolve_device
+    from transfer.tracking import resolve_model
 
     paths, problems = collect_images(args.paths)
     saved = resolve_model(args.model)
+    if args.explain is not None:
+        from transfer.evaluate.explain import check_explainable
+
+        check_explainable(saved.model)  # before the predictions: a model it cannot explain fails at once
     device = resolve_device(args.device)
     predictions = predict_paths(saved, paths, args.batch_size, device)
     predictions += [Prediction(source, None, message) for source, message in problems]
     write_predictions(args.out, predictions, saved.classes, args.top_k)
+    if args.explain is not None:
+        from transfer.evaluate.explain import explain_images
+
+        classified = [(index, p.source) for index, p in enumerate(predictions) if p.error is None]
+        written = explain_images(saved, classified, args.explain, device)
+        print(f"predict: {len(written)} Grad-CAM overlay(s) -> {args.explain}", file=sys.stderr)
     failed = [p for p in predictions if p.error]
     where = f" -> {args.out}" if args.out else ""
     print(
@@ -191,6 +204,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--top-k", type=int, default=3, help="classes per image, most probable first (default 3)")
     parser.add_argument("--out", type=Path, default=None, help="predictions.csv or .json (default: CSV on stdout)")
+    parser.add_argument(
+        "--explain",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write a Grad-CAM overlay PNG per classified image into DIR (created; nothing written outside it)",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available (default)"
