@@ -12,13 +12,11 @@ import pandas as pd
 import pytest
 import yaml
 from project_helpers import run, stages_run
-from test_pipeline import mlflow_runs, project  # noqa: F401 (project is a fixture)
-
-pytestmark = pytest.mark.slow
+from test_pipeline import mlflow_runs
 
 
-def test_temperature_fitted_reported_logged_and_accuracy_unchanged(project):  # noqa: F811
-    repo, env = project
+def test_temperature_fitted_reported_logged_and_accuracy_unchanged(pipeline):
+    repo, env = pipeline  # the session's build; its newest run is this test's
     dvc = [sys.executable, "-m", "dvc"]
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["backbone"]["image_size"] = 32
@@ -30,7 +28,7 @@ def test_temperature_fitted_reported_logged_and_accuracy_unchanged(project):  # 
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     calibration = metrics["calibration"]
     assert calibration["temperature"] == temperature and temperature != 1.0
-    # Fitted on val, T need not lower the test NLL (at 32 px here: 0.7609 -> 0.7615); tests/test_calibration.py
+    # Fitted on val, T need not lower the test NLL (at 32 px here: 0.7609 -> 0.7615); tests/unit/test_calibration.py
     # checks that it does on over-confident logits. Here: every metric is there, before and after.
     assert {f"{name}_{when}" for name in ("ece", "nll", "brier") for when in ("before", "after")} <= set(calibration)
     test_images = len(pd.read_csv(repo / "reports/confusion.csv"))

@@ -12,10 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from project_helpers import copy_project, git_env, run, stages_run
+from project_helpers import PATIENCE_S, run, stages_run
 
-pytestmark = pytest.mark.slow
 DVC = [sys.executable, "-m", "dvc"]
 TRAIN_REPORTS = ["reports/train.json", "reports/layer_movement.json", "reports/history.csv"]
 EVALUATE_REPORTS = ["reports/metrics.json", "reports/confusion.csv"]
@@ -28,22 +26,15 @@ def corrupt(path: Path) -> None:
 
 def failed_repro(stage: str, repo: Path, env: dict) -> str:
     done = subprocess.run(
-        DVC + ["repro", "--single-item", stage], cwd=repo, env=env, capture_output=True, text=True, timeout=600
+        DVC + ["repro", "--single-item", stage], cwd=repo, env=env, capture_output=True, text=True, timeout=PATIENCE_S
     )
     assert done.returncode != 0, done.stdout + done.stderr
     assert stages_run(done.stdout) == [stage]  # DVC did start it (and would have deleted plain outputs)
     return done.stdout + done.stderr
 
 
-def test_a_failed_train_or_evaluate_keeps_the_previous_reports(tmp_path):
-    repo = copy_project(tmp_path / "project")
-    env = git_env({"TRANSFER_SERVER_DIR": str(tmp_path / "server")}, importable=False)
-    params = repo / "params.yaml"
-    params.write_text(params.read_text().replace("  image_size: 112", "  image_size: 32"))  # a faster pipeline
-    run(["git", "init", "-q", "-b", "main"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "project"], repo, env)
-    run(DVC + ["repro"], repo, env)
+def test_a_failed_train_or_evaluate_keeps_the_previous_reports(pipeline):
+    repo, env = pipeline  # the session's build, where train and evaluate have succeeded
     before = {name: (repo / name).read_bytes() for name in TRAIN_REPORTS + EVALUATE_REPORTS}
 
     for name in ("train.pt", "val.pt", "test.pt"):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 LAYERS = ["pipeline", "data", "models", "evaluate", "train", "tracking", "commands"]
 PLACED = {"transfer": "pipeline", "transfer.features": "models", "transfer.cli": "commands"}
 
