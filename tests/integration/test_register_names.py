@@ -16,8 +16,10 @@ class Constant(mlflow.pyfunc.PythonModel):
 
 
 def test_register_model_with_quotes_in_the_name_registers_exactly_that_name(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = MlflowClient()
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    # This store, named: MlflowClient() would take the URI an earlier test of this process set in MLflow.
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     client.create_registered_model("bystander")  # a filter `name = 'x' OR name LIKE '%'` would match it
     tracking.use_experiment("names", tmp_path)
     with mlflow.start_run():
