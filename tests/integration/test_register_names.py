@@ -16,12 +16,10 @@ class Constant(mlflow.pyfunc.PythonModel):
 
 
 def test_register_model_with_quotes_in_the_name_registers_exactly_that_name(tmp_path, monkeypatch):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    # This store, named: MlflowClient() would take the URI an earlier test of this process set in MLflow.
-    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.use_experiment("names", tmp_path)  # points MLflow at this store (earlier tests set another)
+    client = MlflowClient()
     client.create_registered_model("bystander")  # a filter `name = 'x' OR name LIKE '%'` would match it
-    tracking.use_experiment("names", tmp_path)
     with mlflow.start_run():
         uri = mlflow.pyfunc.log_model(name="model", python_model=Constant()).model_uri
     assert int(tracking.register_model(uri, HOSTILE)) == 1
