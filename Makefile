@@ -35,11 +35,11 @@ format: setup  ## sort imports and format the whole tree with ruff
 	$(BIN)/ruff check --select I --fix .
 	$(BIN)/ruff format .
 
-test: setup  ## the whole test suite, the end-to-end DVC/MLflow tests included
+test: setup  ## the whole test suite: tests/unit, tests/integration and tests/e2e (README, "Tests")
 	$(BIN)/python -m pytest
 
-test-fast: setup  ## unit tests only
-	$(BIN)/python -m pytest -m "not slow"
+test-fast: setup  ## tests/unit only (in-process, under a minute), with its slowest tests
+	$(BIN)/python -m pytest tests/unit --durations=15
 
 ui: setup  ## the MLflow UI over every run of this repository (http://127.0.0.1:5000)
 	@echo "runs view: $$(MLFLOW_TRACKING_URI= $(BIN)/python -m transfer.tracking url)"

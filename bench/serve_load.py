@@ -16,7 +16,7 @@ requests from one client with the server otherwise idle. Reported: p50 / p95 / m
 requests (baseline and under load), that every hostile row got its error and every valid one a class, and
 the peak of the server's summed RSS (the `mlflow models serve` process and its uvicorn worker, sampled every
 0.1 s). Results go to bench/results/serve_load.json. Nothing is asserted: tests check the behaviour
-(tests/test_serving.py), this measures its cost.
+(tests/integration/test_serving_http.py), this measures its cost.
 """
 
 from __future__ import annotations

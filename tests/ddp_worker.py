@@ -1,4 +1,4 @@
-"""One rank of the DDP test (started by torchrun from tests/test_finetune_ddp.py): fine-tune, rank 0 saves."""
+"""One rank of the DDP test (torchrun, from tests/integration/test_finetune_torchrun.py): fine-tune, rank 0 saves."""
 
 import sys
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""One rank of the data-parallel feature test (started by torchrun from tests/test_features.py)."""
+"""One rank of the data-parallel feature test (torchrun, from tests/integration/test_features_pretrained.py)."""
 
 import sys
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Tiny real models and data for the fine-tuning tests (shared by tests/test_finetune_*.py)."""
+"""Tiny real models and data for the fine-tuning tests (shared by the tests of tests/*/test_finetune_*.py)."""
 
 from __future__ import annotations
 

@@ -17,6 +17,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DVC = [sys.executable, "-m", "dvc"]
+# How long a test waits for an event (a line, a file, a signal's effect, a process's exit) before calling it
+# hung: generous, so the suite passes on a machine running another heavy job. A limit, never a timing check.
+PATIENCE_S = 900
 
 
 def git_env(extra: dict[str, str] | None = None, importable: bool = True) -> dict[str, str]:
@@ -40,7 +43,7 @@ def git_env(extra: dict[str, str] | None = None, importable: bool = True) -> dic
     return env
 
 
-def run(args: list[str], cwd: Path, env: dict, timeout: int = 600) -> str:
+def run(args: list[str], cwd: Path, env: dict, timeout: float = PATIENCE_S) -> str:
     """Run a command; its stdout and stderr, or a failed assertion showing their end."""
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     output = done.stdout + done.stderr
@@ -73,7 +76,7 @@ def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
 
-def wait_for_queue(repo: Path, env: dict, timeout: float = 600) -> str:
+def wait_for_queue(repo: Path, env: dict, timeout: float = PATIENCE_S) -> str:
     """`dvc queue status` once nothing is queued or running (or at the timeout)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -81,3 +84,8 @@ def wait_for_queue(repo: Path, env: dict, timeout: float = 600) -> str:
         if not re.search(r"\b(Queued|Running)\b", status) or time.monotonic() > deadline:
             return status
         time.sleep(3)
+
+
+def table_lines(text: str) -> list[list[str]]:
+    """The cells of a table printed by `transfer compare` / `dvc exp show` (columns two or more spaces apart)."""
+    return [re.split(r"\s{2,}", line.strip()) for line in text.splitlines()]

@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from project_helpers import DVC, git_env, run
+from project_helpers import DVC, PATIENCE_S, git_env, run
 
 SMALL_STAGE = """
 import json, yaml
@@ -86,7 +86,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(store: Path, timeout: float = 120) -> Iterator[str]:
+def mlflow_server(store: Path, timeout: float = PATIENCE_S) -> Iterator[str]:
     """A real `mlflow server` on loopback (SQLite backend, artifacts served), stopped on exit; yields its URL."""
     store.mkdir(parents=True, exist_ok=True)
     port = free_port()

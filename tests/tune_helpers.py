@@ -10,10 +10,13 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 import yaml
 from conftest import REPO_ROOT, write_image_folder
+from mlflow import MlflowClient
 
+from transfer import tracking
 from transfer.features import FeatureCache, save_feature_cache
 
 CLASSES = ["cat", "dog", "fox"]
@@ -119,3 +122,19 @@ def image_project(root: Path, **overrides) -> Path:
         },
     )
     return root
+
+
+@pytest.fixture(autouse=True)
+def own_mlflow_store(monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which tracking.tracking_uri prefers over a root:
+    without this, the runs of every test after the first would go to the first test's store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def trial_runs(root: Path, study: str):
+    """(parent runs, child runs) of a study in the project's own MLflow store."""
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(root))
+    experiment = client.get_experiment_by_name("transfer")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`tune.study` = '{study}'", max_results=1000)
+    parents = [r for r in runs if r.data.tags["tune.role"] == "study"]
+    return parents, [r for r in runs if r.data.tags["tune.role"] == "trial"], client

@@ -3,7 +3,7 @@
 This is the one place a param is declared. Every stage calls `load_params()` first, which validates the
 whole file (every section, unknown top-level keys included), so a typo, a wrong type or an out-of-range
 value fails before any work starts, with a message naming the key, what was given and what is allowed.
-A stage reads only the keys dvc.yaml lists under its `params:` (tests/test_dvc_deps.py checks that).
+A stage reads only the keys dvc.yaml lists under its `params:` (tests/unit/test_dvc_deps.py checks that).
 
 DVC runs a stage only when its deps or params changed, so a misspelt new key (`seeed: 1`) would re-run no
 stage and be checked by none: the `params` stage (stages/params.py) depends on the whole params.yaml and

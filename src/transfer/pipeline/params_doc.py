@@ -10,7 +10,7 @@ the file's own (a key it lacks gets the schema's default): regenerating never ch
 order, the layout and the comments.
 
 `python -m transfer.pipeline.params_doc` rewrites the table between the two markers in README.md and
-params.yaml; `--check` (and `tests/test_params_doc.py`) fails when either disagrees with the schema.
+params.yaml; `--check` (and `tests/unit/test_params_doc.py`) fails when either disagrees with the schema.
 """
 
 from __future__ import annotations
