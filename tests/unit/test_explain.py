@@ -225,3 +225,21 @@ def test_grad_cam_runs_on_a_model_the_evaluation_has_just_used(corner_model):
     logits, _ = predict_logits_and_features(corner_model, dataset, 4, torch.device("cpu"))
     result = grad_cam(corner_model, images)
     assert torch.equal(result.classes, logits.argmax(1)) and bool(torch.isfinite(result.maps).all())
+
+
+def test_a_scikit_learn_head_is_refused_with_a_reason_not_a_crash(tmp_path):
+    """A head fitted on cached features (head.kind logreg, knn, ...) passes no gradient: ExplainError names why,
+    and the run report shows that note instead of the evaluate stage failing."""
+    from sklearn.linear_model import LogisticRegression
+
+    from transfer.models.heads import FittedHead
+
+    model = tiny_classifier(num_classes=2).eval()
+    images = torch.rand(6, 3, 16, 16)
+    with torch.no_grad():
+        features = model.backbone(images).numpy()
+    model.head = FittedHead(LogisticRegression().fit(features, [0, 1, 0, 1, 0, 1]), "logreg")
+    with pytest.raises(ExplainError, match="not differentiable"):
+        grad_cam(model, images)
+    with pytest.raises(ExplainError, match="not differentiable"):
+        grad_cam_batches(model, list(images))
