@@ -41,7 +41,7 @@ from project_copy import (  # bench/project_copy.py (bench/ is on sys.path when 
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["download", "split", "cache", "features", "train", "evaluate"]
+STAGES = ["download", "split", "cache", "features", "label_issues", "train", "evaluate"]
 
 
 def base_photos(width: int, height: int, per_class: int, seed: int = 0) -> dict[str, list[bytes]]:

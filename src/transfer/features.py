@@ -66,7 +66,7 @@ def _gather_in_order(shard: torch.Tensor, size: int, context: DistContext, devic
     return torch.cat([piece[:count].cpu() for piece, count in zip(pieces, counts)])
 
 
-class _LiveTensorBytes(TorchDispatchMode):
+class LiveTensorBytes(TorchDispatchMode):
     """The most bytes of tensor storage alive at once while the mode is active (what the ops allocate).
 
     Every op's output storage is counted when it appears and uncounted when Python frees it, so the
@@ -107,7 +107,7 @@ def activation_bytes_per_image(model: torch.nn.Module, image_size: int) -> int:
     backbone (on the CPU) and image size; the model is left in eval mode and channels_last.
     """
     model = model.eval().to(memory_format=torch.channels_last)
-    with _LiveTensorBytes() as live:
+    with LiveTensorBytes() as live:
         images = torch.zeros(_PROBE_BATCH, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
         model(images)
     return -(-live.peak // _PROBE_BATCH)

@@ -319,6 +319,13 @@ class FinetuneParams(Section):
     )
     # Runtime (GPU features switch themselves off on CPU)
     batch_size: int = Field(32, ge=1, description="global batch size (split across nproc processes)")
+    max_memory_mb: int = Field(
+        400,
+        ge=1,
+        description="CPU: a training batch runs through the network in parts whose activations, measured by "
+        "one small forward and backward pass, fit in this many MB, their gradients summed into one step "
+        "(the same step unless BatchNorm uses batch statistics); validation batches fit it too; not used on CUDA",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = in the main process)")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = Field(True, description="channels_last memory format (CPU and CUDA; about 2x faster on CPU)")

@@ -51,6 +51,7 @@ from transfer.train.checkpoint import (
     rng_state,
 )
 from transfer.train.losses import class_weights, classification_loss, clip_gradients, grad_clip_norm, improves
+from transfer.train.memory import StepBatches, step_batches
 from transfer.train.optim import WarmupCosine, add_layer_group, build_optimizer, group_lrs, optimizer_kwargs
 from transfer.train.result import EpochCallback, TrainResult
 
@@ -131,6 +132,7 @@ def make_loaders(
     context: DistContext,
     runtime: Runtime,
     sample_weights: torch.Tensor | None,
+    val_batch: int,
 ):
     """Train loader over this rank's slice of every global batch; val loader over this rank's shard.
 
@@ -139,13 +141,32 @@ def make_loaders(
     sampler = EpochBatchSampler(len(train_data), params.batch_size, seed, context, sample_weights)
     train_loader = DeviceLoader(train_data, runtime.device, batch_sampler=sampler, num_workers=params.num_workers)
     val_shard = val_data.subset(shard_indices(len(val_data), context)) if context.enabled else val_data
-    val_loader = DeviceLoader(
-        val_shard,
-        runtime.device,
-        batch_size=max(1, 2 * params.batch_size // context.world_size),
-        num_workers=params.num_workers,
-    )
+    val_loader = DeviceLoader(val_shard, runtime.device, batch_size=val_batch, num_workers=params.num_workers)
     return train_loader, sampler, val_loader
+
+
+def plan_step_batches(
+    model: Classifier,
+    val_data: ImageDataset,
+    params: FinetuneParams,
+    freeze_layers: int,
+    bn_frozen: bool,
+    runtime: Runtime,
+    context: DistContext,
+) -> StepBatches:
+    """This rank's training batch, the micro-batch it runs at once and the val batch (`transfer.train.memory`)."""
+    example = runtime.prepare(val_data.transformed(list(range(min(2, len(val_data)))), runtime.device))
+    least_frozen = frozen_at(freeze_layers, params.unfreeze_every, params.epochs - 1)
+    return step_batches(
+        model,
+        example,
+        batch=max(1, params.batch_size // context.world_size),
+        val_batch=max(1, 2 * params.batch_size // context.world_size),
+        least_frozen=least_frozen,
+        batchnorm_frozen=bn_frozen,
+        device=runtime.device,
+        max_memory_mb=params.max_memory_mb,
+    )
 
 
 def wrap_for_training(model: Classifier, params: FinetuneParams, context: DistContext, runtime: Runtime) -> nn.Module:
@@ -189,10 +210,13 @@ def train_one_epoch(
     context: DistContext,
     desc: str,
     bn_frozen: bool = False,
+    micro_batch: int | None = None,
 ) -> dict[str, float]:
     """One pass of training; returns the mean loss, accuracy and per-group gradient norms over all ranks.
 
-    The sums live on the device and are read once, at the end: no step waits for the GPU to finish.
+    Each batch runs through the network `micro_batch` images at a time (None: all at once), its gradients
+    summed into one step (`transfer.train.memory`). The sums live on the device and are read once, at the
+    end: no step waits for the GPU to finish.
     """
     engine.train()
     if bn_frozen:
@@ -206,19 +230,15 @@ def train_one_epoch(
         targets = labels
         if mixer is not None:
             images, targets = mixer(images, labels)  # soft targets; accuracy still uses the hard labels
-        with runtime.autocast():
-            logits = engine(images)
-        loss = loss_fn(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, correct = accumulate_gradients(engine, images, targets, labels, loss_fn, runtime, micro_batch)
         # After backward (and DDP's all-reduce): every rank sees the same averaged gradients.
         groups, norms = group_grad_norm_tensor(model)
         grad_sums = norms if grad_sums is None else grad_sums + norms
         clip_gradients(model, clip_norm, params.grad_clip_agc)
         optimizer.step()
         schedule.step()
-        with torch.no_grad():
-            totals += torch.stack([loss.detach().double() * len(labels), (logits.argmax(1) == labels).sum().double()])
+        totals += torch.stack([loss.double() * len(labels), correct.double()])
         steps += 1
         seen += len(labels)
     # Once a pass, not once a step: within the pass a step's activations reuse the heap's blocks at full
@@ -229,6 +249,38 @@ def train_one_epoch(
     if grad_sums is not None:
         row.update({f"grad_norm/{group}": total / max(steps, 1) for group, total in zip(groups, grad_sums.tolist())})
     return row
+
+
+def accumulate_gradients(
+    engine: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: Callable,
+    runtime: Runtime,
+    micro_batch: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of the batch's mean loss, `micro_batch` images at a time; (the loss, correct predictions).
+
+    The loss is a mean over the batch, so each part's mean is weighted by its share: the summed gradients
+    are those of the whole batch. Under DDP the gradients are all-reduced once, with the last part.
+    """
+    parts = len(images) if micro_batch is None else micro_batch
+    chunks = list(zip(images.split(parts), targets.split(parts), labels.split(parts)))
+    loss, correct = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
+    for index, (part_images, part_targets, part_labels) in enumerate(chunks):
+        last = index == len(chunks) - 1
+        no_sync = getattr(engine, "no_sync", None)
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            with runtime.autocast():
+                logits = engine(part_images)
+            part_loss = loss_fn(logits.float(), part_targets)
+            if len(chunks) > 1:
+                part_loss = part_loss * (len(part_images) / len(images))
+            part_loss.backward()
+        loss += part_loss.detach()
+        correct += (logits.detach().argmax(1) == part_labels).sum()
+    return loss, correct
 
 
 def _reduced(totals: torch.Tensor, seen: int, context: DistContext) -> list[float]:
@@ -335,8 +387,17 @@ def fine_tune(
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
     loss_weights, sample_weights = CLASS_BALANCE[params.class_balance](train_data.labels, num_classes)
+    bn_frozen = batchnorm_frozen(params, pretrained)
+    batches = plan_step_batches(model, val_data, params, freeze_layers, bn_frozen, runtime, context)
+    if context.is_main and batches.micro < batches.batch:
+        log.info(
+            "fine-tune: each batch of %d runs %d images at a time (finetune.max_memory_mb %d), one step per batch",
+            batches.batch,
+            batches.micro,
+            params.max_memory_mb,
+        )
     train_loader, sampler, val_loader = make_loaders(
-        train_data, val_data, params, seed, context, runtime, sample_weights
+        train_data, val_data, params, seed, context, runtime, sample_weights, batches.val
     )
     if len(train_loader) == 0:
         raise ValueError(
@@ -420,7 +481,8 @@ def fine_tune(
                 params,
                 context,
                 desc=f"fine-tune epoch {index + 1}/{params.epochs}",
-                bn_frozen=batchnorm_frozen(params, pretrained),
+                bn_frozen=bn_frozen,
+                micro_batch=batches.micro,
             )
         )
         row.update(evaluate(model, val_loader, runtime, context))
