@@ -6,16 +6,6 @@ import argparse
 import contextlib
 
 from transfer.pipeline.params import backbone_list
-from transfer.pipeline.runtime import single_threaded
-from transfer.train.lr_find import (
-    LR_FIND_DIR,
-    LRFindError,
-    exponential_lrs,
-    finetune_step,
-    plot_sweep,
-    probe_step,
-    sweep,
-)
 
 # The `transfer lr-find` command (transfer.cli builds its parser from these and `add_arguments`).
 COMMAND = "lr-find"
@@ -45,6 +35,16 @@ def run(args: argparse.Namespace) -> int:
     from transfer import tracking
     from transfer.pipeline.files import write_json
     from transfer.pipeline.params import load_params
+    from transfer.pipeline.runtime import single_threaded
+    from transfer.train.lr_find import (  # here, not at the top: `transfer --help` imports no torch
+        LR_FIND_DIR,
+        LRFindError,
+        exponential_lrs,
+        finetune_step,
+        plot_sweep,
+        probe_step,
+        sweep,
+    )
     from transfer.train.recipe import load_training_inputs
     from transfer.train.tune import exp_run_command, train_params, with_overrides
 

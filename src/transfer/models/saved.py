@@ -30,6 +30,7 @@ from transfer.data.config import DataConfig
 from transfer.models.backbones import Classifier, load_backbones
 from transfer.pipeline.errors import UserError
 from transfer.pipeline.files import atomic_path, write_json
+from transfer.pipeline.params import fine_tunes
 
 WEIGHTS_NAME = "model.safetensors"
 DESCRIPTION_NAME = "model.json"
@@ -66,7 +67,7 @@ class SavedModel:
     @property
     def fine_tuned(self) -> bool:
         """The backbone was fine-tuned (freeze_layers a group count), not only the head on cached features."""
-        return self.freeze_layers != "all"
+        return fine_tunes(self.freeze_layers)
 
 
 LINEAR = "linear"

@@ -461,6 +461,12 @@ class SearchDimension(Section):
         return list(self.choices) if self.type == "categorical" else [self.low, self.high]
 
 
+def fine_tunes(freeze_layers: Any) -> bool:
+    """freeze_layers is a layer-group count (fine-tune on images), not 'all' (the head on the cached features
+    only). The one place that tells them apart: a value read back from model.json or MLflow may be a string."""
+    return str(freeze_layers) != "all"
+
+
 def valid_freeze_layers(value: Any) -> bool:
     """The one rule for a freeze_layers value (params.yaml and tune.space): 'all' or an integer >= 0. Whether
     k fits the backbone's layer groups is checked against the backbone (transfer.models.groups)."""
@@ -601,7 +607,7 @@ class Params(Section):
     def fine_tuning(self) -> bool:
         """freeze_layers is a layer-group count: fine-tune on images after the head (else 'all': the head on
         the cached features only)."""
-        return self.freeze_layers != "all"
+        return fine_tunes(self.freeze_layers)
 
     @model_validator(mode="after")
     def _freeze_layers_non_negative(self) -> "Params":

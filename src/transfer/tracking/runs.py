@@ -14,7 +14,7 @@ import mlflow
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
-from transfer.pipeline.params import flatten_dict
+from transfer.pipeline.params import fine_tunes, flatten_dict
 from transfer.tracking.store import (
     use_experiment,
 )
@@ -41,7 +41,7 @@ def readable_run_name(params: dict[str, Any]) -> str:
     """A name for a run outside `dvc exp run` (plain `dvc repro`), from its flattened params:
     `efficientnet_lite0 probe lr=0.01`, `resnet18 k=3 lr=0.002 5ep`."""
     backbone = params.get("backbone.name", "model")
-    if str(params.get("freeze_layers", "all")) == "all":
+    if not fine_tunes(params.get("freeze_layers", "all")):
         return f"{backbone} probe lr={params.get('head.lr')}"
     return f"{backbone} k={params['freeze_layers']} lr={params.get('finetune.lr')} {params.get('finetune.epochs')}ep"
 
