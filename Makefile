@@ -54,10 +54,12 @@ MLFLOW_PORT ?= 5001
 MLFLOW_WORKERS ?= 2
 MLFLOW_SERVER_DIR ?= mlruns/server
 MLFLOW_BACKEND ?= sqlite:///$(MLFLOW_SERVER_DIR)/mlflow.db
+# MLflow 3's server also starts a job runner and seven huey consumers (about 275 MB each) for its GenAI jobs,
+# which this project never submits: MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false leaves them out.
 server-mlflow: setup  ## start an MLflow tracking server (foreground; Ctrl-C stops it)
 	mkdir -p $(MLFLOW_SERVER_DIR)
 	@echo "clients: export MLFLOW_TRACKING_URI=http://$(MLFLOW_HOST):$(MLFLOW_PORT); runs view: make server-url"
-	$(BIN)/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS) \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS) \
 		--backend-store-uri $(MLFLOW_BACKEND) --artifacts-destination $(MLFLOW_SERVER_DIR)/artifacts
 
 server-url:  ## the runs view of the experiment on the server in MLFLOW_TRACKING_URI

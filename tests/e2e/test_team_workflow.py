@@ -1,16 +1,17 @@
 """The team workflow end to end: a tracking server, shared DVC storage, experiments that travel.
 
-One copy of the project (a fresh git repository, as a clone would be) runs the real pipeline against a
-real `mlflow server` on loopback (MLFLOW_TRACKING_URI), pushes its outputs to a local DVC remote and its
-commits to a bare git repository; a fresh clone pulls them and has nothing to re-run; two queued
-experiments run on two workers, log to the server under their names, and travel with `dvc exp push/pull`.
-Slow: the stages run in a stage server started for this module, so each pays no import time.
+One copy of the session's built project (tests/e2e_pipeline.py: a git repository after `dvc repro`, as a
+clone would be) re-runs the pipeline after a params edit against a real `mlflow server` on loopback
+(MLFLOW_TRACKING_URI), pushes its outputs to a local DVC remote and its commits to a bare git repository;
+a fresh clone pulls them and has nothing to re-run; two queued experiments run on two workers, log to the
+server under their names, and travel with `dvc exp push/pull`. The stages run in the session's stage server.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
-from project_helpers import DVC, copy_project, git_env, run, stages_run, wait_for_queue
+from project_helpers import DVC, git_env, run, stages_run, wait_for_queue
 from team_helpers import mlflow_server
-
-STAGES = ["params", "download", "split", "cache", "features", "label_issues", "train", "evaluate"]
-STAGE_SERVER = [sys.executable, "-m", "transfer.pipeline.stage_server"]
 
 
 @dataclass
@@ -42,31 +40,25 @@ def server_runs(team: Team):
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory) -> Team:
+def team(tmp_path_factory, built_pipeline, stage_server) -> Team:
     base = tmp_path_factory.mktemp("team")
-    repo = copy_project(base / "repo")
-    # Smaller images and a shorter probe: the workflow is under test here, not the model.
+    repo = base / "repo"
+    shutil.copytree(built_pipeline.snapshot, repo, symlinks=True)
+    shutil.rmtree(repo / "mlruns")  # this teammate's runs go to the server, never to a store of their own
+    # A teammate's change to the recipe (a shorter probe): params, train and evaluate re-run.
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["backbone"]["image_size"] = 64
     params["head"]["epochs"] = 10
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = git_env({"TRANSFER_SERVER_DIR": str(base / "stage-server")})
-    run(["git", "init", "-q", "-b", "main"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "project"], repo, env)
-    run(STAGE_SERVER + ["start", "--idle", "900"], repo, env)
-    try:
-        with mlflow_server(base / "mlflow") as url:
-            yield Team(
-                repo, base / "origin.git", base / "dvc-remote", base / "clone", {**env, "MLFLOW_TRACKING_URI": url}, url
-            )
-    finally:
-        run(STAGE_SERVER + ["stop"], repo, env)
+    env = git_env({"TRANSFER_SERVER_DIR": str(stage_server)})
+    with mlflow_server(base / "mlflow") as url:
+        yield Team(
+            repo, base / "origin.git", base / "dvc-remote", base / "clone", {**env, "MLFLOW_TRACKING_URI": url}, url
+        )
 
 
 def test_pipeline_logs_to_the_tracking_server(team):
     output = run(DVC + ["repro"], team.repo, team.env)
-    assert stages_run(output) == STAGES
+    assert stages_run(output) == ["params", "train", "evaluate"]
     runs = server_runs(team)
     assert len(runs) == 1
     logged = runs[0]
