@@ -35,8 +35,11 @@ format: setup  ## sort imports and format the whole tree with ruff
 	$(BIN)/ruff check --select I --fix .
 	$(BIN)/ruff format .
 
+# One pytest-xdist worker per core (a test module stays on one worker: module fixtures are built once and the
+# team workflow's tests share state), each running torch on one thread: the suite keeps only ~1.2 of 2 cores
+# busy run serially, and two workers whose torch each spins two OpenMP threads fight over the cores.
 test: setup  ## the whole test suite: tests/unit, tests/integration and tests/e2e (README, "Tests")
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist loadscope
 
 test-fast: setup  ## tests/unit only (in-process, under a minute), with its slowest tests
 	$(BIN)/python -m pytest tests/unit --durations=15
