@@ -5,7 +5,10 @@ Building the pipeline (`dvc repro` of every stage on the embedded data) is most 
 most e2e tests only need it built: each gets the built repository (git, DVC cache, dvc.lock, outputs and the
 MLflow store) restored from a snapshot, at the same path. The same path because the MLflow SQLite store
 records absolute artifact locations (a copy elsewhere would log into the original's artifacts) and DVC keys
-its site cache by the repository's path. Tests run one at a time, so one path serves them all.
+its site cache by the repository's path. A worker runs its tests one at a time (`make test` runs one
+pytest-xdist worker per core, each with a session of its own), so one path per worker serves them all.
+The same pipeline built again at 32 px (`small_pipeline`, a snapshot of its own at the same path) serves the
+tests whose subject is not the backbone (heads, calibration).
 
 Every e2e test's stages run in the session's stage server (TRANSFER_SERVER_DIR is set for the test), so no
 stage pays its imports; results are identical either way (tests/e2e/test_pipeline.py repeats the served build
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from project_helpers import DVC, REPO_ROOT, copy_project, git_env, run
 
 STAGE_SERVER = [sys.executable, "-m", "transfer.pipeline.stage_server"]
@@ -76,13 +80,41 @@ def built_pipeline(tmp_path_factory, stage_server) -> BuiltPipeline:
     return BuiltPipeline(repo, snapshot, env, output, served)
 
 
-@pytest.fixture
-def pipeline(built_pipeline, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict]:
-    """(repository, env): a fresh copy of the built pipeline, whatever earlier tests did to theirs."""
+def restore(built: BuiltPipeline, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict]:
+    """(repository, env): the snapshot copied back to the repository's path, whatever earlier tests did there."""
     # This process's MLflow keeps one engine per store URI, and a pooled SQLite connection would go on reading
     # the previous copy's (deleted) database: a connection per use reads the file now at that path.
     monkeypatch.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
-    repo = built_pipeline.repo
-    shutil.rmtree(repo)
-    shutil.copytree(built_pipeline.snapshot, repo, symlinks=True)
-    return repo, dict(built_pipeline.env)
+    shutil.rmtree(built.repo, ignore_errors=True)
+    shutil.copytree(built.snapshot, built.repo, symlinks=True)
+    return built.repo, dict(built.env)
+
+
+@pytest.fixture
+def pipeline(built_pipeline, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict]:
+    """(repository, env): a fresh copy of the built pipeline."""
+    return restore(built_pipeline, monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def built_small_pipeline(built_pipeline) -> BuiltPipeline:
+    """The built pipeline after `backbone.image_size: 32` (committed) and `dvc repro`: for the e2e tests whose
+    subject is not the backbone (heads, calibration). Built at the same path, with a snapshot of its own."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        repo, env = restore(built_pipeline, monkeypatch)
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["backbone"]["image_size"] = 32
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        run(["git", "commit", "-qam", "32 px"], repo, env)
+        before = served_runs(env)
+        output = run(DVC + ["repro"], repo, env)
+        served = served_runs(env) - before
+        snapshot = built_pipeline.snapshot.with_name("snapshot-32px")
+        shutil.copytree(repo, snapshot, symlinks=True)
+    return BuiltPipeline(repo, snapshot, env, output, served)
+
+
+@pytest.fixture
+def small_pipeline(built_small_pipeline, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict]:
+    """(repository, env): a fresh copy of the pipeline built at 32 px."""
+    return restore(built_small_pipeline, monkeypatch)
