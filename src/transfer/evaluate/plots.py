@@ -46,6 +46,20 @@ def _new_figure(width: float, height: float) -> Figure:
     return figure
 
 
+def _image_grid(width: float, height: float, rows: int, cols: int):
+    """(figure, axes) for a grid of titled images, laid out by fixed margins instead of constrained layout.
+
+    Constrained layout measures every axes' title and ticks before drawing: on a grid of 16-30 images that
+    took longer than drawing them (the evaluate stage's three grids: 2.1 s against 1.2 s). Each cell keeps
+    room for a two-line title at font size 8, and the top 0.8 in holds the first row's and the figure's titles.
+    """
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, cols, squeeze=False).ravel()
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.8 / height, wspace=0.08, hspace=0.3)
+    return figure, axes
+
+
 def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
     """Save `figure` as a PNG at `path` atomically; return the path.
 
@@ -396,8 +410,7 @@ def plot_mistakes(
     count = min(n, len(images))
     cols = max(1, min(4, count))
     rows = max(1, math.ceil(count / cols))
-    figure = _new_figure(2.4 * cols, 2.7 * rows + 0.4)
-    axes = figure.subplots(rows, cols, squeeze=False).ravel()
+    figure, axes = _image_grid(2.4 * cols, 2.7 * rows + 0.4, rows, cols)
     for index, ax in enumerate(axes):
         ax.axis("off")
         if index >= count:
@@ -458,8 +471,7 @@ def plot_gradcam(
     count = len(pixels)
     cols = max(1, min(6, count))
     rows = max(1, math.ceil(count / cols))
-    figure = _new_figure(2.1 * cols, 2.4 * rows + 0.4)
-    axes = figure.subplots(rows, cols, squeeze=False).ravel()
+    figure, axes = _image_grid(2.1 * cols, 2.4 * rows + 0.4, rows, cols)
     for index, ax in enumerate(axes):
         ax.axis("off")
         if index >= count:
