@@ -32,7 +32,7 @@ from transfer.data.datasets import DeviceLoader, ImageDataset  # noqa: E402
 from transfer.data.transforms import eval_batch_transform, train_transforms  # noqa: E402
 from transfer.features import FeatureCache, extract_features  # noqa: E402
 from transfer.models.backbones import Classifier, load_backbone  # noqa: E402
-from transfer.models.groups import freeze_first_groups, layer_groups  # noqa: E402
+from transfer.models.groups import freeze_batchnorm_stats, freeze_first_groups, layer_groups  # noqa: E402
 from transfer.pipeline.distributed import EpochBatchSampler  # noqa: E402
 from transfer.pipeline.params import FinetuneParams, HeadParams  # noqa: E402
 from transfer.train import finetune  # noqa: E402
@@ -122,7 +122,7 @@ def main() -> None:
         )
         for step, (images, targets) in enumerate(loader):
             model.train()
-            finetune.freeze_batchnorm_stats(model)
+            freeze_batchnorm_stats(model)
             loss = loss_fn(model(images), targets)
             optimizer.zero_grad()
             loss.backward()

@@ -363,3 +363,14 @@ def group_grad_norms(model: torch.nn.Module) -> dict[str, float]:
     """
     groups, norms = group_grad_norm_tensor(model)
     return dict(zip(groups, norms.tolist()))
+
+
+def freeze_batchnorm_stats(model: nn.Module) -> None:
+    """BatchNorm in eval mode (pretrained running stats) while its scale and shift still train.
+
+    On small data the batch statistics of a new domain differ from the pretrained running statistics, so
+    in train mode the features the probe head was fitted on shift at once and take epochs to recover.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()

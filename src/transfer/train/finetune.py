@@ -33,7 +33,13 @@ from transfer.data.datasets import DeviceLoader, ImageDataset
 from transfer.data.transforms import BatchMixer, batch_mixer
 from transfer.evaluate.metrics import macro_f1_from_confusion
 from transfer.models.backbones import Classifier
-from transfer.models.groups import freeze_first_groups, group_grad_norm_tensor, group_names, layer_groups
+from transfer.models.groups import (
+    freeze_batchnorm_stats,
+    freeze_first_groups,
+    group_grad_norm_tensor,
+    group_names,
+    layer_groups,
+)
 from transfer.pipeline.distributed import (
     SINGLE,
     DistContext,
@@ -182,17 +188,6 @@ def wrap_for_training(model: Classifier, params: FinetuneParams, context: DistCo
     return engine
 
 
-def freeze_batchnorm_stats(model: nn.Module) -> None:
-    """BatchNorm in eval mode (pretrained running stats) while its scale and shift still train.
-
-    On small data the batch statistics of a new domain differ from the pretrained running statistics, so
-    in train mode the features the probe head was fitted on shift at once and take epochs to recover.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
-
-
 def batchnorm_frozen(params: FinetuneParams, pretrained: bool) -> bool:
     return params.batchnorm == "frozen" or (params.batchnorm == "auto" and pretrained)
 
@@ -267,10 +262,10 @@ def accumulate_gradients(
     """
     parts = len(images) if micro_batch is None else micro_batch
     chunks = list(zip(images.split(parts), targets.split(parts), labels.split(parts)))
+    no_sync = getattr(engine, "no_sync", None)  # DDP's: no all-reduce on this backward
     loss, correct = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
     for index, (part_images, part_targets, part_labels) in enumerate(chunks):
         last = index == len(chunks) - 1
-        no_sync = getattr(engine, "no_sync", None)
         with contextlib.nullcontext() if last or no_sync is None else no_sync():
             with runtime.autocast():
                 logits = engine(part_images)

@@ -148,9 +148,9 @@ def finetune_step(params: Params, inputs) -> Callable[[float], float]:
 
     from transfer.data.datasets import DeviceLoader
     from transfer.data.transforms import batch_mixer, train_transforms
-    from transfer.models.groups import freeze_first_groups, layer_groups
+    from transfer.models.groups import freeze_batchnorm_stats, freeze_first_groups, layer_groups
     from transfer.pipeline.runtime import resolve_device
-    from transfer.train.finetune import CLASS_BALANCE, batchnorm_frozen, freeze_batchnorm_stats, make_loss, runtime_for
+    from transfer.train.finetune import CLASS_BALANCE, batchnorm_frozen, make_loss, runtime_for
     from transfer.train.losses import clip_gradients, grad_clip_norm
     from transfer.train.optim import build_optimizer, optimizer_kwargs
     from transfer.train.recipe import initial_model, pretrained

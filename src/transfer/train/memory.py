@@ -1,8 +1,8 @@
 """How many images a fine-tuning step runs through the network at once on the CPU.
 
 A training step keeps every activation the backward pass needs: they grow with the batch and with the
-square of the image size (EfficientNet-Lite0, the first 3 groups frozen, at 224 px keeps about 60 MB per
-image, so a batch of 32 held about 2 GB). On the CPU a step is therefore run in micro-batches whose
+square of the image size (EfficientNet-Lite0, the first 3 groups frozen, at 224 px keeps about 37 MB per
+image, so a batch of 32 held about 1.2 GB). On the CPU a step is therefore run in micro-batches whose
 activations fit in `finetune.max_memory_mb`, and their gradients are summed into the step of the whole
 batch (gradient accumulation): each micro-batch's mean loss is weighted by its share of the batch, so
 the step is that of the whole batch whenever no layer mixes the images of a batch. BatchNorm in train
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from transfer.features import LiveTensorBytes, activation_bytes_per_image
-from transfer.models.groups import freeze_first_groups
+from transfer.models.groups import freeze_batchnorm_stats, freeze_first_groups
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,14 @@ def training_bytes_per_image(model: torch.nn.Module, example: torch.Tensor, batc
     the RNG restored afterwards (dropout draws nothing from the run's stream), so measuring changes no
     result. Parameter gradients are counted too: a small overestimate, on the safe side.
     """
-    probe = copy.deepcopy(model).train()
+    return _training_bytes(copy.deepcopy(model), example, batchnorm_frozen)
+
+
+def _training_bytes(probe: torch.nn.Module, example: torch.Tensor, batchnorm_frozen: bool) -> int:
+    """`training_bytes_per_image` on a model of the caller's own, which the measurement leaves trained."""
+    probe.train()
     if batchnorm_frozen:
-        for module in probe.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        freeze_batchnorm_stats(probe)
     with torch.random.fork_rng(devices=[]), LiveTensorBytes() as live:
         probe(example).float().sum().backward()
     return -(-live.peak // len(example))
@@ -77,7 +80,7 @@ def step_batches(
         return StepBatches(batch, batch, val_batch)
     probe = copy.deepcopy(model)
     freeze_first_groups(probe, least_frozen)
-    per_training_image = training_bytes_per_image(probe, example, batchnorm_frozen)
+    per_training_image = _training_bytes(probe, example, batchnorm_frozen)  # measured on the copy made above
     per_val_image = activation_bytes_per_image(probe, example.shape[-1])
     return StepBatches(
         batch,
